@@ -1,0 +1,329 @@
+"""Settings: one pydantic model per section, loaded from TOML and the environment.
+
+Where a value comes from, in order of precedence (first wins):
+
+1. environment variables ``TRISMTP_<SECTION>__<KEY>`` (values that are lists
+   or tables are written as JSON, e.g. ``TRISMTP_SMTP__LISTEN='["[::1]:25"]'``);
+2. the TOML file named by ``--config``, else ``$TRISMTP_CONFIG``, else
+   ``./settings.toml`` when it exists;
+3. the defaults below, which ``settings.toml`` at the repository root documents.
+
+Unknown keys are errors wherever they come from: a misspelt key that is
+silently ignored is a production incident waiting for its night. Every error
+a user can cause is raised as :class:`ConfigError`, whose message names the
+key, so the command line can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TRISMTP_"
+ENV_CONFIG = "TRISMTP_CONFIG"
+DEFAULT_CONFIG = Path("settings.toml")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A setting a user gave is wrong; ``str()`` is one line naming the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A parsed listen address: ``host`` has no brackets, even for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: str) -> HostPort:
+    """Parse ``host:port`` or ``[ipv6]:port``; raise ValueError on anything else."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{value!r} is not [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{value!r} is not HOST:PORT (write IPv6 as [ADDR]:PORT)")
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} has no valid port (0-65535)")
+    return HostPort(host, int(port_text))
+
+
+def embedded_url(address: HostPort) -> str:
+    """The URL that reaches a jobs service listening on ``address`` from this host."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    return f"ws://{HostPort(host, address.port)}/rpc"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmtpSettings(_Section):
+    """``[smtp]``: the SMTP listener."""
+
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"], min_length=1)
+    hostname: str = Field(default="localhost", min_length=1)
+    max_message_size: int = Field(default=26_214_400, gt=0)
+    max_recipients: int = Field(default=100, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+    command_timeout: PositiveSeconds = 300.0
+    data_timeout: PositiveSeconds = 600.0
+    include_raw: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item)
+        return value
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        if any(c.isspace() for c in value) or not value.isascii():
+            raise ValueError("must be one ASCII word without spaces")
+        return value
+
+    def addresses(self) -> list[HostPort]:
+        """The listen addresses, parsed."""
+        return [parse_host_port(item) for item in self.listen]
+
+
+class JobsSettings(_Section):
+    """``[jobs]``: where and how each accepted message is pushed as a job."""
+
+    url: str = "embedded"
+    token: SecretStr = SecretStr("")
+    pipeline: str = Field(default="smtp", min_length=1)
+    job_name: str = Field(default="smtp.email", min_length=1)
+    priority: int = 10
+    delay: int = Field(default=0, ge=0)
+    auto_ack: bool = False
+    headers: dict[str, list[str]] = Field(default_factory=dict)
+    batch_max_jobs: int = Field(default=256, gt=0)
+    batch_max_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    batch_linger: float = Field(default=0.002, ge=0)
+    push_timeout: PositiveSeconds = 15.0
+    queue_size: int = Field(default=1024, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        url = urlsplit(value)
+        try:
+            port_ok = url.port is None or url.port > 0
+        except ValueError:
+            port_ok = False
+        if url.scheme in ("ws", "wss") and url.hostname and port_ok:
+            return value
+        raise ValueError('must be "embedded", ws://HOST:PORT/PATH or wss://HOST:PORT/PATH')
+
+    @field_validator("pipeline")
+    @classmethod
+    def _check_pipeline(cls, value: str) -> str:
+        if value.strip() != value:
+            raise ValueError("must not start or end with white space")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        reserved = {"uuid", "payload_class"} & set(value)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by trismtp and cannot be overridden")
+        return value
+
+
+class JobsServiceSettings(_Section):
+    """``[jobs_service]``: the jobs service (embedded or ``trismtp jobs serve``)."""
+
+    listen: str = "127.0.0.1:6001"
+    database: Path = Path("data/jobs.sqlite3")
+    token: SecretStr = SecretStr("")
+    pipelines: list[str] = Field(default_factory=lambda: ["smtp"])
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("pipelines")
+    @classmethod
+    def _check_pipelines(cls, value: list[str]) -> list[str]:
+        if any(not name or name.strip() != name for name in value):
+            raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+        return value
+
+    def address(self) -> HostPort:
+        """The listen address, parsed."""
+        return parse_host_port(self.listen)
+
+
+class ShutdownSettings(_Section):
+    """``[shutdown]``."""
+
+    grace: float = Field(default=30.0, ge=0)
+
+
+class LogSettings(_Section):
+    """``[log]``."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """All settings. Build it with :func:`load_settings`, not directly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
+    jobs_service: JobsServiceSettings = Field(default_factory=JobsServiceSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _embedded_pipeline_is_declared(self) -> Settings:
+        if self.jobs.url == "embedded" and self.jobs.pipeline not in self.jobs_service.pipelines:
+            raise ValueError(
+                f"jobs.pipeline {self.jobs.pipeline!r} is not one of jobs_service.pipelines "
+                f"{self.jobs_service.pipelines} (required when jobs.url is embedded)"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments (see load_settings), so
+        # the environment comes first and wins.
+        return (env_settings, init_settings)
+
+    def jobs_url(self) -> str:
+        """The WebSocket URL the pusher connects to, resolving ``embedded``."""
+        if self.jobs.url != "embedded":
+            return self.jobs.url
+        return embedded_url(self.jobs_service.address())
+
+    def jobs_token(self) -> str:
+        """The bearer token the pusher sends; embedded mode uses the service's own."""
+        token = self.jobs.token.get_secret_value()
+        if not token and self.jobs.url == "embedded":
+            return self.jobs_service.token.get_secret_value()
+        return token
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets replaced by ``"***"``."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        for section, key in (("jobs", "token"), ("jobs_service", "token")):
+            if getattr(getattr(self, section), key).get_secret_value():
+                data[section][key] = "***"
+        return data
+
+
+def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """Which settings file to read: the SPEC's order, or None for defaults only."""
+    if explicit is not None:
+        return Path(explicit)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, merge and validate the settings; raise :class:`ConfigError` if wrong."""
+    file = config_path(path, os.environ)
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with file.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"settings file {str(file)!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"settings file {str(file)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"settings file {str(file)!r} is not valid TOML: {exc}") from None
+    _reject_unknown_environment(os.environ)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, file)) from None
+
+
+def _reject_unknown_environment(environ: Mapping[str, str]) -> None:
+    # pydantic-settings silently ignores TRISMTP_ variables that match no
+    # field; a typo there must fail as loudly as one in the file.
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        field = Settings.model_fields.get(section)
+        if field is None:
+            raise ConfigError(f"{name}: unknown setting section {section!r}")
+        model = field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        if not sep:
+            continue  # a whole section as JSON; validated like the file
+        if key.partition("__")[0] not in model.model_fields:
+            raise ConfigError(f"{name}: unknown setting {section}.{key}")
+
+
+def _describe(exc: ValidationError, file: Path | None) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    where = f" (in {file})" if file is not None else ""
+    if not key:
+        return f"{message}{where}"
+    return f"{key}: {message}{where}"

@@ -1,0 +1,170 @@
+"""Settings: TOML + environment, validation, and what `trismtp config` says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trismtp.settings import ConfigError, Settings, load_settings, parse_host_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("TRISMTP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no ./settings.toml unless a test writes one
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings()
+    assert settings.smtp.listen == ["127.0.0.1:2525"]
+    assert settings.jobs.url == "embedded"
+    assert settings.jobs.pipeline == "smtp"
+    assert settings.jobs_service.pipelines == ["smtp"]
+    assert settings.jobs_url() == "ws://127.0.0.1:6001/rpc"
+
+
+def test_annotated_settings_toml_states_the_defaults() -> None:
+    assert load_settings(REPO / "settings.toml") == Settings()
+
+
+def test_file_then_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(
+        tmp_path / "s.toml",
+        '[jobs]\npipeline = "inbound"\n[jobs_service]\npipelines = ["inbound", "other"]\n',
+    )
+    assert load_settings(config).jobs.pipeline == "inbound"
+    monkeypatch.setenv("TRISMTP_JOBS__PIPELINE", "other")
+    monkeypatch.setenv("TRISMTP_SMTP__LISTEN", '["127.0.0.1:25", "[::1]:25"]')
+    settings = load_settings(config)
+    assert settings.jobs.pipeline == "other"
+    assert [str(a) for a in settings.smtp.addresses()] == ["127.0.0.1:25", "[::1]:25"]
+
+
+def test_settings_file_from_environment_and_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "settings.toml", '[smtp]\nhostname = "cwd.example"\n')
+    assert load_settings().smtp.hostname == "cwd.example"
+    other = write(tmp_path / "other.toml", '[smtp]\nhostname = "env.example"\n')
+    monkeypatch.setenv("TRISMTP_CONFIG", str(other))
+    assert load_settings().smtp.hostname == "env.example"
+
+
+@pytest.mark.parametrize(
+    ("toml", "environment", "expected"),
+    [
+        ('[smtp]\nlisten = ["localhost"]\n', {}, "smtp.listen"),
+        ("[smtp]\nmax_recipients = 0\n", {}, "smtp.max_recipients"),
+        ('[smtp]\nhostnme = "x"\n', {}, "smtp.hostnme: unknown setting"),
+        ('[smtpd]\nhostname = "x"\n', {}, "smtpd: unknown setting"),
+        ('[jobs]\npipeline = ""\n', {}, "jobs.pipeline"),
+        ('[jobs]\npipeline = "nope"\n', {}, "jobs.pipeline 'nope' is not one of"),
+        ('[jobs]\nurl = "http://x"\n', {}, "jobs.url"),
+        ('[jobs]\nurl = "ws://"\n', {}, "jobs.url"),
+        ('[jobs]\nurl = "ws://h:99999/rpc"\n', {}, "jobs.url"),
+        ('[jobs]\nheaders = {uuid = ["x"]}\n', {}, "jobs.headers"),
+        ('[log]\nlevel = "loud"\n', {}, "log.level"),
+        ("", {"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "big"}, "smtp.max_message_size"),
+        ("", {"TRISMTP_SMTP__LISTN": "x"}, "TRISMTP_SMTP__LISTN: unknown setting smtp.listn"),
+        ("", {"TRISMTP_SMPT__LISTEN": "x"}, "TRISMTP_SMPT__LISTEN: unknown setting section"),
+        ("not toml [", {}, "not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    toml: str,
+    environment: dict[str, str],
+    expected: str,
+) -> None:
+    config = write(tmp_path / "s.toml", toml)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_settings(config)
+
+
+def test_pipeline_need_not_be_declared_for_a_remote_service(tmp_path: Path) -> None:
+    config = write(tmp_path / "s.toml", '[jobs]\nurl = "ws://127.0.0.1:1/rpc"\npipeline = "x"\n')
+    assert load_settings(config).jobs.pipeline == "x"
+
+
+def test_missing_named_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:25", "127.0.0.1", 25),
+        ("[::1]:2525", "::1", 2525),
+        ("localhost:0", "localhost", 0),
+    ],
+)
+def test_listen_addresses(text: str, host: str, port: int) -> None:
+    address = parse_host_port(text)
+    assert (address.host, address.port) == (host, port)
+    assert str(address) == text
+
+
+@pytest.mark.parametrize("text", ["::1:25", "127.0.0.1", "[::1]", ":25", "host:99999", "h:x"])
+def test_bad_listen_addresses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"PORT|port|host"):
+        parse_host_port(text)
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trismtp.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_config_command_masks_secrets(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "s.toml", '[jobs]\ntoken = "hunter2"\n[jobs_service]\ntoken = "s3cret"\n'
+    )
+    result = run_cli("config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert "s3cret" not in result.stdout
+    assert 'token = "***"' in result.stdout
+    assert 'pipeline = "smtp"' in result.stdout
+
+
+def test_config_command_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = write(tmp_path / "s.toml", "[smtp]\nmax_connections = -1\n")
+    result = run_cli("config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "smtp.max_connections" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
