@@ -1,0 +1,568 @@
+"""The SMTP server protocol as a sans-io state machine.
+
+Theory of operation
+===================
+
+A :class:`ServerConnection` knows RFC 5321 and nothing else: no sockets, no
+clocks, no jobs. The server feeds it the bytes it reads
+(:meth:`~ServerConnection.receive_data`, ``b""`` for end of file), takes
+events out (:meth:`~ServerConnection.next_event`) and writes whatever
+:meth:`~ServerConnection.send` returns. Because it is pure, hypothesis can
+drive it with arbitrary byte streams and no server at all.
+
+Each command becomes a :class:`Command` event that carries the reply the
+protocol proposes (``event.reply``). The application answers every event
+with exactly one :meth:`send`; usually it sends the proposed reply, but it may
+send another one (``421`` when shutting down, a policy refusal later). The
+state transition a command asks for happens only when a *positive* reply
+(2xx/3xx) to it is sent, so a refused ``RCPT`` adds no recipient and a
+refused ``DATA`` does not start a message. A reply of ``421`` closes the
+connection whatever the command was.
+
+The end of ``DATA`` is a :class:`MessageReceived` event with the envelope and
+the unstuffed message. Its reply is the application's to choose (``250`` once
+the job is durable, ``451`` otherwise); until it is sent no further input is
+processed, which is what keeps replies to pipelined commands in order.
+
+Limits are enforced as bytes arrive, never after buffering them whole:
+
+* a command line longer than 512 octets is discarded as it streams in and
+  answered ``500`` when its end arrives;
+* in ``DATA``, bytes past ``max_message_size`` or in a text line longer than
+  1000 octets are dropped as they arrive, only a short tail is kept to find
+  the terminator, and the reply after the final dot is ``552`` or ``500``.
+
+Only ``<CRLF>.<CRLF>`` ends ``DATA``; a dot is removed only where it starts a
+line that follows a CRLF. A bare LF or CR is data, never a line end for the
+purpose of ending the message, which is what defeats SMTP smuggling.
+
+States (``State``) and the commands each accepts::
+
+    GREETING  --send(220)-->          READY
+    READY     EHLO/HELO         -->   READY (hello known)
+    READY     MAIL (after hello) -->  MAIL
+    MAIL      RCPT              -->   RCPT
+    RCPT      RCPT              -->   RCPT
+    RCPT      DATA --send(354)-->     DATA
+    DATA      <CRLF>.<CRLF>     -->   MESSAGE  (MessageReceived pending)
+    MESSAGE   --send(any)-->          READY
+    any       RSET              -->   READY (envelope cleared)
+    any       QUIT --send(221)-->     CLOSED
+    any       --send(421)-->          CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "NEED_DATA",
+    "Command",
+    "ConnectionClosed",
+    "Event",
+    "MessageReceived",
+    "ProtocolConfig",
+    "Reply",
+    "ServerConnection",
+    "State",
+]
+
+MAX_COMMAND_LINE = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
+MAX_TEXT_LINE = 1000  # octets, CRLF included (RFC 5321 §4.5.3.1.6)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: code, enhanced status code (may be empty), text lines."""
+
+    code: int
+    enhanced: str
+    text: str | tuple[str, ...]
+
+    def lines(self) -> tuple[str, ...]:
+        """The text as one or more lines."""
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    def encode(self) -> bytes:
+        """The reply as it goes on the wire, multi-line where needed."""
+        lines = self.lines() or ("",)
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        last = len(lines) - 1
+        parts = []
+        for i, line in enumerate(lines):
+            sep = " " if i == last else "-"
+            # Only the first line carries the enhanced code in our replies
+            # (EHLO keywords must stand alone on theirs).
+            text = prefix + line if i == 0 else line
+            parts.append(f"{self.code}{sep}{text}".rstrip(" ") + "\r\n")
+        return "".join(parts).encode("utf-8")
+
+    @property
+    def positive(self) -> bool:
+        """2xx or 3xx: the command was accepted."""
+        return 200 <= self.code < 400
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    """The protocol's limits and names; built from ``[smtp]`` settings."""
+
+    hostname: str = "localhost"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+
+
+class State(enum.Enum):
+    """Where the conversation stands."""
+
+    GREETING = "greeting"
+    READY = "ready"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    MESSAGE = "message"
+    CLOSED = "closed"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Returned by :meth:`ServerConnection.next_event` when more bytes are needed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command line was received; answer it with one ``send``.
+
+    ``verb`` is upper-cased (``""`` for an unparseable line); ``reply`` is
+    what the protocol proposes. For MAIL and RCPT, ``address`` is the path
+    without angle brackets and ``params`` the ESMTP parameters.
+    """
+
+    verb: str
+    argument: str
+    reply: Reply
+    address: str | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """``DATA`` ended with ``<CRLF>.<CRLF>``: one message, to be answered.
+
+    ``data`` is the message with dot-stuffing removed, ending in CRLF (or
+    empty). ``reply`` is set when the protocol itself refuses the message
+    (too large, line too long); otherwise it is None and the application
+    decides between 250 and 451.
+    """
+
+    helo: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    params: dict[str, str | None]
+    data: bytes
+    size: int
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The client closed its side (or the connection is closed)."""
+
+
+Event = Command | MessageReceived | ConnectionClosed
+
+# Replies used in more than one place.
+_OK = Reply(250, "2.0.0", "OK")
+_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+
+_KNOWN_UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT"})
+_PATH_RE = re.compile(r"\s*<([^<>]*)>(.*)\Z|\s*([^\s<>]+)(.*)\Z", re.DOTALL)
+_PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+# In DATA: a run of 1000 non-LF octets is a text line over 1000 octets with
+# its CRLF (998 characters, CR, LF).
+_LONG_LINE_RE = re.compile(rb"[^\n]{%d}" % (MAX_TEXT_LINE,))
+_TERMINATOR = b"\r\n.\r\n"
+
+
+class ServerConnection:
+    """One SMTP server conversation, without I/O. See the module docstring."""
+
+    def __init__(self, config: ProtocolConfig | None = None) -> None:
+        self.config = config or ProtocolConfig()
+        self.state = State.GREETING
+        self.helo = ""
+        self.mail_from = ""
+        self.mail_params: dict[str, str | None] = {}
+        self.recipients: list[str] = []
+        # Command mode: bytes not yet parsed into lines.
+        self._buf = bytearray()
+        self._discarding_line = False
+        self._eof = False
+        # The event awaiting its reply, and what a positive reply would do.
+        self._pending: Event | None = None
+        # DATA mode, see _receive_message.
+        self._body = bytearray()
+        self._scanned = 0
+        self._line_start = 0
+        self._body_size = 0
+        self._body_error: Reply | None = None
+
+    # -- input ------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the client; ``b""`` means it closed its side."""
+        if not data:
+            self._eof = True
+        elif self.state is not State.CLOSED:
+            self._buf += data
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, or :data:`NEED_DATA`.
+
+        Raises RuntimeError when the previous event still awaits its reply.
+        """
+        if self._pending is not None:
+            raise RuntimeError(f"{self._pending!r} has not been answered")
+        if self.state is State.CLOSED:
+            return ConnectionClosed()
+        if self.state is State.GREETING:
+            raise RuntimeError("send the greeting first")
+        event = self._message_event() if self.state is State.DATA else self._command_event()
+        if event is None:
+            if self._eof:
+                self.state = State.CLOSED
+                self._buf.clear()
+                return ConnectionClosed()
+            return NEED_DATA
+        self._pending = event
+        return event
+
+    # -- output -----------------------------------------------------------
+
+    def greeting(self, text: str = "ESMTP trismtp") -> bytes:
+        """The 220 greeting; must be the first thing sent."""
+        if self.state is not State.GREETING:
+            raise RuntimeError("greeting already sent")
+        self.state = State.READY
+        return Reply(220, "", f"{self.config.hostname} {text}").encode()
+
+    def send(self, reply: Reply) -> bytes:
+        """Answer the pending event with ``reply``; returns the bytes to write.
+
+        With no event pending, only a 421 may be sent (a server may close
+        any time it must, RFC 5321 §3.8); it closes the connection.
+        """
+        event, self._pending = self._pending, None
+        if reply.code == 421:
+            self._close()
+        elif event is None:
+            raise RuntimeError("no event awaits a reply")
+        elif isinstance(event, MessageReceived):
+            self._reset_transaction()
+            self.state = State.READY
+        elif isinstance(event, Command) and reply.positive:
+            self._apply(event)
+        return reply.encode()
+
+    @property
+    def in_transaction(self) -> bool:
+        """True from an accepted MAIL until the message is answered or reset."""
+        return self.state in (State.MAIL, State.RCPT, State.DATA, State.MESSAGE)
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """True while an event awaits its ``send``."""
+        return self._pending is not None
+
+    # -- transitions --------------------------------------------------------
+
+    def _apply(self, event: Command) -> None:
+        verb = event.verb
+        if verb in ("EHLO", "HELO"):
+            self.helo = event.argument
+            self._reset_transaction()
+            self.state = State.READY
+        elif verb == "MAIL":
+            assert event.address is not None
+            self.mail_from = event.address
+            self.mail_params = event.params
+            self.state = State.MAIL
+        elif verb == "RCPT":
+            assert event.address is not None
+            self.recipients.append(event.address)
+            self.state = State.RCPT
+        elif verb == "DATA":
+            self.state = State.DATA
+            self._body = bytearray(b"\r\n")  # see _message_event
+            self._scanned = 0
+            self._line_start = 2
+            self._body_size = 0
+            self._body_error = None
+        elif verb == "RSET":
+            self._reset_transaction()
+            self.state = State.READY
+        elif verb == "QUIT":
+            self._close()
+
+    def _reset_transaction(self) -> None:
+        self.mail_from = ""
+        self.mail_params = {}
+        self.recipients = []
+        self._body = bytearray()
+
+    def _close(self) -> None:
+        self.state = State.CLOSED
+        self._buf.clear()
+        self._body = bytearray()
+
+    # -- command mode -------------------------------------------------------
+
+    def _command_event(self) -> Command | None:
+        while True:
+            end = self._buf.find(b"\n")
+            if self._discarding_line:
+                if end < 0:
+                    self._buf.clear()
+                    return None
+                del self._buf[: end + 1]
+                self._discarding_line = False
+                return Command("", "", _LINE_TOO_LONG)
+            if end < 0:
+                if len(self._buf) >= MAX_COMMAND_LINE:
+                    # Never buffer an over-long line: drop it as it streams in.
+                    self._buf.clear()
+                    self._discarding_line = True
+                    continue
+                return None
+            if end + 1 > MAX_COMMAND_LINE:
+                del self._buf[: end + 1]
+                return Command("", "", _LINE_TOO_LONG)
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            return self._parse_command(line.removesuffix(b"\r"))
+
+    def _parse_command(self, raw: bytes) -> Command:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return Command("", "", Reply(500, "5.5.2", "Command line is not valid UTF-8"))
+        verb, _, argument = line.partition(" ")
+        # ASCII only: Unicode would upper-case "maıl" (dotless i) to MAIL.
+        verb = verb.upper() if verb.isascii() else ""
+        argument = argument.strip()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            if verb in _KNOWN_UNIMPLEMENTED:
+                return Command(verb, argument, _NOT_IMPLEMENTED)
+            if not verb.isascii():
+                verb = ""
+            return Command(verb, argument, Reply(500, "5.5.2", "Command unrecognized"))
+        return handler(self, verb, argument)
+
+    def _hello(self, verb: str, argument: str) -> Command:
+        if not argument or any(ord(c) <= 32 or ord(c) == 127 for c in argument):
+            return Command(verb, argument, Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+        if verb == "HELO":
+            return Command(verb, argument, Reply(250, "", self.config.hostname))
+        lines = (
+            self.config.hostname,
+            "PIPELINING",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            f"SIZE {self.config.max_message_size}",
+        )
+        return Command(verb, argument, Reply(250, "", lines))
+
+    def _mail(self, verb: str, argument: str) -> Command:
+        if not self.helo:
+            return Command(verb, argument, Reply(503, "5.5.1", "Send EHLO or HELO first"))
+        if self.in_transaction:
+            return Command(verb, argument, Reply(503, "5.5.1", "Nested MAIL command"))
+        parsed = _parse_path(argument, "FROM:")
+        if isinstance(parsed, Reply):
+            return Command(verb, argument, parsed)
+        address, params = parsed
+        for name, value in params.items():
+            if name == "SIZE":
+                # isascii(): isdigit() is also true for "²", which int() refuses.
+                if value is None or not (value.isascii() and value.isdigit()):
+                    return Command(verb, argument, Reply(501, "5.5.4", "Syntax: SIZE=<number>"))
+                if int(value) > self.config.max_message_size:
+                    return Command(
+                        verb, argument, Reply(552, "5.3.4", "Message size exceeds fixed limit")
+                    )
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return Command(
+                        verb, argument, Reply(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
+                    )
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    return Command(verb, argument, Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            else:
+                return Command(
+                    verb, argument, Reply(555, "5.5.4", f"Parameter {name} not recognized")
+                )
+        return Command(verb, argument, Reply(250, "2.1.0", "OK"), address, params)
+
+    def _rcpt(self, verb: str, argument: str) -> Command:
+        if self.state not in (State.MAIL, State.RCPT):
+            return Command(verb, argument, Reply(503, "5.5.1", "Send MAIL first"))
+        parsed = _parse_path(argument, "TO:")
+        if isinstance(parsed, Reply):
+            return Command(verb, argument, parsed)
+        address, params = parsed
+        if not address:
+            return Command(verb, argument, Reply(501, "5.1.3", "Empty recipient address"))
+        if params:
+            name = next(iter(params))
+            return Command(verb, argument, Reply(555, "5.5.4", f"Parameter {name} not recognized"))
+        if len(self.recipients) >= self.config.max_recipients:
+            return Command(verb, argument, Reply(452, "4.5.3", "Too many recipients"))
+        return Command(verb, argument, Reply(250, "2.1.5", "OK"), address, params)
+
+    def _data(self, verb: str, argument: str) -> Command:
+        if argument:
+            return Command(verb, argument, Reply(501, "5.5.4", "Syntax: DATA"))
+        if self.state is State.MAIL:
+            return Command(verb, argument, Reply(503, "5.5.1", "No valid recipients"))
+        if self.state is not State.RCPT:
+            return Command(verb, argument, _BAD_SEQUENCE)
+        return Command(verb, argument, Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _rset(self, verb: str, argument: str) -> Command:
+        if argument:
+            return Command(verb, argument, Reply(501, "5.5.4", "Syntax: RSET"))
+        return Command(verb, argument, _OK)
+
+    def _noop(self, verb: str, argument: str) -> Command:
+        return Command(verb, argument, _OK)
+
+    def _quit(self, verb: str, argument: str) -> Command:
+        if argument:
+            return Command(verb, argument, Reply(501, "5.5.4", "Syntax: QUIT"))
+        return Command(verb, argument, Reply(221, "2.0.0", f"{self.config.hostname} closing"))
+
+    def _vrfy(self, verb: str, argument: str) -> Command:
+        if not argument:
+            return Command(verb, argument, Reply(501, "5.5.4", "Syntax: VRFY address"))
+        return Command(
+            verb, argument, Reply(252, "2.5.0", "Cannot VRFY user, but will accept message")
+        )
+
+    def _help(self, verb: str, argument: str) -> Command:
+        return Command(
+            verb,
+            argument,
+            Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),
+        )
+
+    # -- DATA mode ----------------------------------------------------------
+
+    def _message_event(self) -> MessageReceived | None:
+        # The body buffer starts with a virtual CRLF, so that a terminator
+        # or a stuffed dot on the very first line needs no special case:
+        # ".\r\n" right after DATA is "\r\n.\r\n" here.
+        if self._buf:
+            self._body_size += len(self._buf)
+            self._body += self._buf
+            self._buf.clear()
+        body = self._body
+        end = body.find(_TERMINATOR, max(self._scanned - 4, 0))
+        limit = len(body) if end < 0 else end + 2
+        if self._body_error is None:
+            long_line = _LONG_LINE_RE.search(body, self._line_start, limit)
+            if long_line is not None:
+                self._body_error = _LINE_TOO_LONG
+            elif end < 0 and self._body_size > self.config.max_message_size + len(_TERMINATOR):
+                # Only while the terminator is missing: once it is found,
+                # _body_size also counts the pipelined commands after it.
+                self._body_error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+        if end < 0:
+            self._scanned = len(body)
+            last_lf = body.rfind(b"\n", self._line_start)
+            if last_lf >= 0:
+                self._line_start = last_lf + 1
+            if self._body_error is not None and len(body) > 4:
+                # Once the message is refused, keep only enough to see the
+                # terminator arrive; the rest is dropped as it streams in.
+                del body[:-4]
+                self._scanned = len(body)
+                self._line_start = len(body)
+            return None
+        # Everything after the terminator is the next pipelined command.
+        rest = bytes(body[end + len(_TERMINATOR) :])
+        self._buf[:0] = rest
+        self._body_size -= len(rest)
+        # Thanks to the virtual CRLF, one replace unstuffs the first line too.
+        data = bytes(body[: end + 2]).replace(b"\r\n..", b"\r\n.")[2:]
+        # The octets received for the message, dot-stuffed, without ".\r\n".
+        # It is known exactly however the bytes arrived, so being too large
+        # takes precedence over a long line: the reply does not depend on
+        # which limit the read that completed the message crossed first.
+        received = self._body_size - (len(_TERMINATOR) - 2)
+        self.state = State.MESSAGE
+        self._body = bytearray()
+        error = self._body_error
+        if received > self.config.max_message_size:
+            error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+        size = len(data) if error is None else received
+        return MessageReceived(
+            helo=self.helo,
+            mail_from=self.mail_from,
+            recipients=tuple(self.recipients),
+            params=self.mail_params,
+            data=b"" if error is not None else data,
+            size=size,
+            reply=error,
+        )
+
+
+_HANDLERS: dict[str, Callable[[ServerConnection, str, str], Command]] = {
+    "EHLO": ServerConnection._hello,
+    "HELO": ServerConnection._hello,
+    "MAIL": ServerConnection._mail,
+    "RCPT": ServerConnection._rcpt,
+    "DATA": ServerConnection._data,
+    "RSET": ServerConnection._rset,
+    "NOOP": ServerConnection._noop,
+    "QUIT": ServerConnection._quit,
+    "VRFY": ServerConnection._vrfy,
+    "HELP": ServerConnection._help,
+}
+
+
+def _parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]] | Reply:
+    """Split ``FROM:<path> PARAM=VALUE …`` into the address and parameters."""
+    if argument[: len(keyword)].upper() != keyword:
+        return Reply(501, "5.5.4", f"Syntax: {keyword}<address>")
+    match = _PATH_RE.match(argument[len(keyword) :])
+    if match is None:
+        return Reply(501, "5.5.4", f"Syntax: {keyword}<address>")
+    if match.group(1) is not None:
+        address, rest = match.group(1), match.group(2)
+    else:
+        address, rest = match.group(3), match.group(4)
+    address = address.strip()
+    # A source route (<@a,@b:user@c>) is obsolete; keep only the mailbox.
+    if address.startswith("@") and ":" in address:
+        address = address.partition(":")[2]
+    if any(c.isspace() or ord(c) < 32 for c in address):
+        return Reply(501, "5.1.7", "Bad address syntax")
+    params: dict[str, str | None] = {}
+    for item in rest.split():
+        name, eq, value = item.partition("=")
+        if not _PARAM_RE.match(name) or (eq and not value):
+            return Reply(501, "5.5.4", f"Bad parameter {item!r}")
+        params[name.upper()] = value if eq else None
+    return address, params
