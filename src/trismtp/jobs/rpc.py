@@ -1,0 +1,489 @@
+"""JSON-RPC 2.0 client for the jobs service, over one WebSocket connection.
+
+Theory of operation
+-------------------
+A :class:`JobsClient` owns one WebSocket and two background tasks, both in the
+nursery that :meth:`JobsClient.connect` opens and closes:
+
+* the **writer** takes encoded requests from an unbuffered channel and sends
+  them. A caller hands its request over, then waits for the reply. The
+  hand-over is atomic under cancellation, so a cancelled caller either never
+  sent its request or the writer sends all of it: a request is never cut off
+  half-way on the wire, which would corrupt the stream for every other caller.
+* the **reader** takes every reply and wakes the caller waiting for that id
+  (a dict id → slot). Replies may come in any order; many calls can be in
+  flight on one connection.
+
+When the connection fails (refused, rejected, closed, or a reply we cannot
+understand) the client *fails*: it keeps the reason, wakes every waiting
+caller with :class:`JobsUnavailable`, and refuses new calls at once. It never
+reconnects or retries: that policy belongs to the caller (the pusher), which
+knows whether a request is safe to repeat and how long to back off.
+
+Exceptions from trio-websocket, trio and the OS become :class:`JobsUnavailable`
+in one function, :func:`_unavailable` (like httpcore's ``map_exceptions``), so
+callers never see ``ConnectionClosed`` or ``OSError``. Errors the service
+*answers* with are :class:`RpcError`, carrying the JSON-RPC code.
+
+Size limits: ``max_message_size`` bounds the replies we accept. The service
+bounds requests the same way; trio-websocket enforces both while receiving and
+closes the connection with code 1009 when a message is too big. The request's
+id is lost with it, so a too-large request shows up here as
+:class:`JobsUnavailable` (its ``close_code`` is 1009) for every call in flight,
+not as a ``TOO_LARGE`` reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+logger = logging.getLogger(__name__)
+
+# JSON-RPC 2.0 error codes, and the jobs service's own (SPEC §6).
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+NO_SUCH_PIPELINE: Final = -32001
+STORAGE_UNAVAILABLE: Final = -32003
+TOO_LARGE: Final = -32004
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
+# trio-websocket reads 4 KiB at a time by default; batches are megabytes.
+RECEIVE_BUFFER_SIZE: Final = 64 * 1024
+# Leaving the client waits this long for the close handshake, even when the
+# caller is being cancelled, so the service sees a clean close.
+CLOSE_TIMEOUT: Final = 2.0
+
+_CLOSE_TOO_BIG: Final = 1009
+
+_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class JobsUnavailable(Exception):
+    """Cannot reach the jobs service, or lost it before the reply.
+
+    Raised when the connection is refused or fails, the handshake is rejected
+    (HTTP 401: the message says the token was refused or missing), or the
+    connection is lost while calls wait. Whether the request took effect is
+    unknown; requests keyed by job id are safe to repeat on a new connection.
+    """
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        #: The WebSocket close code when the connection was closed, else None
+        #: (1009: a message was larger than the receiver accepts).
+        self.close_code = close_code
+
+
+class RpcError(Exception):
+    """The jobs service answered the call with a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(code, message, data)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"{self.message} (JSON-RPC error {self.code})"
+
+
+class _BadReply(Exception):
+    """The service sent something that is not a JSON-RPC 2.0 response."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a client connects, parsed once; ``str()`` is safe to log."""
+
+    host: str  # for the TCP connection: IPv6 without brackets
+    port: int
+    host_header: str  # for the Host header: IPv6 in brackets, port unless default
+    resource: str  # path and query
+    tls: bool
+    token_sent: bool
+
+    @classmethod
+    def parse(cls, url: str, *, token_sent: bool) -> _Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"jobs URL {url!r} must start with ws:// or wss://")
+        host = parts.hostname
+        if not host:
+            raise ValueError(f"jobs URL {url!r} has no host")
+        tls = parts.scheme == "wss"
+        default_port = 443 if tls else 80
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise ValueError(f"jobs URL {url!r} has an invalid port") from None
+        bracketed = f"[{host}]" if ":" in host else host
+        host_header = bracketed if port == default_port else f"{bracketed}:{port}"
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(host, port, host_header, resource, tls, token_sent)
+
+    def __str__(self) -> str:
+        # No user info and no query string: either may hold a secret.
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://{self.host_header}{self.resource.partition('?')[0]}"
+
+
+def _unavailable(exc: BaseException, target: _Target) -> JobsUnavailable | None:
+    """The :class:`JobsUnavailable` that *exc* means, or None if it is no
+    connection problem. The one place backend exceptions are translated."""
+    close_code = None
+    if isinstance(exc, JobsUnavailable):
+        return exc
+    if isinstance(exc, ConnectionRejected):
+        if exc.status_code == 401 and target.token_sent:
+            text = f"{target} refused the token (HTTP 401)"
+        elif exc.status_code == 401:
+            text = f"{target} requires a token (HTTP 401) and none was given"
+        else:
+            text = f"{target} rejected the WebSocket handshake with HTTP {exc.status_code}"
+    elif isinstance(exc, ConnectionTimeout | trio.TooSlowError):
+        text = f"timed out connecting to {target}"
+    elif isinstance(exc, HandshakeError):
+        text = f"cannot connect to {target}: {exc.__cause__ or exc!r}"
+    elif isinstance(exc, ConnectionClosed):
+        close_code = exc.reason.code if exc.reason is not None else None
+        text = f"lost the connection to {target}: {_describe_close(exc)}"
+    elif isinstance(exc, OSError):
+        text = f"cannot connect to {target}: {exc.strerror or exc}"
+    elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+        text = f"lost the connection to {target}"
+    else:
+        return None
+    error = JobsUnavailable(text, close_code=close_code)
+    error.__cause__ = exc
+    return error
+
+
+def _describe_close(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "the connection is closed"
+    detail = f": {reason.reason}" if reason.reason else ""
+    if reason.code == _CLOSE_TOO_BIG:
+        return f"a message was larger than the receiver accepts (close code 1009{detail})"
+    if reason.code == 1001:
+        return "the jobs service is going away (close code 1001)"
+    if reason.code == 1006:
+        return "the connection dropped (close code 1006)"
+    return f"closed with code {reason.code} {reason.name}{detail}"
+
+
+@contextmanager
+def _map_exceptions(target: _Target) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # Cancelled is a BaseException and passes untouched
+        mapped = _unavailable(exc, target)
+        if mapped is None or mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def _collapse(
+    group: BaseExceptionGroup[BaseException], *, body_error: BaseException | None, target: _Target
+) -> BaseException:
+    """The one exception a caller of :meth:`JobsClient.connect` should see.
+
+    The client's nursery wraps everything in a group; callers want the error
+    itself: theirs unchanged, ours translated. Several real errors at once
+    mean a bug, and stay grouped.
+    """
+    errors = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
+    if not errors:
+        return group.exceptions[0]
+    if len(errors) > 1:
+        return group
+    (error,) = errors
+    if error is body_error:
+        return error
+    return _unavailable(error, target) or error
+
+
+class _Slot:
+    """Where the reader leaves the reply for one waiting call."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, *, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+async def _handshake(
+    nursery: trio.Nursery,
+    target: _Target,
+    headers: list[tuple[bytes, bytes]],
+    max_message_size: int,
+) -> tuple[WebSocketConnection, _Stream]:
+    # We open the stream ourselves rather than through connect_websocket_url:
+    # we must close it ourselves (trio-websocket leaves it open when the
+    # handshake is refused or the peer closes first), and an IPv6 Host header
+    # needs its brackets.
+    stream: _Stream
+    if target.tls:
+        stream = await trio.open_ssl_over_tcp_stream(
+            target.host,
+            target.port,
+            ssl_context=ssl.create_default_context(),
+            https_compatible=True,
+        )
+    else:
+        stream = await trio.open_tcp_stream(target.host, target.port)
+    try:
+        ws = await wrap_client_stream(
+            nursery,
+            stream,
+            target.host_header,
+            target.resource,
+            extra_headers=headers,
+            max_message_size=max_message_size,
+            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+        )
+    except BaseException:
+        # A rejection arrives here as Cancelled: trio-websocket's reader task
+        # raised ConnectionRejected into the nursery.
+        await trio.aclose_forcefully(stream)
+        raise
+    return ws, stream
+
+
+class JobsClient:
+    """A JSON-RPC connection to the jobs service; open it with :meth:`connect`.
+
+    Safe to share between tasks: calls may overlap and replies are matched to
+    them by id. Once :attr:`closed`, every call raises :class:`JobsUnavailable`.
+    """
+
+    def __init__(self, ws: WebSocketConnection, stream: _Stream, target: _Target) -> None:
+        self._ws = ws
+        self._stream = stream
+        self._target = target
+        self._next_id = 1
+        self._pending: dict[int, _Slot] = {}
+        self._failure: JobsUnavailable | None = None
+        self._outbox, self._outbox_receive = trio.open_memory_channel[str](0)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str = "",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = 10.0,
+    ) -> AsyncIterator[JobsClient]:
+        """Connect to the jobs service at *url* (``ws://`` or ``wss://``).
+
+        A non-empty *token* is sent as ``Authorization: Bearer <token>``.
+        *max_message_size* bounds the replies accepted (characters of a text
+        message). Raises :class:`JobsUnavailable` if the service cannot be
+        reached within *connect_timeout* seconds or rejects the handshake, and
+        ValueError for a URL that is not ``ws://HOST…`` or ``wss://HOST…``.
+        Leaving the block closes the connection; calls still waiting then raise
+        :class:`JobsUnavailable`.
+        """
+        target = _Target.parse(url, token_sent=bool(token))
+        headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
+        body_error: BaseException | None = None
+        error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                with _map_exceptions(target), trio.fail_after(connect_timeout):
+                    ws, stream = await _handshake(nursery, target, headers, max_message_size)
+                client = cls(ws, stream, target)
+                nursery.start_soon(client._read_loop)
+                nursery.start_soon(client._write_loop)
+                try:
+                    yield client
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    await client._aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = _collapse(group, body_error=body_error, target=target)
+        if error is not None:
+            # Raised here, outside the except clause, so that the group does
+            # not become the error's __context__.
+            raise error
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has failed or the client was closed."""
+        return self._failure is not None
+
+    async def call(self, method: str, params: Mapping[str, Any]) -> Any:
+        """Call *method* with *params* and return the reply's ``result``.
+
+        Raises :class:`RpcError` if the service answers with an error, and
+        :class:`JobsUnavailable` if there is no connection or it is lost
+        before the reply.
+        """
+        return await self.call_encoded(
+            method, json.dumps(params, ensure_ascii=False, separators=(",", ":"))
+        )
+
+    async def call_encoded(self, method: str, params_json: str) -> Any:
+        """Like :meth:`call`, with *params_json* already encoded as a JSON object.
+
+        The text goes on the wire as it is (the pusher encodes each job once
+        and joins them); it must be valid JSON, or the service answers with a
+        parse error that no call can be matched to (see :meth:`_deliver`).
+        """
+        self._raise_if_failed()
+        request_id = self._next_id
+        self._next_id += 1
+        request = (
+            f'{{"jsonrpc":"2.0","id":{request_id},'
+            f'"method":{json.dumps(method)},"params":{params_json}}}'
+        )
+        slot = _Slot()
+        self._pending[request_id] = slot
+        try:
+            try:
+                await self._outbox.send(request)
+            except trio.BrokenResourceError:
+                self._raise_if_failed()  # _fail() closed the writer's end
+                raise
+            await slot.done.wait()
+        finally:
+            self._pending.pop(request_id, None)
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure_copy()
+
+    def _failure_copy(self) -> JobsUnavailable:
+        # One instance per raise: tasks raising the same object concurrently
+        # would tangle its traceback.
+        assert self._failure is not None
+        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
+        error.__cause__ = self._failure.__cause__
+        return error
+
+    def _fail(self, failure: JobsUnavailable) -> None:
+        """Stop for good: wake every waiting call with *failure*."""
+        if self._failure is not None:
+            return
+        logger.debug("jobs RPC client stops: %s", failure)
+        self._failure = failure
+        # Callers blocked handing a request to the writer get BrokenResourceError.
+        self._outbox_receive.close()
+        for slot in self._pending.values():
+            slot.resolve(error=self._failure_copy())
+
+    async def _aclose(self) -> None:
+        self._fail(JobsUnavailable(f"the connection to {self._target} was closed by this client"))
+        if trio.current_effective_deadline() != -math.inf:
+            # Not being cancelled: the reader task still runs and will see
+            # the service's close frame, so the handshake can complete.
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await self._ws.aclose()
+        # The close handshake is done (or timed out); the socket goes now even
+        # if the service closed first, when trio-websocket leaves it open.
+        await trio.aclose_forcefully(self._stream)
+
+    async def _write_loop(self) -> None:
+        try:
+            async for request in self._outbox_receive:
+                await self._ws.send_message(request)
+        except ConnectionClosed as exc:
+            self._fail(self._lost(exc))
+        except trio.ClosedResourceError:
+            pass  # _fail() closed our end: the client is done
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                self._dispatch(await self._ws.get_message())
+        except ConnectionClosed as exc:
+            self._fail(self._lost(exc))
+        except _BadReply as exc:
+            self._fail(JobsUnavailable(f"{self._target} sent an invalid reply: {exc}"))
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._ws.aclose(1002, "invalid JSON-RPC reply")
+
+    def _lost(self, exc: BaseException) -> JobsUnavailable:
+        mapped = _unavailable(exc, self._target)
+        assert mapped is not None, exc
+        return mapped
+
+    def _dispatch(self, message: str | bytes) -> None:
+        try:
+            data = json.loads(message)
+        except (ValueError, RecursionError) as exc:
+            raise _BadReply(f"not JSON ({exc})") from None
+        for reply in data if isinstance(data, list) else [data]:
+            self._deliver(reply)
+
+    def _deliver(self, reply: Any) -> None:
+        if not isinstance(reply, dict) or reply.get("jsonrpc") != "2.0":
+            raise _BadReply("not a JSON-RPC 2.0 response object")
+        reply_id = reply.get("id")
+        if "error" in reply:
+            error = _rpc_error(reply["error"])
+            if reply_id is None:
+                # The service could not tell which request this answers (it
+                # could not parse one), so no call can be matched to it. Fail
+                # every waiting call rather than let the culprit wait forever;
+                # the others learn nothing about their fate either way.
+                logger.error("the jobs service rejected a request it could not read: %s", error)
+                for waiting in self._pending.values():
+                    waiting.resolve(error=_rpc_error(reply["error"]))
+                return
+            result = None
+        elif "result" in reply:
+            error, result = None, reply["result"]
+        else:
+            raise _BadReply("a response needs a result or an error")
+        slot = self._pending.pop(reply_id, None) if type(reply_id) is int else None
+        if slot is None:
+            # The caller gave up (was cancelled) before its reply came.
+            logger.debug("reply to request %r, which no call waits for", reply_id)
+            return
+        slot.resolve(result=result, error=error)
+
+
+def _rpc_error(error: Any) -> RpcError:
+    if not isinstance(error, dict):
+        raise _BadReply("an error must be an object")
+    code, message = error.get("code"), error.get("message")
+    if type(code) is not int or not isinstance(message, str):
+        raise _BadReply("an error needs an integer code and a string message")
+    return RpcError(code, message, error.get("data"))

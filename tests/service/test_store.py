@@ -1,0 +1,472 @@
+"""The SQLite store, on real files: durability, ordering, leases, failures."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from trismtp.jobs.model import Job, JobOptions
+from trismtp.service.store import JobStore, NoSuchPipeline, StorageUnavailable
+
+
+class FakeClock:
+    """A clock the test moves by hand, so leases expire without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_job(
+    job_id: str,
+    *,
+    pipeline: str = "smtp",
+    priority: int = 10,
+    delay: int = 0,
+    auto_ack: bool = False,
+    payload: str = "{}",
+) -> Job:
+    return Job(
+        job="smtp.email",
+        id=job_id,
+        payload=payload,
+        headers={"uuid": [job_id]},
+        options=JobOptions(priority=priority, pipeline=pipeline, delay=delay, auto_ack=auto_ack),
+    )
+
+
+def stored(path: Path) -> dict[str, str]:
+    """Job id → payload, read through a connection of our own: what is on disk."""
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT id, payload FROM jobs").fetchall())
+
+
+def ids(jobs: list[Job]) -> list[str]:
+    return [job.id for job in jobs]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "jobs.sqlite3"  # the directory does not exist yet
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[JobStore]:
+    async with JobStore.open(db_path, clock=clock) as store:
+        await store.declare("smtp")
+        yield store
+
+
+async def test_push_batch_is_on_disk_when_it_returns(store: JobStore, db_path: Path) -> None:
+    await store.push_batch([make_job("a", payload="1"), make_job("b", payload="2")])
+
+    assert stored(db_path) == {"a": "1", "b": "2"}
+
+
+async def test_push_is_idempotent_by_id(store: JobStore, db_path: Path) -> None:
+    await store.push_batch([make_job("a", payload="first")])
+
+    await store.push_batch([make_job("a", payload="second"), make_job("b")])
+    await store.push_batch([make_job("a", payload="third")])
+
+    assert stored(db_path) == {"a": "first", "b": "{}"}
+
+
+async def test_unknown_pipeline_refuses_the_whole_batch(store: JobStore, db_path: Path) -> None:
+    batch = [make_job("a"), make_job("b", pipeline="nope"), make_job("c", pipeline="other")]
+
+    with pytest.raises(NoSuchPipeline) as caught:
+        await store.push_batch(batch)
+
+    assert caught.value.names == ["nope", "other"]
+    assert stored(db_path) == {}
+
+
+async def test_reserve_by_priority_then_age(store: JobStore, clock: FakeClock) -> None:
+    for job_id, priority in [("old-10", 10), ("old-1", 1), ("new-10", 10), ("new-5", 5)]:
+        await store.push_batch([make_job(job_id, priority=priority)])
+        clock.advance(1)
+    await store.push_batch(
+        [make_job("same-time-x", priority=7), make_job("same-time-y", priority=7)]
+    )
+
+    assert ids(await store.reserve("smtp", 2, lease=60)) == ["old-1", "new-5"]
+    assert ids(await store.reserve("smtp", 10, lease=60)) == [
+        "same-time-x",
+        "same-time-y",
+        "old-10",
+        "new-10",
+    ]
+
+
+async def test_reserve_returns_the_job_as_pushed(store: JobStore) -> None:
+    job = make_job("a", priority=3, payload='{"event":"EMAIL_RECEIVED","ü":1}')
+    await store.push_batch([job])
+
+    assert await store.reserve("smtp", 1, lease=60) == [job]
+
+
+async def test_lease_expiry_delivers_again(
+    store: JobStore, clock: FakeClock, db_path: Path
+) -> None:
+    await store.push_batch([make_job("a")])
+
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
+    assert await store.reserve("smtp", 10, lease=30) == []
+    clock.advance(29.9)
+    assert await store.reserve("smtp", 10, lease=30) == []
+    clock.advance(0.1)
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
+
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT attempts FROM jobs").fetchall() == [(2,)]
+
+
+async def test_ack_deletes(store: JobStore, clock: FakeClock, db_path: Path) -> None:
+    await store.push_batch([make_job("a"), make_job("b")])
+    await store.reserve("smtp", 10, lease=30)
+
+    assert await store.ack(["a", "unknown"]) == 1
+
+    assert set(stored(db_path)) == {"b"}
+    clock.advance(30)
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["b"]
+
+
+async def test_nack_requeues_after_its_delay(store: JobStore, clock: FakeClock) -> None:
+    await store.push_batch([make_job("a")])
+    await store.reserve("smtp", 10, lease=300)
+
+    assert await store.nack(["a"], requeue=True, delay=20) == 1
+
+    assert await store.reserve("smtp", 10, lease=300) == []
+    assert (await store.stat())[0].delayed == 1
+    clock.advance(20)
+    assert ids(await store.reserve("smtp", 10, lease=300)) == ["a"]
+
+
+async def test_nack_requeue_without_delay_is_ready_at_once(store: JobStore) -> None:
+    await store.push_batch([make_job("a")])
+    await store.reserve("smtp", 10, lease=300)
+
+    await store.nack(["a"], requeue=True)
+
+    assert ids(await store.reserve("smtp", 10, lease=300)) == ["a"]
+
+
+async def test_nack_without_requeue_deletes(store: JobStore, db_path: Path) -> None:
+    await store.push_batch([make_job("a"), make_job("b")])
+    await store.reserve("smtp", 10, lease=30)
+
+    await store.nack(["a"], requeue=False)
+
+    assert set(stored(db_path)) == {"b"}
+
+
+async def test_job_delay_holds_it_back(store: JobStore, clock: FakeClock) -> None:
+    await store.push_batch([make_job("later", delay=60), make_job("now")])
+
+    assert ids(await store.reserve("smtp", 10, lease=300)) == ["now"]
+    clock.advance(59)
+    assert await store.reserve("smtp", 10, lease=300) == []
+    clock.advance(1)
+    assert ids(await store.reserve("smtp", 10, lease=300)) == ["later"]
+
+
+async def test_auto_ack_jobs_are_handed_out_once(store: JobStore, clock: FakeClock) -> None:
+    await store.push_batch([make_job("a", auto_ack=True)])
+
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
+    clock.advance(30)
+    assert await store.reserve("smtp", 10, lease=30) == []
+
+
+async def test_paused_pipeline_accepts_pushes_but_hands_out_nothing(store: JobStore) -> None:
+    await store.pause(["smtp"])
+
+    await store.push_batch([make_job("a")])
+
+    assert await store.reserve("smtp", 10, lease=30) == []
+    assert (await store.stat())[0].ready is False
+    await store.resume(["smtp"])
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
+
+
+async def test_pause_of_an_unknown_pipeline_changes_nothing(store: JobStore) -> None:
+    with pytest.raises(NoSuchPipeline):
+        await store.pause(["smtp", "nope"])
+
+    assert (await store.stat())[0].ready is True
+
+
+async def test_destroy_drops_the_pipeline_and_its_jobs(store: JobStore, db_path: Path) -> None:
+    await store.declare("other")
+    await store.push_batch([make_job("a"), make_job("b", pipeline="other")])
+
+    await store.destroy(["smtp"])
+
+    assert await store.list_pipelines() == ["other"]
+    assert set(stored(db_path)) == {"b"}
+    with pytest.raises(NoSuchPipeline):
+        await store.push_batch([make_job("c")])
+    with pytest.raises(NoSuchPipeline):
+        await store.reserve("smtp", 1, lease=30)
+
+
+async def test_declare_again_keeps_jobs_and_state(store: JobStore) -> None:
+    await store.push_batch([make_job("a")])
+    await store.pause(["smtp"])
+
+    await store.declare("smtp")
+    await store.declare("smtp", priority=3, config={"driver": "memory"})
+
+    [stat] = await store.stat()
+    assert (stat.active, stat.ready, stat.priority) == (1, False, 3)
+
+
+async def test_stat_counts(store: JobStore, clock: FakeClock) -> None:
+    await store.declare("empty", priority=1)
+    await store.push_batch([make_job(f"j{i}") for i in range(5)] + [make_job("d", delay=10)])
+    await store.reserve("smtp", 2, lease=30)
+
+    stats = [stat.to_dict() for stat in await store.stat()]
+
+    assert stats == [
+        {
+            "pipeline": "empty",
+            "driver": "sqlite",
+            "queue": "empty",
+            "active": 0,
+            "delayed": 0,
+            "reserved": 0,
+            "ready": True,
+            "priority": 1,
+        },
+        {
+            "pipeline": "smtp",
+            "driver": "sqlite",
+            "queue": "smtp",
+            "active": 3,
+            "delayed": 1,
+            "reserved": 2,
+            "ready": True,
+            "priority": 10,
+        },
+    ]
+    clock.advance(30)  # leases expire, the delay passes
+    [_, smtp] = await store.stat()
+    assert (smtp.active, smtp.delayed, smtp.reserved) == (6, 0, 0)
+
+
+async def test_concurrent_operations_each_get_their_own_outcome(
+    store: JobStore, db_path: Path
+) -> None:
+    outcomes: dict[str, str] = {}
+
+    async def push(job: Job) -> None:
+        try:
+            await store.push_batch([job])
+        except NoSuchPipeline:
+            outcomes[job.id] = "refused"
+        else:
+            outcomes[job.id] = "stored"
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(push, make_job(f"j{i}", pipeline="smtp" if i % 5 else "nope"))
+
+    assert outcomes == {f"j{i}": "stored" if i % 5 else "refused" for i in range(50)}
+    assert set(stored(db_path)) == {f"j{i}" for i in range(50) if i % 5}
+
+
+async def test_jobs_survive_reopening(db_path: Path, clock: FakeClock) -> None:
+    async with JobStore.open(db_path, clock=clock) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("a")])
+
+    async with JobStore.open(db_path, clock=clock) as store:
+        assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
+
+
+async def test_durability_pragmas_are_set(db_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def inspect(db: sqlite3.Connection) -> None:
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+        (synchronous,) = db.execute("PRAGMA synchronous").fetchone()
+        seen.append((mode, synchronous))
+
+    async with JobStore.open(db_path, on_connect=inspect):
+        pass
+
+    assert seen == [("wal", 2)]  # 2 is FULL
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+class Disk:
+    """Fills the "disk" under a running store by capping its database's size.
+
+    ``PRAGMA max_page_count`` makes SQLite fail with SQLITE_FULL ("database or
+    disk is full") exactly as a full file system does. The cap is per
+    connection, so it is applied to the store's current connection and to every
+    connection the store opens while the disk is full.
+    """
+
+    def __init__(self) -> None:
+        self.full = False
+        self.connections: list[sqlite3.Connection] = []
+
+    def on_connect(self, db: sqlite3.Connection) -> None:
+        self.connections.append(db)
+        if self.full:
+            self._cap(db)
+
+    def fill(self) -> None:
+        # The store is idle between the test's awaits, so touching its
+        # connection from here does not race with the writer's thread.
+        self.full = True
+        self._cap(self.connections[-1])
+
+    def free(self) -> None:
+        self.full = False
+        self.connections[-1].execute("PRAGMA max_page_count = 1073741823")
+
+    @staticmethod
+    def _cap(db: sqlite3.Connection) -> None:
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+async def test_full_disk_is_storage_unavailable_then_recovers(
+    db_path: Path, clock: FakeClock
+) -> None:
+    disk = Disk()
+    big = [make_job(f"big{i}", payload="x" * 10_000) for i in range(20)]
+    async with JobStore.open(db_path, clock=clock, on_connect=disk.on_connect) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("small")])
+        disk.fill()
+
+        with pytest.raises(StorageUnavailable, match="full"):
+            await store.push_batch(big)
+        assert set(stored(db_path)) == {"small"}  # nothing of the batch
+
+        # Still full: the store opens a fresh connection and fails again.
+        with pytest.raises(StorageUnavailable):
+            await store.push_batch(big)
+        assert len(disk.connections) >= 2
+
+        # Operations that need no new space still work on a full disk.
+        assert ids(await store.reserve("smtp", 10, lease=30)) == ["small"]
+
+        disk.free()
+        await store.push_batch(big)
+
+    assert set(stored(db_path)) == {"small"} | {job.id for job in big}
+
+
+async def test_full_disk_fails_only_the_op_that_needs_space(
+    db_path: Path, clock: FakeClock
+) -> None:
+    disk = Disk()
+    async with JobStore.open(db_path, clock=clock, on_connect=disk.on_connect) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("small")])
+        disk.fill()
+        results: dict[str, str] = {}
+
+        async def attempt(name: str, operation: object) -> None:
+            try:
+                await operation  # type: ignore[misc]
+            except StorageUnavailable:
+                results[name] = "unavailable"
+            else:
+                results[name] = "ok"
+
+        # Whether or not the writer groups them into one transaction, the
+        # push that needs space fails and the ack that frees some does not.
+        big = [make_job(f"big{i}", payload="x" * 10_000) for i in range(20)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "push", store.push_batch(big))
+            nursery.start_soon(attempt, "ack", store.ack(["small"]))
+
+    assert results == {"push": "unavailable", "ack": "ok"}
+    assert stored(db_path) == {}
+
+
+async def test_locked_database_is_storage_unavailable_then_recovers(
+    db_path: Path, clock: FakeClock
+) -> None:
+    async with JobStore.open(db_path, clock=clock, busy_timeout=0.05) as store:
+        await store.declare("smtp")
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await store.push_batch([make_job("a")])
+
+            other.execute("ROLLBACK")
+            await store.push_batch([make_job("a")])
+        finally:
+            other.close()
+
+    assert set(stored(db_path)) == {"a"}
+
+
+async def test_a_path_that_cannot_be_a_database_fails_at_open(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+
+    with pytest.raises(StorageUnavailable, match="directory"):
+        async with JobStore.open(tmp_path / "file" / "jobs.sqlite3"):
+            pass
+
+    with pytest.raises(StorageUnavailable, match="unable to open"):
+        async with JobStore.open(tmp_path):  # a directory
+            pass
+
+
+async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA user_version = 99")
+
+    with pytest.raises(StorageUnavailable, match="schema version 99"):
+        async with JobStore.open(db_path):
+            pass
+
+
+async def test_peek_shows_jobs_in_reserve_order_without_leasing(
+    store: JobStore, clock: FakeClock
+) -> None:
+    await store.push_batch([make_job("late", priority=20), make_job("first", priority=1)])
+    clock.advance(1)
+    await store.push_batch([make_job("delayed", delay=60)])
+
+    assert ids(await store.peek("smtp", 10)) == ["first", "delayed", "late"]
+    assert ids(await store.peek("smtp", 1)) == ["first"]
+    # Nothing was leased: every ready job can still be reserved.
+    assert ids(await store.reserve("smtp", 10, lease=30)) == ["first", "late"]
+    # Reserved jobs are still in the store, so peek still shows them.
+    assert len(await store.peek("smtp", 10)) == 3
+
+
+async def test_peek_of_an_unknown_pipeline(store: JobStore) -> None:
+    with pytest.raises(NoSuchPipeline):
+        await store.peek("nope", 10)
