@@ -1,0 +1,316 @@
+"""The command line (SPEC §2).
+
+Exit status: 0 on success and after a graceful stop; 1 when the work could
+not be done (a port in use, the jobs service unreachable) or the daemon was
+stopped at once by a second signal; 2 for a usage or settings error. Errors a
+user can cause are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import trio
+
+from trismtp import __version__
+from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.log import setup_logging
+from trismtp.settings import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("trismtp")
+
+
+class CommandError(Exception):
+    """The command could not do its work; the message says why."""
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``trismtp`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        settings = load_settings(args.config)
+        status = args.run(args, settings)
+    except ConfigError as exc:
+        _fail(f"invalid settings: {exc}", EXIT_USAGE)
+    except CommandError as exc:
+        _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    print(f"trismtp: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trismtp",
+        description="Receive email over SMTP and turn every message into a durable job.",
+    )
+    parser.add_argument("--version", action="version", version=f"trismtp {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file (default: $TRISMTP_CONFIG, else ./settings.toml if present)",
+    )
+    url_option = argparse.ArgumentParser(add_help=False)
+    url_option.add_argument("--url", help="jobs service URL (default: from the settings, jobs.url)")
+
+    serve = commands.add_parser(
+        "serve", parents=[config_option], help="run the daemon (SMTP server and pusher)"
+    )
+    serve.set_defaults(run=_serve)
+
+    config = commands.add_parser(
+        "config", parents=[config_option], help="validate and print the effective settings"
+    )
+    config.set_defaults(run=_config)
+
+    jobs = commands.add_parser("jobs", help="the jobs service and its queues")
+    jobs_commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND")
+
+    jobs_serve = jobs_commands.add_parser(
+        "serve", parents=[config_option], help="run the jobs service alone"
+    )
+    jobs_serve.set_defaults(run=_jobs_serve)
+
+    stat = jobs_commands.add_parser(
+        "stat", parents=[config_option, url_option], help="pipelines with their counts"
+    )
+    stat.add_argument("--json", action="store_true", help="print JSON")
+    stat.set_defaults(run=_jobs_stat)
+
+    peek = jobs_commands.add_parser(
+        "peek", parents=[config_option, url_option], help="show queued jobs without consuming"
+    )
+    peek.add_argument("--pipeline", help="pipeline (default: jobs.pipeline)")
+    peek.add_argument("-n", type=_positive, default=10, help="at most N jobs (default 10)")
+    peek.add_argument("--json", action="store_true", help="print each job as a JSON line")
+    peek.set_defaults(run=_jobs_peek)
+
+    consume = jobs_commands.add_parser(
+        "consume", parents=[config_option, url_option], help="reserve jobs, print, ack them"
+    )
+    consume.add_argument("--pipeline", required=True, help="pipeline to consume from")
+    consume.add_argument("-n", type=_positive, default=1, help="at most N jobs (default 1)")
+    consume.add_argument(
+        "--no-ack", action="store_true", help="print the jobs and put them back in the queue"
+    )
+    consume.add_argument("--json", action="store_true", help="print each job as a JSON line")
+    consume.set_defaults(run=_jobs_consume)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from trismtp.daemon import Daemon
+
+    setup_logging(settings.log)
+    daemon = Daemon(settings)
+    _run_server(daemon.run)
+    return EXIT_FAILURE if daemon.killed else EXIT_OK
+
+
+def _jobs_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from trismtp.service.server import serve_jobs
+
+    setup_logging(settings.log)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_jobs, settings.jobs_service)
+            with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+                async for signum in signals:
+                    log.info("received signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    _run_server(run)
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    print(_toml(settings.masked()), end="")
+    return EXIT_OK
+
+
+def _jobs_stat(args: argparse.Namespace, settings: Settings) -> int:
+    result = _rpc(args, settings, "jobs.Stat", {})
+    stats: list[dict[str, Any]] = result.get("stats", [])
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    columns = ("pipeline", "driver", "active", "delayed", "reserved", "ready", "priority")
+    rows = [[_cell(stat.get(c)) for c in columns] for stat in stats]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _jobs_peek(args: argparse.Namespace, settings: Settings) -> int:
+    pipeline = args.pipeline or settings.jobs.pipeline
+    result = _rpc(args, settings, "jobs.Peek", {"pipeline": pipeline, "max": args.n})
+    _print_jobs(result.get("jobs", []), as_json=args.json, pipeline=pipeline)
+    return EXIT_OK
+
+
+def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
+    async def consume(client: JobsClient) -> list[dict[str, Any]]:
+        result = await client.call(
+            "jobs.Reserve", {"pipeline": args.pipeline, "max": args.n, "lease": 60}
+        )
+        jobs: list[dict[str, Any]] = result.get("jobs", [])
+        ids = [job["id"] for job in jobs]
+        if ids and args.no_ack:
+            await client.call("jobs.Nack", {"ids": ids, "requeue": True, "delay": 0})
+        elif ids:
+            await client.call("jobs.Ack", {"ids": ids})
+        return jobs
+
+    jobs = _with_client(args, settings, consume)
+    _print_jobs(jobs, as_json=args.json, pipeline=args.pipeline)
+    return EXIT_OK
+
+
+# -- helpers ------------------------------------------------------------------
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_T = TypeVar("_T")
+
+
+def _run_server(run: Callable[[], Awaitable[None]]) -> None:
+    try:
+        trio.run(run)
+    except* OSError as group:
+        exc = group.exceptions[0]
+        raise CommandError(f"cannot start: {exc}") from None
+
+
+def _rpc(args: argparse.Namespace, settings: Settings, method: str, params: dict[str, Any]) -> Any:
+    async def call(client: JobsClient) -> Any:
+        return await client.call(method, params)
+
+    return _with_client(args, settings, call)
+
+
+def _with_client(
+    args: argparse.Namespace, settings: Settings, work: Callable[[JobsClient], Awaitable[_T]]
+) -> _T:
+    url = args.url or settings.jobs_url()
+    if url.startswith("embedded"):
+        url = settings.jobs_url()
+
+    async def run() -> _T:
+        async with JobsClient.connect(url, token=settings.jobs_token()) as client:
+            return await work(client)
+
+    try:
+        return trio.run(run)
+    except JobsUnavailable as exc:
+        raise CommandError(f"cannot reach the jobs service at {url}: {exc}") from None
+    except RpcError as exc:
+        raise CommandError(f"the jobs service answered error {exc.code}: {exc.message}") from None
+
+
+def _print_jobs(jobs: list[dict[str, Any]], *, as_json: bool, pipeline: str) -> None:
+    if as_json:
+        for job in jobs:
+            print(json.dumps(job, ensure_ascii=False))
+        return
+    if not jobs:
+        print(f"no jobs in pipeline {pipeline!r}")
+        return
+    for job in jobs:
+        print(_describe_job(job))
+
+
+def _describe_job(job: dict[str, Any]) -> str:
+    lines = [f"job {job.get('id')}  {job.get('job')}  pipeline {job['options'].get('pipeline')}"]
+    try:
+        payload = json.loads(job.get("payload", ""))
+    except ValueError:
+        lines.append("  payload: (not JSON)")
+        return "\n".join(lines)
+    if not isinstance(payload, dict):
+        return "\n".join(lines)
+    envelope = payload.get("envelope") or {}
+    message = payload.get("message") or {}
+    lines += [
+        f"  received  {payload.get('received_at')} from {payload.get('remote_addr')}",
+        f"  mail from {envelope.get('mail_from')!r}",
+        f"  rcpt to   {', '.join(envelope.get('allRecipients') or [])}",
+        f"  subject   {message.get('subject')!r}",
+        f"  size      {payload.get('size')} bytes, "
+        f"{len(payload.get('attachments') or [])} attachments",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
+
+
+def _toml(data: dict[str, Any]) -> str:
+    """The settings as TOML (sections of scalars, lists and string tables)."""
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                items = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+                out.append(f"{key} = {{{items}}}" if items else f"{key} = {{}}")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()

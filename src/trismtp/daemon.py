@@ -1,0 +1,118 @@
+"""The daemon: one nursery that wires the SMTP server, the pusher and the jobs service.
+
+Theory of operation
+===================
+
+The parts nest so that each one outlives everything that depends on it::
+
+    service scope   the embedded jobs service (jobs.url = "embedded")
+      pusher scope    the batching pusher, connected over the loopback WebSocket
+        SMTP scope      listeners and one task per session
+
+Startup goes outside in: the jobs service is listening before the pusher
+connects, and the pusher runs before the first SMTP connection is accepted.
+Shutdown goes inside out. :meth:`Daemon.stop` (SIGTERM or SIGINT) closes the
+listeners and gives open sessions ``shutdown.grace`` seconds; when the last
+session has ended, the pusher's channel is closed, the pusher delivers every
+job still queued and returns, and only then is the jobs service stopped. A
+second signal, or :meth:`Daemon.kill`, cancels everything at once: sessions
+that were waiting for an ack get no answer, so their clients retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from trismtp.jobs.pusher import Pusher
+from trismtp.service.server import serve_jobs
+from trismtp.settings import HostPort, Settings, embedded_url
+from trismtp.smtp.server import SmtpServer
+
+__all__ = ["Daemon", "Listening"]
+
+log = logging.getLogger("trismtp.daemon")
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """What the daemon bound, reported once it accepts connections."""
+
+    smtp: list[HostPort]
+    jobs_service: HostPort | None
+
+
+class Daemon:
+    """``trismtp serve``: see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.killed = False
+        """True when the daemon was stopped at once rather than gracefully."""
+        self._scope = trio.CancelScope()
+        self._smtp: SmtpServer | None = None
+        self._stopping = False
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until stopped; returns after a graceful stop or a kill."""
+        settings = self.settings
+        with self._scope:
+            async with trio.open_nursery() as service_nursery:
+                service_address: HostPort | None = None
+                if settings.jobs.url == "embedded":
+                    service_address = await service_nursery.start(serve_jobs, settings.jobs_service)
+                    url = embedded_url(service_address)
+                else:
+                    url = settings.jobs.url
+                if handle_signals:
+                    service_nursery.start_soon(self._watch_signals)
+                pusher = Pusher(settings.jobs, url, settings.jobs_token())
+                async with trio.open_nursery() as pusher_nursery:
+                    await pusher_nursery.start(pusher.run)
+                    try:
+                        self._smtp = SmtpServer(settings.smtp, settings.jobs, pusher.push)
+                        async with trio.open_nursery() as smtp_nursery:
+                            bound = await smtp_nursery.start(self._smtp.serve)
+                            if self._stopping:
+                                self._smtp.shutdown(settings.shutdown.grace)
+                            task_status.started(Listening(bound, service_address))
+                    finally:
+                        # Every session has ended: nothing more will be queued.
+                        pusher.close()
+                log.info("pusher flushed; stopping")
+                service_nursery.cancel_scope.cancel()
+        log.info("stopped" if not self.killed else "stopped at once")
+
+    def stop(self) -> None:
+        """Graceful stop: what SIGTERM and SIGINT do."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown.grace
+        log.info("shutting down (grace %g s); a second signal stops at once", grace)
+        if self._smtp is not None:
+            self._smtp.shutdown(grace)
+
+    def kill(self) -> None:
+        """Stop at once: what a second signal does."""
+        self.killed = True
+        self._scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping:
+                    log.info("received %s", name)
+                    self.stop()
+                else:
+                    log.warning("received %s again: stopping at once", name)
+                    self.kill()

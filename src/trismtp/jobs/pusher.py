@@ -1,0 +1,301 @@
+"""The batching pusher: many SMTP sessions, one RPC connection, durable acks.
+
+Theory of operation
+===================
+
+Every session that received a message calls :meth:`Pusher.push` with the
+job's id and its JSON text, and waits. ``push`` puts a :class:`_Pending`
+slot into a bounded trio memory channel and waits for the slot's outcome,
+the whole wait bounded by ``jobs.push_timeout``. A full channel therefore
+makes sessions wait (backpressure), never grows a queue without bound, and a
+session that waited too long gives up and answers ``451``.
+
+One task, :meth:`Pusher.run`, takes slots out of the channel and groups them
+into a ``jobs.PushBatch`` call: it flushes when the batch holds
+``batch_max_jobs`` jobs, before it would grow past ``batch_max_bytes``, or
+``batch_linger`` seconds after the first job arrived. One batch is in flight
+at a time; while it is, the next one fills up in the channel, so batches grow
+with load and a lone message waits only the linger.
+
+The batch's outcome goes to every slot in it: ack → ``250``, error → ``451``.
+When the connection fails (refused, dropped, stalled), the pusher reconnects
+with exponential backoff and jitter and sends the same batch again, with the
+same ids, as long as some session in it is still waiting. That is safe
+because the jobs service stores an id at most once. Slots whose session has
+already given up are left out of the next attempt: their client was told
+``451`` and will retry, and leaving them out narrows the window in which that
+retry becomes a second job (see docs/guarantees.md).
+
+Shutdown: the daemon closes the send side only after every session has
+ended, so :meth:`run` drains everything that was queued, delivers it, and
+returns. The receive side is never closed while jobs are queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+
+import trio
+
+from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.settings import JobsSettings
+
+__all__ = ["PushFailed", "Pusher"]
+
+log = logging.getLogger("trismtp.pusher")
+
+# Reconnect backoff: first retry soon (a restarting service is back in a
+# moment), then double up to a cap that still lets a session waiting
+# push_timeout see a few attempts.
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 2.0
+
+# JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
+_BATCH_OPEN = '{"jobs":['
+_BATCH_CLOSE = "]}"
+
+Connect = Callable[..., AbstractAsyncContextManager[JobsClient]]
+
+
+class PushFailed(Exception):
+    """The job was not acknowledged as durable; the session answers 451."""
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    job_id: str
+    encoded: str
+    pipeline: str
+    deadline: float
+    done: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None
+    abandoned: bool = False
+
+    def resolve(self, error: str | None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class Pusher:
+    """Delivers jobs to the jobs service in batches; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: JobsSettings,
+        url: str,
+        token: str = "",
+        *,
+        connect: Connect = JobsClient.connect,
+    ) -> None:
+        self._settings = settings
+        self._url = url
+        self._token = token
+        self._connect = connect
+        self._send, self._receive = trio.open_memory_channel[_Pending](settings.queue_size)
+        self._carry: _Pending | None = None
+        self._client: JobsClient | None = None
+        self._release: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        self._failures = 0
+        self.connected = trio.Event()
+        """Set once the first connection to the jobs service is up."""
+
+    # -- the sessions' side -------------------------------------------------
+
+    async def push(self, job_id: str, encoded: str, pipeline: str = "") -> None:
+        """Queue one job and wait for its durable ack; raise PushFailed if none.
+
+        ``encoded`` is the job as JSON text. The whole wait, including the
+        wait for room in the channel, is bounded by ``jobs.push_timeout``.
+        """
+        timeout = self._settings.push_timeout
+        pending = _Pending(job_id, encoded, pipeline, trio.current_time() + timeout)
+        try:
+            with trio.move_on_after(timeout):
+                await self._send.send(pending)
+                await pending.done.wait()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise PushFailed("the pusher is stopped") from None
+        finally:
+            if not pending.done.is_set():
+                pending.abandoned = True
+        if not pending.done.is_set():
+            raise PushFailed(f"no ack within jobs.push_timeout ({timeout:g} s)")
+        if pending.error is not None:
+            raise PushFailed(pending.error)
+
+    def close(self) -> None:
+        """No more pushes: :meth:`run` delivers what is queued, then returns."""
+        self._send.close()
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting in the channel."""
+        return self._receive.statistics().current_buffer_used
+
+    # -- the pusher task ----------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Batch and deliver until :meth:`close` and the channel is drained."""
+        # The connection lives in a task of its own (see _hold_connection):
+        # a connection opened inside one delivery's deadline scope would
+        # outlive that scope, which structured concurrency forbids.
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            with trio.move_on_after(self._settings.push_timeout):
+                # Connect early so the first message does not pay for it, and
+                # so a wrong URL or token shows in the log at start.
+                await self._ensure_client()
+            async for batch in self._batches():
+                await self._deliver(batch)
+            self._drop_client()
+
+    async def _batches(self) -> AsyncIterator[list[_Pending]]:
+        settings = self._settings
+        while True:
+            if self._carry is not None:
+                first, self._carry = self._carry, None
+            else:
+                try:
+                    first = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+            batch = [first]
+            size = len(first.encoded)
+            ended = False
+            with trio.move_on_after(settings.batch_linger):
+                while len(batch) < settings.batch_max_jobs:
+                    try:
+                        item = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        try:
+                            item = await self._receive.receive()
+                        except trio.EndOfChannel:
+                            ended = True
+                            break
+                    except trio.EndOfChannel:
+                        ended = True
+                        break
+                    if size + len(item.encoded) > settings.batch_max_bytes:
+                        self._carry = item
+                        break
+                    batch.append(item)
+                    size += len(item.encoded)
+            yield batch
+            if ended and self._carry is None:
+                return
+
+    async def _deliver(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.abandoned]
+        while live:
+            deadline = max(p.deadline for p in live)
+            if trio.current_time() >= deadline:
+                break
+            with trio.move_on_after(deadline - trio.current_time()):
+                error = await self._attempt(live)
+                if error is None:
+                    for p in live:
+                        p.resolve(None)
+                        log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
+                    return
+                if isinstance(error, RpcError):
+                    for p in live:
+                        p.resolve(f"jobs service error {error.code}: {error.message}")
+                    log.error(
+                        "jobs service refused a batch of %d jobs (%s): error %d: %s",
+                        len(live),
+                        ", ".join(p.job_id for p in live),
+                        error.code,
+                        error.message,
+                    )
+                    return
+                await trio.sleep(self._backoff())
+            live = [p for p in live if not p.abandoned]
+        for p in live:
+            p.resolve("jobs service unavailable")
+        if live:
+            log.error(
+                "could not push %d jobs (%s) within jobs.push_timeout: jobs service unavailable",
+                len(live),
+                ", ".join(p.job_id for p in live),
+            )
+
+    async def _attempt(self, live: list[_Pending]) -> RpcError | JobsUnavailable | None:
+        """One PushBatch; returns the error or None on ack."""
+        params = _BATCH_OPEN + ",".join(p.encoded for p in live) + _BATCH_CLOSE
+        try:
+            client = await self._ensure_client()
+            if client is None:
+                return JobsUnavailable("not connected")
+            try:
+                await client.call_encoded("jobs.PushBatch", params)
+            except trio.Cancelled:
+                # A stalled call: the connection may hold a half-sent or
+                # unanswered request; start afresh next time.
+                self._drop_client()
+                raise
+        except RpcError as exc:
+            return exc
+        except JobsUnavailable as exc:
+            log.warning("jobs service connection lost: %s", exc)
+            self._drop_client()
+            return exc
+        self._failures = 0
+        return None
+
+    async def _ensure_client(self) -> JobsClient | None:
+        if self._client is not None and not self._client.closed:
+            return self._client
+        self._drop_client()
+        assert self._nursery is not None
+        try:
+            self._client, self._release = await self._nursery.start(self._hold_connection)
+        except JobsUnavailable as exc:
+            self._failures += 1
+            if self._failures == 1 or math.log2(self._failures).is_integer():
+                log.warning("cannot connect to the jobs service at %s: %s", self._url, exc)
+            return None
+        if self._failures:
+            log.info("reconnected to the jobs service at %s", self._url)
+        else:
+            log.info("connected to the jobs service at %s", self._url)
+        self.connected.set()
+        return self._client
+
+    async def _hold_connection(
+        self, *, task_status: trio.TaskStatus[tuple[JobsClient, trio.Event]]
+    ) -> None:
+        """Open a connection, hand it over, keep it open until dropped."""
+        started = False
+        release = trio.Event()
+        try:
+            async with self._connect(self._url, token=self._token) as client:
+                task_status.started((client, release))
+                started = True
+                # Leaving the block without cancellation lets the close
+                # handshake complete at once.
+                await release.wait()
+        except JobsUnavailable:
+            # Before started(), nursery.start() re-raises this to the
+            # pusher; after it, the failure reaches the pusher through the
+            # client's pending calls instead.
+            if not started:
+                raise
+
+    def _drop_client(self) -> None:
+        self._client = None
+        if self._release is not None:
+            self._release.set()
+            self._release = None
+
+    def _backoff(self) -> float:
+        self._failures = max(self._failures, 1)
+        ceiling = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        return float(ceiling * random.uniform(0.5, 1.0))

@@ -1,0 +1,187 @@
+"""The batching pusher against the real jobs service, in process, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from pydantic import SecretStr
+
+from trismtp.jobs.model import Job, JobOptions
+from trismtp.jobs.pusher import Pusher, PushFailed
+from trismtp.service.server import serve_jobs
+from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, embedded_url
+
+
+def make_job(n: int, pipeline: str = "smtp", size: int = 10) -> Job:
+    return Job(
+        job="smtp.email",
+        id=f"job-{n}",
+        payload="x" * size,
+        headers={"uuid": [f"job-{n}"]},
+        options=JobOptions(pipeline=pipeline),
+    )
+
+
+def stored_ids(database: Path) -> list[str]:
+    with sqlite3.connect(database) as db:
+        return sorted(row[0] for row in db.execute("SELECT id FROM jobs"))
+
+
+@pytest.fixture
+def service_settings(tmp_path: Path) -> JobsServiceSettings:
+    return JobsServiceSettings(
+        listen="127.0.0.1:0", database=tmp_path / "jobs.sqlite3", pipelines=["smtp"]
+    )
+
+
+async def start_service(
+    nursery: trio.Nursery, settings: JobsServiceSettings
+) -> tuple[HostPort, trio.CancelScope]:
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[HostPort]) -> None:
+        with scope:
+            await serve_jobs(settings, task_status=task_status)
+
+    address: HostPort = await nursery.start(run)
+    return address, scope
+
+
+async def test_concurrent_pushes_are_batched_and_each_stored_once(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, _ = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(batch_max_jobs=7, batch_linger=0.01), embedded_url(address))
+    nursery.start_soon(pusher.run)
+    acked: list[str] = []
+
+    async def push(n: int) -> None:
+        job = make_job(n)
+        await pusher.push(job.id, job.to_json(), "smtp")
+        acked.append(job.id)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as clients:
+            for n in range(50):
+                clients.start_soon(push, n)
+    assert len(acked) == 50
+    # Acked means committed: a separate connection sees every job, once.
+    assert stored_ids(service_settings.database) == sorted(f"job-{n}" for n in range(50))
+    pusher.close()
+
+
+async def test_close_delivers_everything_queued_then_run_returns(
+    service_settings: JobsServiceSettings,
+) -> None:
+    results: list[str] = []
+    async with trio.open_nursery() as nursery:
+        address, service = await start_service(nursery, service_settings)
+        pusher = Pusher(JobsSettings(batch_max_jobs=4), embedded_url(address))
+
+        async def push(n: int) -> None:
+            job = make_job(n)
+            await pusher.push(job.id, job.to_json(), "smtp")
+            results.append(job.id)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as sessions:
+                for n in range(20):
+                    sessions.start_soon(push, n)
+                # The jobs are queued before the pusher task even starts.
+                await trio.testing.wait_all_tasks_blocked()
+                assert pusher.queued == 20
+                pusher.close()
+                await pusher.run()
+        service.cancel()
+    assert len(results) == 20
+    assert len(stored_ids(service_settings.database)) == 20
+
+
+async def test_service_down_gives_push_failed_within_push_timeout(tmp_path: Path) -> None:
+    # Nothing listens on this port: bind one and keep it closed to connections.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        pusher = Pusher(JobsSettings(push_timeout=0.5), f"ws://127.0.0.1:{port}/rpc")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pusher.run)
+            start = trio.current_time()
+            with trio.fail_after(5), pytest.raises(PushFailed, match=r"push_timeout|unavailable"):
+                await pusher.push("job-1", make_job(1).to_json(), "smtp")
+            assert trio.current_time() - start >= 0.5
+            pusher.close()
+
+
+async def test_pusher_reconnects_when_the_service_comes_back(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, service = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(push_timeout=10), embedded_url(address))
+    nursery.start_soon(pusher.run)
+    await pusher.push("job-0", make_job(0).to_json(), "smtp")
+
+    service.cancel()  # the service goes away...
+    fixed = JobsServiceSettings(
+        listen=str(address), database=service_settings.database, pipelines=["smtp"]
+    )
+    done = trio.Event()
+
+    async def push_while_down() -> None:
+        job = make_job(1)
+        await pusher.push(job.id, job.to_json(), "smtp")
+        done.set()
+
+    nursery.start_soon(push_while_down)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set()
+    await start_service(nursery, fixed)  # ...and comes back on the same port
+    with trio.fail_after(10):
+        await done.wait()
+    assert stored_ids(service_settings.database) == ["job-0", "job-1"]
+    pusher.close()
+
+
+async def test_service_error_fails_the_batch_at_once(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, _ = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(push_timeout=30), embedded_url(address))
+    nursery.start_soon(pusher.run)
+    job = make_job(1, pipeline="undeclared")
+    with trio.fail_after(5), pytest.raises(PushFailed, match="-32001"):
+        await pusher.push(job.id, job.to_json(), "undeclared")
+    assert stored_ids(service_settings.database) == []
+    pusher.close()
+
+
+async def test_wrong_token_is_reported_and_nothing_is_acked(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    settings = JobsServiceSettings(
+        listen="127.0.0.1:0", database=tmp_path / "j.sqlite3", token=SecretStr("right")
+    )
+    address, _ = await start_service(nursery, settings)
+    pusher = Pusher(JobsSettings(push_timeout=0.5), embedded_url(address), token="wrong")
+    nursery.start_soon(pusher.run)
+    with trio.fail_after(5), pytest.raises(PushFailed):
+        await pusher.push("job-1", make_job(1).to_json(), "smtp")
+    assert stored_ids(settings.database) == []
+    pusher.close()
+
+
+async def test_a_job_larger_than_batch_max_bytes_goes_alone(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, _ = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(batch_max_bytes=1000, batch_linger=0.05), embedded_url(address))
+    nursery.start_soon(pusher.run)
+    async with trio.open_nursery() as sessions:
+        for n, size in enumerate([10, 5000, 10, 900, 900]):
+            job = make_job(n, size=size)
+            sessions.start_soon(pusher.push, job.id, job.to_json(), "smtp")
+    assert len(stored_ids(service_settings.database)) == 5
+    pusher.close()
