@@ -56,6 +56,8 @@ __all__ = ["PushJob", "SmtpServer"]
 log = logging.getLogger("trismtp.smtp")
 
 READ_SIZE = 64 * 1024
+# Messages from this size on are parsed in a worker thread.
+PARSE_IN_THREAD = 256 * 1024
 # A refused or closing connection gets this long to take its last reply.
 LAST_WORDS_TIMEOUT = 5.0
 
@@ -245,15 +247,21 @@ class SmtpServer:
                 remote_addr=session.remote,
             ),
         )
-        job = email.to_job(self._jobs, include_raw=self._settings.include_raw)
+        encode = partial(_encode_job, email, self._jobs, self._settings.include_raw)
+        if len(event.data) >= PARSE_IN_THREAD:
+            # A big message takes milliseconds to seconds to parse and encode;
+            # other sessions must not stall meanwhile.
+            job_id, job_json = await trio.to_thread.run_sync(encode)
+        else:
+            job_id, job_json = encode()
         try:
-            await self._push(job.id, job.to_json(), self._jobs.pipeline)
+            await self._push(job_id, job_json, self._jobs.pipeline)
         except PushFailed as exc:
             log.error(
                 "session %d from %s: message %s not queued: %s",
                 session.id,
                 session.remote,
-                job.id,
+                job_id,
                 exc,
             )
             return TEMPORARY_FAILURE
@@ -261,11 +269,16 @@ class SmtpServer:
             "session %d from %s: queued as %s (%d bytes, %d recipients)",
             session.id,
             session.remote,
-            job.id,
+            job_id,
             event.size,
             len(event.recipients),
         )
-        return Reply(250, "2.0.0", f"OK: queued as {job.id}")
+        return Reply(250, "2.0.0", f"OK: queued as {job_id}")
+
+
+def _encode_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> tuple[str, str]:
+    job = email.to_job(jobs, include_raw=include_raw)
+    return job.id, job.to_json()
 
 
 def _timeout_reply(conn: ServerConnection) -> Reply:

@@ -1,0 +1,198 @@
+"""The SMTP server on real loopback sockets, pushing to the real jobs service."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from trismtp.jobs.pusher import Pusher
+from trismtp.service.server import serve_jobs
+from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, SmtpSettings, embedded_url
+from trismtp.smtp.server import SmtpServer
+
+
+class Client:
+    """A line-oriented SMTP client on a trio stream, for exact byte control."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def reply(self) -> str:
+        """Read one whole (possibly multi-line) reply; returns its last line."""
+        with trio.fail_after(10):
+            while True:
+                end = self.buffer.find(b"\r\n")
+                while end >= 0:
+                    line = bytes(self.buffer[:end]).decode()
+                    del self.buffer[: end + 2]
+                    if len(line) < 4 or line[3] != "-":
+                        return line
+                    end = self.buffer.find(b"\r\n")
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError(f"connection closed; unread: {bytes(self.buffer)!r}")
+                self.buffer += data
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def command(self, line: str) -> str:
+        await self.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def closed(self) -> bool:
+        with trio.fail_after(10):
+            return await self.stream.receive_some(1) == b""
+
+
+@dataclass
+class Harness:
+    smtp: SmtpServer
+    address: HostPort
+    database: Path
+
+    async def connect(self) -> Client:
+        client = Client(await trio.open_tcp_stream(self.address.host, self.address.port))
+        assert (await client.reply()).startswith("220 localhost")
+        return client
+
+    def stored(self) -> list[dict[str, object]]:
+        with sqlite3.connect(self.database) as db:
+            return [json.loads(row[0]) for row in db.execute("SELECT payload FROM jobs")]
+
+
+async def start(
+    nursery: trio.Nursery, tmp_path: Path, *, jobs_url: str | None = None, **smtp: object
+) -> Harness:
+    database = tmp_path / "jobs.sqlite3"
+    service = JobsServiceSettings(listen="127.0.0.1:0", database=database)
+    if jobs_url is None:
+        jobs_url = embedded_url(await nursery.start(serve_jobs, service))
+    jobs = JobsSettings(push_timeout=1)
+    pusher = Pusher(jobs, jobs_url)
+    await nursery.start(pusher.run)
+    settings = SmtpSettings.model_validate({"listen": ["127.0.0.1:0"], **smtp})
+    server = SmtpServer(settings, jobs, pusher.push)
+    bound = await nursery.start(server.serve)
+    return Harness(server, bound[0], database)
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery, tmp_path: Path) -> Harness:
+    return await start(nursery, tmp_path)
+
+
+async def test_pipelined_transaction_is_answered_in_order_and_stored(harness: Harness) -> None:
+    client = await harness.connect()
+    await client.send(
+        b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+        b"RCPT TO:<c@example.com>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
+    replies = [await client.reply() for _ in range(7)]
+    assert replies[0] == "250 SIZE 26214400"
+    assert replies[1:5] == ["250 2.1.0 OK", "250 2.1.5 OK", "250 2.1.5 OK", replies[4]]
+    assert replies[4].startswith("354 ")
+    assert replies[5].startswith("250 2.0.0 OK: queued as ")
+    assert replies[6].startswith("221 2.0.0")
+    job_id = replies[5].rsplit(" ", 1)[1]
+    [payload] = harness.stored()
+    assert payload["uuid"] == job_id
+    assert payload["envelope"] == {
+        "helo": "client.example",
+        "mail_from": "a@example.com",
+        "allRecipients": ["b@example.com", "c@example.com"],
+        "from": [],
+        "to": [],
+        "ccs": [],
+        "replyTo": [],
+    }
+    assert await client.closed()
+
+
+async def test_jobs_service_unreachable_gives_451(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        port = unused.getsockname()[1]
+        harness = await start(nursery, tmp_path, jobs_url=f"ws://127.0.0.1:{port}/rpc")
+        client = await harness.connect()
+        for line in ("EHLO x", "MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"):
+            await client.command(line)
+        assert await client.command("hello\r\n.") == "451 4.3.0 Temporary failure, try again later"
+        # The session goes on: the client may retry at once.
+        assert await client.command("NOOP") == "250 2.0.0 OK"
+
+
+async def test_max_connections(nursery: trio.Nursery, tmp_path: Path) -> None:
+    harness = await start(nursery, tmp_path, max_connections=2)
+    first, second = await harness.connect(), await harness.connect()
+    stream = await trio.open_tcp_stream(harness.address.host, harness.address.port)
+    third = Client(stream)
+    assert (await third.reply()).startswith("421 4.7.0")
+    assert await third.closed()
+    await first.command("QUIT")
+    assert await first.closed()
+    # A slot is free again once a session ended.
+    await trio.testing.wait_all_tasks_blocked()
+    assert harness.smtp.connections == 1
+    await harness.connect()
+    del second
+
+
+async def test_command_timeout(nursery: trio.Nursery, tmp_path: Path) -> None:
+    harness = await start(nursery, tmp_path, command_timeout=0.2)
+    client = await harness.connect()
+    assert (await client.reply()).startswith("421 4.4.2")
+    assert await client.closed()
+
+
+async def test_shutdown_tells_idle_sessions_and_lets_a_transaction_finish(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    harness = await start(nursery, tmp_path)
+    idle = await harness.connect()
+    await idle.command("EHLO idle")
+    busy = await harness.connect()
+    for line in ("EHLO busy", "MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"):
+        await busy.command(line)
+    await busy.send(b"Subject: half\r\n\r\nfirst half\r\n")
+    await trio.testing.wait_all_tasks_blocked()
+
+    harness.smtp.shutdown(grace=10)
+
+    assert (await idle.reply()).startswith("421 4.3.2")
+    assert await idle.closed()
+    # The session inside DATA finishes its message...
+    assert (await busy.command("second half\r\n.")).startswith("250 2.0.0 OK: queued as")
+    # ...and, now between transactions, is told 421 at once and closed.
+    assert (await busy.reply()).startswith("421 4.3.2")
+    assert await busy.closed()
+    # New connections are refused.
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream(harness.address.host, harness.address.port)
+    [payload] = harness.stored()
+    message = payload["message"]
+    assert isinstance(message, dict)
+    assert message["raw"] == "Subject: half\r\n\r\nfirst half\r\nsecond half\r\n"
+
+
+async def test_a_large_message_is_stored_whole(harness: Harness) -> None:
+    # Large enough to be parsed in a worker thread (PARSE_IN_THREAD).
+    body = b"".join(b"line %06d ..dotted\r\n" % n for n in range(20_000))
+    client = await harness.connect()
+    for line in ("EHLO x", "MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"):
+        await client.command(line)
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    await client.send(b"Subject: big\r\n\r\n" + stuffed + b".\r\n")
+    assert (await client.reply()).startswith("250 2.0.0 OK: queued as")
+    [payload] = harness.stored()
+    message = payload["message"]
+    assert isinstance(message, dict)
+    assert message["raw"] == "Subject: big\r\n\r\n" + body.decode()
+    assert payload["size"] == len(b"Subject: big\r\n\r\n" + body)
