@@ -217,7 +217,9 @@ def _run_server(run: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(run)
     except* OSError as group:
-        exc = group.exceptions[0]
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):  # nurseries nest their groups
+            exc = exc.exceptions[0]
         raise CommandError(f"cannot start: {exc}") from None
 
 

@@ -110,7 +110,13 @@ class SmtpServer:
         """Listen and serve until :meth:`shutdown` and every session ended."""
         listeners: list[trio.SocketListener] = []
         for address in self._settings.addresses():
-            listeners.extend(await trio.open_tcp_listeners(address.port, host=address.host))
+            try:
+                listeners.extend(await trio.open_tcp_listeners(address.port, host=address.host))
+            except OSError as exc:
+                for listener in listeners:
+                    await listener.aclose()
+                reason = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"SMTP cannot listen on {address}: {reason}") from exc
         bound = [_host_port(listener.socket.getsockname()) for listener in listeners]
         async with trio.open_nursery() as handlers:
             self._handler_scope = handlers.cancel_scope

@@ -1,0 +1,114 @@
+"""Command-line errors and --version through the real binary (SPEC §2)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import trismtp
+
+from .trismtp_e2e import HOST, free_port, run_cli, write_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's single stderr line; fails on a traceback or more lines."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("trismtp: "), lines[0]
+    return lines[0]
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"trismtp {trismtp.__version__}"
+    assert trismtp.__version__[0].isdigit()
+
+
+def test_missing_settings_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", "missing.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "missing.toml" in line
+    assert "does not exist" in line
+
+
+def test_empty_pipeline_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[jobs]\npipeline = ""\n', encoding="utf-8")
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "jobs.pipeline" in one_line_error(result)
+
+
+def test_unknown_key_exits_2_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text("[smtp]\nmax_conections = 5\n", encoding="utf-8")
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "max_conections" in one_line_error(result)
+
+
+def test_config_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    config = write_settings(
+        tmp_path / "settings.toml",
+        {"jobs": {"token": "s3cret-token", "pipeline": "inbound"},
+         "jobs_service": {"pipelines": ["inbound"]}},
+    )  # fmt: skip
+    result = run_cli("config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'pipeline = "inbound"' in result.stdout
+    assert "[smtp]" in result.stdout
+    assert "s3cret-token" not in result.stdout
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that this test process listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def start_on_busy_port(tmp_path: Path, busy_port: int, which: str) -> tuple[int, str]:
+    """Run the command with the SMTP or the jobs service port taken; (status, line)."""
+    smtp_port = busy_port if which == "smtp" else free_port()
+    jobs_port = busy_port if which != "smtp" else free_port()
+    config = write_settings(
+        tmp_path / "settings.toml",
+        {
+            "smtp": {"listen": [f"{HOST}:{smtp_port}"]},
+            "jobs_service": {
+                "listen": f"{HOST}:{jobs_port}",
+                "database": str(tmp_path / "jobs.sqlite3"),
+            },
+            "log": {"level": "warning"},
+        },
+    )
+    command = ["jobs", "serve"] if which == "jobs serve" else ["serve"]
+    result = run_cli(*command, "--config", str(config), cwd=tmp_path)
+    return result.returncode, one_line_error(result)
+
+
+PORT_CASES = ["smtp", "embedded jobs service", "jobs serve"]
+
+
+@pytest.mark.parametrize("which", PORT_CASES)
+def test_port_in_use_exits_1_with_one_line(tmp_path: Path, busy_port: int, which: str) -> None:
+    status, _ = start_on_busy_port(tmp_path, busy_port, which)
+    assert status == 1
+
+
+@pytest.mark.parametrize("which", PORT_CASES)
+def test_port_in_use_message_names_the_address(tmp_path: Path, busy_port: int, which: str) -> None:
+    _, line = start_on_busy_port(tmp_path, busy_port, which)
+    assert "in use" in line.lower(), line
+    assert str(busy_port) in line, line

@@ -1,0 +1,68 @@
+"""SMTP smuggling: only <CRLF>.<CRLF> ends DATA (SPEC §4).
+
+Each sequence below ends DATA in some lenient server; here each must stay
+inside the message, so the "smuggled" second transaction is just text of the
+first: one 250 for the DATA, one job, and the smuggled lines in its raw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .trismtp_e2e import Daemon, launcher, queued_id
+
+pytestmark = pytest.mark.e2e
+
+ENDINGS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r"]
+SMUGGLED = (
+    b"MAIL FROM:<evil@x>\r\n"
+    b"RCPT TO:<victim@y>\r\n"
+    b"DATA\r\n"
+    b"smuggled\r\n"
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smuggling_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for every sequence: these tests only add jobs."""
+    with launcher(tmp_path_factory.mktemp("smuggling")) as launch:
+        yield launch.daemon()
+
+
+@pytest.mark.parametrize(
+    "ending", ENDINGS, ids=[e.decode().encode("unicode_escape").decode() for e in ENDINGS]
+)
+def test_bare_cr_or_lf_dot_does_not_end_data(smuggling_daemon: Daemon, ending: bytes) -> None:
+    daemon = smuggling_daemon
+    before = {job.id for job in daemon.jobs()}
+    body = (
+        b"From: <sender@example.org>\r\n"
+        b"To: <rcpt@example.com>\r\n"
+        b"Subject: smuggling\r\n"
+        b"\r\n"
+        b"innocent text" + ending + SMUGGLED
+    )
+    with daemon.connect() as conn:
+        conn.start()
+        conn.transaction("sender@example.org", ["rcpt@example.com"])
+        conn.send(body + b"\r\n.\r\nQUIT\r\n")
+        replies = [conn.reply()]
+        while replies[-1].code != 221:
+            replies.append(conn.reply())
+        conn.wait_closed()
+
+    codes = [reply.code for reply in replies]
+    assert codes == [250, 221], f"replies after the DATA: {[str(r) for r in replies]}"
+    job_id = queued_id(replies[0])
+
+    new = [job for job in daemon.jobs() if job.id not in before]
+    assert [job.id for job in new] == [job_id], "exactly one new job, the one of the 250"
+    payload = new[0].payload
+    assert payload["envelope"]["mail_from"] == "sender@example.org"
+    assert payload["envelope"]["allRecipients"] == ["rcpt@example.com"]
+    raw = payload["message"]["raw"]
+    assert "MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nsmuggled\r\n" in raw
+    # Nothing unstuffed or normalised: the sequence is in the message as sent.
+    assert "innocent text" + ending.decode() + "MAIL FROM:<evil@x>" in raw
