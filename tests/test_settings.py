@@ -75,6 +75,9 @@ def test_settings_file_from_environment_and_working_directory(
         ('[jobs]\nurl = "ws://"\n', {}, "jobs.url"),
         ('[jobs]\nurl = "ws://h:99999/rpc"\n', {}, "jobs.url"),
         ('[jobs]\nheaders = {uuid = ["x"]}\n', {}, "jobs.headers"),
+        ('[jobs]\nheaders = {Payload_Class = ["x"]}\n', {}, "jobs.headers"),
+        ('[jobs]\ntoken = "a"\n[jobs_service]\ntoken = "b"\n', {}, "jobs.token differs"),
+        ("", {"TRISMTP_SMTP__LISTEN": "127.0.0.1:25"}, "TRISMTP_SMTP__LISTEN: not valid JSON"),
         ('[log]\nlevel = "loud"\n', {}, "log.level"),
         ("", {"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "big"}, "smtp.max_message_size"),
         ("", {"TRISMTP_SMTP__LISTN": "x"}, "TRISMTP_SMTP__LISTN: unknown setting smtp.listn"),
@@ -142,7 +145,9 @@ def run_cli(
 
 def test_config_command_masks_secrets(tmp_path: Path) -> None:
     config = write(
-        tmp_path / "s.toml", '[jobs]\ntoken = "hunter2"\n[jobs_service]\ntoken = "s3cret"\n'
+        tmp_path / "s.toml",
+        '[jobs]\nurl = "ws://127.0.0.1:1/rpc"\ntoken = "hunter2"\n'
+        '[jobs_service]\ntoken = "s3cret"\n',
     )
     result = run_cli("config", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

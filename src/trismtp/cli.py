@@ -1,8 +1,9 @@
 """The command line (SPEC §2).
 
 Exit status: 0 on success and after a graceful stop; 1 when the work could
-not be done (a port in use, the jobs service unreachable) or the daemon was
-stopped at once by a second signal; 2 for a usage or settings error. Errors a
+not be done (a port in use, a database that cannot be opened, a jobs command
+that cannot reach the jobs service) or the daemon was stopped at once by a
+second signal; 2 for a usage or settings error. Errors a
 user can cause are one line on stderr, never a traceback.
 """
 
@@ -214,13 +215,21 @@ _T = TypeVar("_T")
 
 
 def _run_server(run: Callable[[], Awaitable[None]]) -> None:
+    from trismtp.service.store import StorageUnavailable
+
     try:
         trio.run(run)
     except* OSError as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup):  # nurseries nest their groups
-            exc = exc.exceptions[0]
-        raise CommandError(f"cannot start: {exc}") from None
+        raise CommandError(f"cannot start: {_first(group)}") from None
+    except* StorageUnavailable as group:
+        raise CommandError(f"cannot open the jobs database: {_first(group)}") from None
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):  # nurseries nest their groups
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _rpc(args: argparse.Namespace, settings: Settings, method: str, params: dict[str, Any]) -> Any:

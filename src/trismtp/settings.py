@@ -16,6 +16,7 @@ key, so the command line can print one line and exit 2.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -33,7 +34,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "TRISMTP_"
 ENV_CONFIG = "TRISMTP_CONFIG"
@@ -157,7 +163,7 @@ class JobsSettings(_Section):
     @field_validator("headers")
     @classmethod
     def _check_headers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        reserved = {"uuid", "payload_class"} & set(value)
+        reserved = {"uuid", "payload_class"} & {name.lower() for name in value}
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by trismtp and cannot be overridden")
         return value
@@ -225,11 +231,19 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
-    def _embedded_pipeline_is_declared(self) -> Settings:
-        if self.jobs.url == "embedded" and self.jobs.pipeline not in self.jobs_service.pipelines:
+    def _embedded_service_fits(self) -> Settings:
+        if self.jobs.url != "embedded":
+            return self
+        if self.jobs.pipeline not in self.jobs_service.pipelines:
             raise ValueError(
                 f"jobs.pipeline {self.jobs.pipeline!r} is not one of jobs_service.pipelines "
                 f"{self.jobs_service.pipelines} (required when jobs.url is embedded)"
+            )
+        token = self.jobs.token.get_secret_value()
+        if token and token != self.jobs_service.token.get_secret_value():
+            raise ValueError(
+                "jobs.token differs from jobs_service.token: with jobs.url embedded, "
+                "leave jobs.token empty (the service's own token is used)"
             )
         return self
 
@@ -296,6 +310,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, file)) from None
+    except SettingsError:
+        # pydantic-settings could not decode a list or table variable.
+        raise ConfigError(_undecodable_environment(os.environ)) from None
 
 
 def _reject_unknown_environment(environ: Mapping[str, str]) -> None:
@@ -315,6 +332,27 @@ def _reject_unknown_environment(environ: Mapping[str, str]) -> None:
             continue  # a whole section as JSON; validated like the file
         if key.partition("__")[0] not in model.model_fields:
             raise ConfigError(f"{name}: unknown setting {section}.{key}")
+
+
+def _undecodable_environment(environ: Mapping[str, str]) -> str:
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
+            section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+            field = Settings.model_fields.get(section)
+            model = field.annotation if field is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                continue
+            annotation = model.model_fields[key].annotation if key in model.model_fields else None
+            wants_json = not key or getattr(annotation, "__origin__", None) in (list, dict)
+            if wants_json:
+                try:
+                    json.loads(value)
+                except ValueError:
+                    return (
+                        f"{name}: not valid JSON (lists and tables are written as JSON, "
+                        """e.g. '["a", "b"]' or '{"name": ["value"]}')"""
+                    )
+    return "an environment variable TRISMTP_… could not be decoded"
 
 
 def _describe(exc: ValidationError, file: Path | None) -> str:

@@ -60,13 +60,14 @@ def test_config_prints_effective_settings_with_secrets_masked(tmp_path: Path) ->
     config = write_settings(
         tmp_path / "settings.toml",
         {"jobs": {"token": "s3cret-token", "pipeline": "inbound"},
-         "jobs_service": {"pipelines": ["inbound"]}},
+         "jobs_service": {"pipelines": ["inbound"], "token": "s3cret-token"}},
     )  # fmt: skip
     result = run_cli("config", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'pipeline = "inbound"' in result.stdout
     assert "[smtp]" in result.stdout
     assert "s3cret-token" not in result.stdout
+    assert result.stdout.count('token = "***"') == 2
 
 
 @pytest.fixture
@@ -112,3 +113,25 @@ def test_port_in_use_message_names_the_address(tmp_path: Path, busy_port: int, w
     _, line = start_on_busy_port(tmp_path, busy_port, which)
     assert "in use" in line.lower(), line
     assert str(busy_port) in line, line
+
+
+@pytest.mark.parametrize("command", [["serve"], ["jobs", "serve"]])
+def test_database_that_cannot_be_opened_exits_1_with_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    config = tmp_path / "s.toml"
+    config.write_text(
+        f'[smtp]\nlisten = ["{HOST}:{free_port()}"]\n'
+        f'[jobs_service]\nlisten = "{HOST}:{free_port()}"\ndatabase = "a-file/jobs.sqlite3"\n',
+        encoding="utf-8",
+    )
+    result = run_cli(*command, "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot open the jobs database" in one_line_error(result)
+
+
+def test_environment_list_that_is_not_json_exits_2(tmp_path: Path) -> None:
+    result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__LISTEN": "127.0.0.1:25"})
+    assert result.returncode == 2
+    assert "TRISMTP_SMTP__LISTEN: not valid JSON" in one_line_error(result)

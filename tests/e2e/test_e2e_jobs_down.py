@@ -83,5 +83,5 @@ def test_jobs_service_down_gives_451_and_recovery_gives_250(launch: Launcher) ->
     stored = Counter(job.id for job in stored_jobs(service.database))
     assert {job_id: stored[job_id] for job_id in accepted} == dict.fromkeys(accepted, 1)
     # A 451 may at worst leave one job behind (acked after the client gave up,
-    # docs/guarantees.md); nothing else may appear.
+    # docs/architecture.md); nothing else may appear.
     assert len(stored) - len(accepted) <= refusals, stored

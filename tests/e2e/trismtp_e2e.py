@@ -138,13 +138,17 @@ def wait_until(
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = CLI_TIMEOUT, check: bool = False
+    *args: str,
+    cwd: Path,
+    timeout: float = CLI_TIMEOUT,
+    check: bool = False,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``trismtp ARGS`` to completion (killed after *timeout* s)."""
     result = subprocess.run(
         [*trismtp_argv(), *args],
         cwd=cwd,
-        env=clean_env(),
+        env={**clean_env(), **(env_extra or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ same ids, as long as some session in it is still waiting. That is safe
 because the jobs service stores an id at most once. Slots whose session has
 already given up are left out of the next attempt: their client was told
 ``451`` and will retry, and leaving them out narrows the window in which that
-retry becomes a second job (see docs/guarantees.md).
+retry becomes a second job (see docs/architecture.md, "Delivery guarantee").
 
 Shutdown: the daemon closes the send side only after every session has
 ended, so :meth:`run` drains everything that was queued, delivers it, and
@@ -70,6 +70,7 @@ class PushFailed(Exception):
 class _Pending:
     job_id: str
     encoded: str
+    size: int
     pipeline: str
     deadline: float
     done: trio.Event = field(default_factory=trio.Event)
@@ -115,7 +116,9 @@ class Pusher:
         wait for room in the channel, is bounded by ``jobs.push_timeout``.
         """
         timeout = self._settings.push_timeout
-        pending = _Pending(job_id, encoded, pipeline, trio.current_time() + timeout)
+        # batch_max_bytes counts bytes on the wire, not characters.
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
+        pending = _Pending(job_id, encoded, size, pipeline, trio.current_time() + timeout)
         try:
             with trio.move_on_after(timeout):
                 await self._send.send(pending)
@@ -168,7 +171,7 @@ class Pusher:
                 except trio.EndOfChannel:
                     return
             batch = [first]
-            size = len(first.encoded)
+            size = first.size
             ended = False
             with trio.move_on_after(settings.batch_linger):
                 while len(batch) < settings.batch_max_jobs:
@@ -183,11 +186,11 @@ class Pusher:
                     except trio.EndOfChannel:
                         ended = True
                         break
-                    if size + len(item.encoded) > settings.batch_max_bytes:
+                    if size + item.size > settings.batch_max_bytes:
                         self._carry = item
                         break
                     batch.append(item)
-                    size += len(item.encoded)
+                    size += item.size
             yield batch
             if ended and self._carry is None:
                 return

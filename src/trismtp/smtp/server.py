@@ -22,7 +22,8 @@ Graceful shutdown (:meth:`SmtpServer.shutdown`), after hypercorn: the
 listeners close, the handler nursery gets a deadline of ``shutdown.grace``,
 and sessions that are between transactions are told ``421 4.3.2`` at once
 (their pending read is interrupted). A session inside a transaction carries
-on until its message is answered; its next command gets ``421 4.3.2``.
+on until its message is answered, and is then told ``421 4.3.2`` at once
+without waiting for another command.
 Sessions still open when the grace period ends are cancelled.
 """
 
