@@ -22,6 +22,7 @@ that were waiting for an ack get no answer, so their clients retry.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class Daemon:
         self._scope = trio.CancelScope()
         self._smtp: SmtpServer | None = None
         self._stopping = False
+        self._grace_end = math.inf
 
     async def run(
         self,
@@ -85,8 +87,11 @@ class Daemon:
                                 self._smtp.shutdown(settings.shutdown.grace)
                             task_status.started(Listening(bound, service_address))
                     finally:
-                        # Every session has ended: nothing more will be queued.
+                        # Every session has ended: nothing more will be queued,
+                        # and no session waits for what is left, so a batch
+                        # still in flight may take no longer than the grace.
                         pusher.close()
+                        pusher_nursery.cancel_scope.deadline = self._grace_end
                 log.info("pusher flushed; stopping")
                 service_nursery.cancel_scope.cancel()
         log.info("stopped" if not self.killed else "stopped at once")
@@ -97,6 +102,7 @@ class Daemon:
             return
         self._stopping = True
         grace = self.settings.shutdown.grace
+        self._grace_end = trio.current_time() + grace
         log.info("shutting down (grace %g s); a second signal stops at once", grace)
         if self._smtp is not None:
             self._smtp.shutdown(grace)
