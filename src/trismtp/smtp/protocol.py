@@ -187,9 +187,6 @@ _NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 _KNOWN_UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT"})
 _PATH_RE = re.compile(r"\s*<([^<>]*)>(.*)\Z|\s*([^\s<>]+)(.*)\Z", re.DOTALL)
 _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
-# In DATA: a run of 1000 non-LF octets is a text line over 1000 octets with
-# its CRLF (998 characters, CR, LF).
-_LONG_LINE_RE = re.compile(rb"[^\n]{%d}" % (MAX_TEXT_LINE,))
 _TERMINATOR = b"\r\n.\r\n"
 
 
@@ -481,8 +478,7 @@ class ServerConnection:
         end = body.find(_TERMINATOR, max(self._scanned - 4, 0))
         limit = len(body) if end < 0 else end + 2
         if self._body_error is None:
-            long_line = _LONG_LINE_RE.search(body, self._line_start, limit)
-            if long_line is not None:
+            if _has_long_line(body, self._line_start, limit):
                 self._body_error = _LINE_TOO_LONG
             elif end < 0 and self._body_size > self.config.max_message_size + len(_TERMINATOR):
                 # Only while the terminator is missing: once it is found,
@@ -566,3 +562,20 @@ def _parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]
             return Reply(501, "5.5.4", f"Bad parameter {item!r}")
         params[name.upper()] = value if eq else None
     return address, params
+
+
+def _has_long_line(buf: bytearray, start: int, end: int) -> bool:
+    """Is there a text line of over 1000 octets (CRLF included) in ``buf[start:end]``?
+
+    ``start`` is the start of a line. A line is too long when 1000 octets in
+    a row hold no LF (998 characters, CR, LF is the most RFC 5321 allows).
+    Rather than walk line by line, look at 1000 octets at a time and jump
+    past the last LF among them: a few C-level scans per 100 KB.
+    """
+    pos = start
+    while end - pos >= MAX_TEXT_LINE:
+        lf = buf.rfind(b"\n", pos, pos + MAX_TEXT_LINE)
+        if lf < 0:
+            return True
+        pos = lf + 1
+    return False
