@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest install lock clean
+.PHONY: run test lint typecheck pytest install lock clean bench
 
 run: $(STAMP)  ## install if needed, then run the daemon with the embedded jobs service
 	$(BIN)/trismtp serve
@@ -14,8 +14,8 @@ run: $(STAMP)  ## install if needed, then run the daemon with the embedded jobs 
 test: lint typecheck pytest  ## the whole suite: ruff, ruff format, mypy --strict, pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict
@@ -24,6 +24,19 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 install: $(STAMP)
+
+# The benchmark (bench/README.md): trismtp vs aiosmtpd and Postfix's smtp-sink.
+# Scale down with e.g. `BENCH_MESSAGES=2000 BENCH_IDLE=2000 make bench`;
+# more options: `make bench BENCH_ARGS=--help`.
+bench: $(STAMP)  ## throughput, latency and idle-connection benchmark into bench/results/
+	@for tool in smtp-source smtp-sink; do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || { \
+			echo "make bench: Postfix's $$tool not found (/usr/sbin/$$tool)." >&2; \
+			echo "  Install it with: apt-get install postfix (see .ci/run for an install" >&2; \
+			echo "  that does not start a mail server)." >&2; exit 1; }; \
+	done
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,1 @@
+"""The trismtp benchmark harness: ``make bench`` (see bench/README.md)."""

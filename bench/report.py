@@ -1,0 +1,346 @@
+"""Turn the raw results (results.json) into results.md, the plots and a console table.
+
+``python -m bench.report bench/results/results.json`` re-renders from a saved run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Figure", "Target", "evaluate_targets", "render_markdown", "write_plots", "write_report"]
+
+SERVERS = ("trismtp", "aiosmtpd", "smtp-sink")
+FULL_MESSAGES = 20000
+FULL_IDLE = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """The median rate of one server under one load, and whether every run was valid."""
+
+    rate: float
+    valid: bool
+    runs: int
+    peak_rss_kib: int | None
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target of the issue, and how the run fared against it."""
+
+    what: str
+    value: float | None
+    limit: float
+    higher_is_better: bool
+    unit: str
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None or math.isnan(self.value):
+            return "n/a"
+        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return "PASS" if ok else "FAIL"
+
+    def row(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
+        op = "≥" if self.higher_is_better else "≤"
+        return f"| {self.what} | {value} | {op} {self.limit:g}{self.unit} | **{self.verdict}** |"
+
+
+def figures(throughput: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Figure]:
+    """Median rate per (server, load); invalid if any of its runs was."""
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for run in throughput:
+        grouped.setdefault((run["server"], run["load"]), []).append(run)
+    result = {}
+    for key, runs in grouped.items():
+        rss = [r["peak_rss_kib"] for r in runs if r.get("peak_rss_kib")]
+        result[key] = Figure(
+            rate=statistics.median(r["rate"] for r in runs),
+            valid=all(r["valid"] for r in runs),
+            runs=len(runs),
+            peak_rss_kib=max(rss) if rss else None,
+            problems=tuple(p for r in runs for p in r["problems"]),
+        )
+    return result
+
+
+def ratio(figs: Mapping[tuple[str, str], Figure], load: str, other: str) -> float | None:
+    """trismtp's rate over *other*'s under *load*; None unless both are valid."""
+    mine, theirs = figs.get(("trismtp", load)), figs.get((other, load))
+    if mine is None or theirs is None or not (mine.valid and theirs.valid) or theirs.rate <= 0:
+        return None
+    return mine.rate / theirs.rate
+
+
+def evaluate_targets(results: Mapping[str, Any]) -> list[Target]:
+    """The issue's targets, with this run's values."""
+    figs = figures(results["throughput"])
+    targets = []
+    for load, size in (("2k", "2 KB"), ("100k", "100 KB")):
+        targets += [
+            Target(f"trismtp/aiosmtpd, kept conn., {size}", ratio(figs, f"kept-{load}", "aiosmtpd"),
+                   3, True, "×"),
+            Target(f"trismtp/aiosmtpd, new conn. each, {size}",
+                   ratio(figs, f"new-{load}", "aiosmtpd"), 2, True, "×"),
+            Target(f"trismtp/smtp-sink, kept conn., {size}",
+                   ratio(figs, f"kept-{load}", "smtp-sink"), 0.2, True, "×"),
+        ]  # fmt: skip
+    latency = results.get("latency") or {}
+    p99 = (latency.get("result") or {}).get("dot_to_reply_ms", {}).get("p99")
+    valid_latency = latency.get("valid", False)
+    targets.append(
+        Target("p99 final dot → 250 at half the peak rate", p99 if valid_latency else None, 50,
+               False, " ms")
+    )  # fmt: skip
+    idle = results.get("idle") or {}
+    per_conn = idle.get("rss_per_connection_kib") if idle.get("valid") else None
+    targets.append(Target("RSS per idle connection", per_conn, 40, False, " KiB"))
+    return targets
+
+
+def _rate_cell(fig: Figure | None) -> str:
+    if fig is None:
+        return "—"
+    return f"{fig.rate:,.0f}" + ("" if fig.valid else " (INVALID)")
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _mib(kib: int | None) -> str:
+    return "—" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def throughput_table(results: Mapping[str, Any]) -> list[str]:
+    """The markdown table of msg/s per load and server, with ratios and trismtp's RSS."""
+    figs = figures(results["throughput"])
+    lines = [
+        "| load | trismtp msg/s | aiosmtpd msg/s | smtp-sink msg/s | trismtp/aiosmtpd "
+        "| trismtp/smtp-sink | trismtp peak RSS | trismtp jobs = sent |",
+        "|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for load in results["loads"]:
+        key = load["key"]
+        mine = figs.get(("trismtp", key))
+        jobs = "—" if mine is None else ("yes" if mine.valid else "**no / run failed**")
+        lines.append(
+            f"| {load['label']} | {_rate_cell(mine)} | {_rate_cell(figs.get(('aiosmtpd', key)))}"
+            f" | {_rate_cell(figs.get(('smtp-sink', key)))}"
+            f" | {_ratio_cell(ratio(figs, key, 'aiosmtpd'))}"
+            f" | {_ratio_cell(ratio(figs, key, 'smtp-sink'))}"
+            f" | {_mib(mine.peak_rss_kib if mine else None)} | {jobs} |"
+        )
+    return lines
+
+
+def _problems(results: Mapping[str, Any]) -> list[str]:
+    figs = figures(results["throughput"])
+    lines = []
+    for (server, load), fig in sorted(figs.items()):
+        lines += [f"- {server} / {load}: {p}" for p in dict.fromkeys(fig.problems)]
+    for phase in ("latency", "idle"):
+        lines += [f"- {phase}: {p}" for p in (results.get(phase) or {}).get("problems", [])]
+    return lines
+
+
+def _latency_section(latency: Mapping[str, Any] | None) -> list[str]:
+    if not latency:
+        return ["Not run."]
+    res = latency.get("result")
+    if not res:
+        return [f"Not measured: {'; '.join(latency.get('problems', []))}"]
+    d, q = res["dot_to_reply_ms"], res["due_to_reply_ms"]
+    valid = "" if latency.get("valid") else " **(INVALID: see problems)**"
+    return [
+        f"Open-loop load at **{res['rate']:.0f} msg/s** (half of trismtp's peak "
+        f"{latency.get('peak_rate', math.nan):.0f} msg/s, `{latency.get('peak_from', '?')}`), "
+        f"{res['connections']} connections, {res['body_size']} B bodies, {res['count']} "
+        f"messages; {res['ok']} got 250, achieved {res['achieved_rate']:.0f} msg/s, "
+        f"{res['late']} started >5 ms late; stored jobs {latency.get('jobs_stored')}.{valid}",
+        "",
+        "| | p50 | p90 | p99 | p99.9 | max |",
+        "|---|--:|--:|--:|--:|--:|",
+        f"| final dot → 250 (ms) | {d['p50']} | {d['p90']} | {d['p99']} | {d['p99.9']} "
+        f"| {d['max']} |",
+        f"| due → 250, queueing included (ms) | {q['p50']} | {q['p90']} | {q['p99']} "
+        f"| {q['p99.9']} | {q['max']} |",
+        f"\nPeak RSS of trismtp in this run: {_mib(latency.get('peak_rss_kib'))}.",
+    ]
+
+
+def _idle_section(idle: Mapping[str, Any] | None) -> list[str]:
+    if not idle:
+        return ["Not run."]
+    if idle.get("rss_per_connection_kib") is None:
+        return [f"Not measured: {'; '.join(idle.get('problems', []))}"]
+    valid = "" if idle.get("valid") else " **(INVALID: see problems)**"
+    load_rate = idle.get("load_rate")
+    base = idle.get("baseline_rate")
+    vs = f" ({load_rate / base:.2f}× the kept-2k figure without them)" if load_rate and base else ""
+    return [
+        f"{idle['opened']} of {idle['connections']} idle connections opened "
+        f"(in {idle.get('open_seconds', math.nan):.1f} s), {idle.get('still_open')} still "
+        f"open at the end.{valid}",
+        "",
+        f"- RSS before: {_mib(idle['rss_before_kib'])}; with the idle connections: "
+        f"{_mib(idle['rss_idle_kib'])}; peak: {_mib(idle.get('peak_rss_kib'))}",
+        f"- **RSS per idle connection: {idle['rss_per_connection_kib']:.1f} KiB**",
+        f"- smtp-source (kept conn., 2 KB, {idle.get('load_messages')} messages) while they "
+        f"were open: **{load_rate or 0:,.0f} msg/s**{vs}; stored jobs "
+        f"{idle.get('jobs_stored')} of {idle.get('jobs_expected')} expected",
+    ]
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The whole results.md."""
+    meta = results["meta"]
+    scaled = meta["messages"] < FULL_MESSAGES or meta.get("idle_connections", 0) < FULL_IDLE
+    lines = ["# trismtp benchmark results", ""]
+    if scaled:
+        lines += [
+            f"> **Scaled-down run** ({meta['messages']} messages a load, "
+            f"{meta.get('idle_connections', 0)} idle connections): a smoke test of the "
+            "harness, not the benchmark's figures.",
+            "",
+        ]
+    lines += [
+        f"{meta['started']} · {meta['cpus']} CPUs · load average before "
+        f"{meta['loadavg_before']}, after {meta.get('loadavg_after', '?')} · "
+        f"{meta['messages']} messages a load · {meta['repeat']} run(s) each, median · "
+        f"trismtp {meta['trismtp_version']}, aiosmtpd {meta['aiosmtpd_version']}, "
+        f"Python {meta['python']}, kernel {meta['kernel']}",
+        "",
+        "## Throughput (messages per second, wall clock of smtp-source)",
+        "",
+        *throughput_table(results),
+        "",
+        "## Final dot → 250 at half the peak rate (trismtp)",
+        "",
+        *_latency_section(results.get("latency")),
+        "",
+        "## Idle connections (trismtp)",
+        "",
+        *_idle_section(results.get("idle")),
+        "",
+        "## Targets",
+        "",
+        "| target | this run | limit | verdict |",
+        "|---|--:|--:|---|",
+        *(t.row() for t in evaluate_targets(results)),
+        "",
+    ]
+    problems = _problems(results)
+    if problems:
+        lines += ["## Problems (figures marked INVALID)", "", *problems, ""]
+    return "\n".join(lines)
+
+
+def _read_raw(path: Path) -> list[float]:
+    """dot → reply in ms for each 250 in a latency-samples.raw file."""
+    values = []
+    for line in path.read_text(encoding="ascii").splitlines():
+        if line.startswith("#"):
+            continue
+        fields = line.split()
+        if fields[5] == "250":
+            values.append(float(fields[4]) - float(fields[3]))
+    return values
+
+
+def write_plots(results: Mapping[str, Any], outdir: Path) -> list[Path]:
+    """throughput.png (grouped bars, log scale) and latency.png (if samples exist)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    figs = figures(results["throughput"])
+    loads = results["loads"]
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    width = 0.27
+    colors = {"trismtp": "#1f77b4", "aiosmtpd": "#ff7f0e", "smtp-sink": "#2ca02c"}
+    for i, server in enumerate(SERVERS):
+        xs, heights, hatches = [], [], []
+        for j, load in enumerate(loads):
+            f = figs.get((server, load["key"]))
+            if f is not None:
+                xs.append(j + (i - 1) * width)
+                heights.append(max(f.rate, 1e-3))
+                hatches.append("" if f.valid else "//")
+        bars = ax.bar(xs, heights, width, label=server, color=colors[server])
+        for bar, hatch, height in zip(bars, hatches, heights, strict=True):
+            bar.set_hatch(hatch)
+            ax.annotate(f"{height:,.0f}", (bar.get_x() + width / 2, height), ha="center",
+                        va="bottom", fontsize=7)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(loads)), [ld["label"].replace(", ", "\n") for ld in loads], fontsize=8)
+    ax.set_ylabel("messages per second (log)")
+    title = f"SMTP throughput, smtp-source, {results['meta']['messages']} messages a load"
+    ax.set_title(title + " (hatched: invalid)")
+    ax.legend()
+    fig.tight_layout()
+    written = [outdir / "throughput.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+
+    raw = outdir / "latency-samples.raw"
+    if raw.exists() and (values := _read_raw(raw)):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ordered = sorted(values)
+        ax.plot(ordered, [(k + 1) / len(ordered) for k in range(len(ordered))])
+        ax.axvline(50, color="red", linestyle="--", label="target: p99 ≤ 50 ms")
+        for q, style in ((50, ":"), (99, "-.")):
+            at = ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+            ax.axvline(at, color="gray", linestyle=style, label=f"p{q} = {at:.1f} ms")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("final dot → 250 (ms, log)")
+        ax.set_ylabel("fraction of messages")
+        rate = (results.get("latency") or {}).get("result", {}).get("rate", math.nan)
+        ax.set_title(f"trismtp, open loop at {rate:.0f} msg/s (half the peak)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(outdir / "latency.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_report(results: Mapping[str, Any], outdir: Path) -> str:
+    """Write results.json, results.md and the plots; return the markdown."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    text = render_markdown(results)
+    (outdir / "results.md").write_text(text, encoding="utf-8")
+    try:
+        write_plots(results, outdir)
+    except ImportError as exc:  # the table matters more than the picture
+        print(f"bench: no plot ({exc}); pip install -r bench/requirements.txt", file=sys.stderr)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render results.md and the plots from a results.json."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else Path(__file__).parent / "results" / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    print(write_report(results, path.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

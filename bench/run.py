@@ -1,0 +1,495 @@
+"""``make bench``: trismtp against aiosmtpd (null handler) and Postfix's smtp-sink.
+
+Runs, in order (see bench/README.md for the method and caveats):
+
+1. throughput: every load of :func:`bench.loads.standard_loads` against every
+   server, each run on a freshly started server (trismtp: a fresh database,
+   whose job count must equal the messages sent);
+2. latency: trismtp at half its peak rate, open loop (:mod:`bench.latency`);
+3. idle: N idle connections to trismtp (:mod:`bench.idle`), RSS per
+   connection, and the throughput of a load alongside them.
+
+Results go to bench/results/: results.json (raw), results.md, throughput.png,
+latency.png, latency-samples.raw. Scale down with ``BENCH_MESSAGES=2000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.loads import Load, run_smtp_source, standard_loads
+from bench.procs import Children, find_tool, raise_nofile, read_line
+from bench.report import write_report
+from bench.servers import REPO, RunningServer, count_jobs, start_server
+
+__all__ = ["Options", "main"]
+
+RESULTS = REPO / "bench" / "results"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run; from the command line, with BENCH_* environment defaults."""
+
+    messages: int
+    sessions: int
+    concurrent: int
+    repeat: int
+    servers: tuple[str, ...]
+    loads: tuple[str, ...]
+    latency_seconds: float
+    latency_connections: int
+    latency_rate: float | None
+    idle: int
+    load_timeout: float
+    results: Path
+    workdir: Path | None
+    keep_work: bool
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    """The command line; every BENCH_* variable is only a default."""
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=_env_int("BENCH_MESSAGES", 20000),
+        help="messages per load (env BENCH_MESSAGES; default 20000)",
+    )
+    p.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
+    p.add_argument(
+        "--concurrent",
+        type=int,
+        default=_env_int("BENCH_CONCURRENT", 1000),
+        help="sessions of the many-connections load (default 1000)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=_env_int("BENCH_REPEAT", 1),
+        help="runs per server and load; the median is reported (default 1)",
+    )
+    p.add_argument("--servers", default="trismtp,aiosmtpd,smtp-sink", help="comma-separated")
+    p.add_argument(
+        "--loads",
+        default="kept-2k,new-2k,kept-100k,new-100k,conc-2k",
+        help="comma-separated (default: all five)",
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=float(_env_int("BENCH_LATENCY_SECONDS", 20)),
+        help="length of the open-loop run; 0 skips it (default 20)",
+    )
+    p.add_argument("--latency-connections", type=int, default=20, help="(default 20)")
+    p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=None,
+        help="msg/s of the open-loop run (default: half trismtp's kept-2k rate)",
+    )
+    p.add_argument(
+        "--idle",
+        type=int,
+        default=_env_int("BENCH_IDLE", 10000),
+        help="idle connections; 0 skips that phase (env BENCH_IDLE; default 10000)",
+    )
+    p.add_argument(
+        "--load-timeout",
+        type=float,
+        default=900.0,
+        help="seconds one smtp-source run may take before it is stopped",
+    )
+    p.add_argument("--results", type=Path, default=RESULTS, help="(default bench/results)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the servers' databases go (default: a temp dir)",
+    )
+    p.add_argument("--keep-work", action="store_true", help="keep logs and databases")
+    a = p.parse_args(argv)
+    if a.messages <= 0 or a.repeat <= 0 or a.sessions <= 0 or a.concurrent <= 0:
+        p.error("--messages, --repeat, --sessions and --concurrent must be positive")
+    return Options(
+        messages=a.messages,
+        sessions=a.sessions,
+        concurrent=a.concurrent,
+        repeat=a.repeat,
+        servers=tuple(s for s in a.servers.split(",") if s),
+        loads=tuple(s for s in a.loads.split(",") if s),
+        latency_seconds=a.latency_seconds,
+        latency_connections=a.latency_connections,
+        latency_rate=a.latency_rate,
+        idle=a.idle,
+        load_timeout=a.load_timeout,
+        results=a.results,
+        workdir=a.workdir,
+        keep_work=a.keep_work,
+    )
+
+
+@dataclass
+class Context:
+    """Shared by the phases: options, tools, the process registry, a work directory."""
+
+    options: Options
+    smtp_source: str
+    smtp_sink: str
+    children: Children
+    workroot: Path
+    runs: int = 0
+    last_cpu_seconds: float | None = None
+    """CPU time of the server that :meth:`finish` stopped last."""
+
+    def rundir(self, name: str) -> Path:
+        """A fresh directory for one server run."""
+        self.runs += 1
+        path = self.workroot / f"{self.runs:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    def start(self, name: str, rundir: Path, max_connections: int = 1000) -> RunningServer:
+        return start_server(
+            name, self.children, rundir, smtp_sink=self.smtp_sink, max_connections=max_connections
+        )
+
+    def finish(self, server: RunningServer, rundir: Path) -> tuple[int | None, int | None]:
+        """Peak RSS (read before the stop), stop by PID, count jobs; then free the disk."""
+        peak = server.peak_rss_kib()
+        self.last_cpu_seconds = server.cpu_seconds()
+        code = self.children.stop(server.child)
+        jobs = count_jobs(server.database) if server.database else None
+        log = server.child.log_tail(5)
+        if server.name == "trismtp" and (code != 0 or log):
+            print(f"  note: trismtp exited {code}; its log ends:\n{log}", file=sys.stderr)
+        if not self.options.keep_work:
+            shutil.rmtree(rundir, ignore_errors=True)
+        return peak, jobs
+
+
+@dataclass
+class ThroughputRun:
+    """One smtp-source run against one freshly started server."""
+
+    server: str
+    load: str
+    repeat: int
+    messages: int
+    seconds: float
+    rate: float
+    valid: bool
+    problems: list[str] = field(default_factory=list)
+    peak_rss_kib: int | None = None
+    jobs_stored: int | None = None
+    server_cpu_seconds: float | None = None
+    """CPU time of the server process from its first greeting to its stop."""
+
+
+def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> ThroughputRun:
+    """Start *server_name*, run *load*, stop it; check trismtp's job count."""
+    rundir = ctx.rundir(f"{server_name}-{load.key}")
+    messages = ctx.options.messages
+    try:
+        server = ctx.start(server_name, rundir, max(1000, load.sessions + 100))
+    except RuntimeError as exc:
+        return ThroughputRun(server_name, load.key, repeat, messages, 0.0, 0.0, False, [str(exc)])
+    try:
+        run = run_smtp_source(
+            ctx.children, ctx.smtp_source, load, server.port, messages,
+            workdir=rundir, name=f"source-{rundir.name}", timeout=ctx.options.load_timeout,
+        )  # fmt: skip
+    finally:
+        peak, jobs = ctx.finish(server, rundir)
+    problems = [p for p in [run.problem()] if p]
+    if server_name == "trismtp" and jobs != messages:
+        problems.append(f"stored jobs {jobs} != messages sent {messages}")
+    if server_name != "trismtp":
+        peak = None
+    cpu = ctx.last_cpu_seconds
+    return ThroughputRun(
+        server_name, load.key, repeat, messages, round(run.seconds, 3), round(run.rate, 1),
+        not problems, problems, peak, jobs, round(cpu, 2) if cpu is not None else None,
+    )  # fmt: skip
+
+
+def throughput_phase(ctx: Context, loads: list[Load]) -> list[ThroughputRun]:
+    """Every load × repeat × server; servers interleave so drift hits them alike."""
+    runs = []
+    for load in loads:
+        for repeat in range(1, ctx.options.repeat + 1):
+            for server in ctx.options.servers:
+                run = throughput_run(ctx, server, load, repeat)
+                runs.append(run)
+                mark = "ok" if run.valid else "INVALID: " + "; ".join(run.problems)
+                extra = f", peak RSS {run.peak_rss_kib / 1024:.0f} MiB" if run.peak_rss_kib else ""
+                if run.server_cpu_seconds is not None:
+                    extra += f", server CPU {run.server_cpu_seconds:.1f} s"
+                print(
+                    f"  {server:9} {load.key:9} #{repeat}: {run.messages} msgs in "
+                    f"{run.seconds:.2f} s = {run.rate:,.0f} msg/s{extra} [{mark}]",
+                    flush=True,
+                )
+    return runs
+
+
+def peak_rate(runs: list[ThroughputRun]) -> tuple[float, str] | None:
+    """trismtp's reference peak: its median kept-2k rate, else its best valid 2 KB rate."""
+    kept = [r.rate for r in runs if r.server == "trismtp" and r.load == "kept-2k" and r.valid]
+    if kept:
+        return statistics.median(kept), "kept-2k"
+    other = [r for r in runs if r.server == "trismtp" and r.load.endswith("-2k") and r.valid]
+    if other:
+        best = max(other, key=lambda r: r.rate)
+        return best.rate, best.load
+    return None
+
+
+def latency_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
+    """trismtp at half its peak rate, open loop: the final dot → 250 distribution."""
+    opts = ctx.options
+    peak = peak_rate(runs)
+    if opts.latency_rate:
+        rate, peak_value, peak_from = opts.latency_rate, 2 * opts.latency_rate, "--latency-rate"
+    elif peak is None:
+        return {"valid": False, "problems": ["no valid trismtp 2 KB throughput to halve"]}
+    else:
+        peak_value, peak_from = peak
+        rate = peak_value / 2
+    count = max(100, round(rate * opts.latency_seconds))
+    rundir = ctx.rundir("trismtp-latency")
+    out = rundir / "latency.json"
+    raw = opts.results / "latency-samples.raw"
+    raw.unlink(missing_ok=True)
+    server = ctx.start("trismtp", rundir)
+    problems: list[str] = []
+    result: dict[str, Any] | None = None
+    try:
+        child = ctx.children.spawn(
+            "latency",
+            [sys.executable, "-m", "bench.latency", "--port", str(server.port),
+             "--rate", f"{rate:.3f}", "--count", str(count),
+             "--connections", str(opts.latency_connections), "--size", "2048",
+             "--out", str(out), "--raw", str(raw)],
+            cwd=REPO,
+        )  # fmt: skip
+        try:
+            code: int | None = child.popen.wait(count / rate + 120)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            problems.append("latency generator timed out")
+        elif out.exists():
+            result = json.loads(out.read_text(encoding="utf-8"))
+        else:
+            problems.append(f"latency generator exit {code}: {child.log_tail(3)}")
+    finally:
+        peak_rss, jobs = ctx.finish(server, rundir)
+    if result is not None:
+        if result["ok"] != count:
+            problems.append(f"{result['ok']} of {count} messages got 250 ({result['codes']})")
+        if result["errors"]:
+            problems.append(f"client errors: {result['errors']}")
+        if jobs != result["ok"]:
+            problems.append(f"stored jobs {jobs} != 250s received {result['ok']}")
+    return {
+        "valid": result is not None and not problems,
+        "problems": problems,
+        "peak_rate": peak_value,
+        "peak_from": peak_from,
+        "result": result,
+        "jobs_stored": jobs,
+        "peak_rss_kib": peak_rss,
+    }
+
+
+def idle_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
+    """N idle connections to trismtp: RSS per connection, and a load alongside."""
+    opts = ctx.options
+    n = opts.idle
+    rundir = ctx.rundir("trismtp-idle")
+    server = ctx.start("trismtp", rundir, max_connections=max(20000, 2 * n))
+    kept = next(ld for ld in standard_loads(opts.sessions, opts.concurrent) if ld.key == "kept-2k")
+    warmup = min(500, opts.messages)
+    info: dict[str, Any] = {"connections": n, "problems": [], "valid": False}
+    problems: list[str] = info["problems"]
+    try:
+        run = run_smtp_source(
+            ctx.children, ctx.smtp_source, kept, server.port, warmup,
+            workdir=rundir, name="source-idle-warmup", timeout=opts.load_timeout,
+        )  # fmt: skip
+        if run.problem():
+            problems.append(f"warm-up: {run.problem()}")
+        time.sleep(0.5)
+        info["rss_before_kib"] = server.rss_kib()
+        _hold_idle_and_load(ctx, server, rundir, kept, info)
+    finally:
+        peak, jobs = ctx.finish(server, rundir)
+    info["peak_rss_kib"] = peak
+    info["jobs_stored"] = jobs
+    info["jobs_expected"] = warmup + opts.messages
+    if jobs != info["jobs_expected"]:
+        problems.append(f"stored jobs {jobs} != messages sent {info['jobs_expected']}")
+    baseline = [r.rate for r in runs if r.server == "trismtp" and r.load == "kept-2k" and r.valid]
+    info["baseline_rate"] = statistics.median(baseline) if baseline else None
+    info["valid"] = not problems and info.get("rss_per_connection_kib") is not None
+    return info
+
+
+def _hold_idle_and_load(
+    ctx: Context, server: RunningServer, rundir: Path, kept: Load, info: dict[str, Any]
+) -> None:
+    """Open the idle connections, measure RSS, run the load, release them."""
+    opts, problems = ctx.options, info["problems"]
+    client = ctx.children.spawn(
+        "idle-client",
+        [sys.executable, "-m", "bench.idle", "--port", str(server.port),
+         "--connections", str(opts.idle), "--hold-max", str(opts.load_timeout + 600)],
+        cwd=REPO, pipe_stdio=True,
+    )  # fmt: skip
+    try:
+        assert client.popen.stdout is not None
+        assert client.popen.stdin is not None
+        ready = _json_line(read_line(client.popen.stdout, 300.0))
+        if ready.get("event") != "ready":
+            problems.append(f"idle client not ready: {ready or client.log_tail(3)}")
+            return
+        info |= {"opened": ready["opened"], "open_seconds": ready["seconds"]}
+        if ready["opened"] < opts.idle:
+            problems.append(f"only {ready['opened']} of {opts.idle} opened: {ready['failures']}")
+        time.sleep(2.0)  # let the server settle after the burst of accepts
+        info["rss_idle_kib"] = server.rss_kib()
+        if info["rss_idle_kib"] is not None and info["rss_before_kib"] is not None:
+            grown = info["rss_idle_kib"] - info["rss_before_kib"]
+            info["rss_per_connection_kib"] = round(grown / max(ready["opened"], 1), 2)
+        run = run_smtp_source(
+            ctx.children, ctx.smtp_source, kept, server.port, opts.messages,
+            workdir=rundir, name="source-idle-load", timeout=opts.load_timeout,
+        )  # fmt: skip
+        info |= {"load_messages": opts.messages, "load_rate": round(run.rate, 1)}
+        if run.problem():
+            problems.append(f"load: {run.problem()}")
+        client.popen.stdin.write(b"release\n")
+        client.popen.stdin.flush()
+        done = _json_line(read_line(client.popen.stdout, 60.0))
+        info["still_open"] = done.get("still_open")
+        if done.get("still_open") != ready["opened"]:
+            problems.append(f"server closed idle connections: {done or 'no report'}")
+    finally:
+        ctx.children.stop(client)
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text(encoding="ascii").split()[:3])
+    except OSError:
+        return "?"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _meta(opts: Options, loads: list[Load]) -> dict[str, Any]:
+    return {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "loadavg_before": _loadavg(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trismtp_version": _version("trismtp"),
+        "aiosmtpd_version": _version("aiosmtpd"),
+        "messages": opts.messages,
+        "sessions": opts.sessions,
+        "concurrent": opts.concurrent,
+        "repeat": opts.repeat,
+        "idle_connections": opts.idle,
+        "servers": list(opts.servers),
+        "loads": [load.key for load in loads],
+    }
+
+
+def _tools() -> tuple[str, str]:
+    source, sink = find_tool("smtp-source"), find_tool("smtp-sink")
+    if source is None or sink is None:
+        sys.exit(
+            "bench: Postfix's smtp-source and smtp-sink are needed (/usr/sbin): "
+            "apt-get install postfix (see .ci/run for an install that starts no mail server)"
+        )
+    return source, sink
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every child is still stopped by its PID."""
+    del frame
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every phase, write bench/results/, print the table."""
+    opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    smtp_source, smtp_sink = _tools()
+    limit = raise_nofile()
+    if limit < max(opts.concurrent, opts.idle) + 1024:
+        print(f"bench: warning: RLIMIT_NOFILE is only {limit}", file=sys.stderr)
+    loads = [ld for ld in standard_loads(opts.sessions, opts.concurrent) if ld.key in opts.loads]
+    opts.results.mkdir(parents=True, exist_ok=True)
+    if opts.workdir is not None:
+        opts.workdir.mkdir(parents=True, exist_ok=True)
+    workroot = Path(tempfile.mkdtemp(prefix="trismtp-bench-", dir=opts.workdir))
+    results: dict[str, Any] = {"meta": _meta(opts, loads), "loads": [asdict(ld) for ld in loads]}
+    try:
+        with Children(logdir=workroot) as children:
+            ctx = Context(opts, smtp_source, smtp_sink, children, workroot)
+            print(f"throughput: {opts.messages} messages a load, work dir {workroot}", flush=True)
+            runs = throughput_phase(ctx, loads)
+            results["throughput"] = [asdict(r) for r in runs]
+            if opts.latency_seconds > 0 and "trismtp" in opts.servers:
+                print("latency: trismtp at half its peak rate, open loop", flush=True)
+                results["latency"] = latency_phase(ctx, runs)
+            if opts.idle > 0 and "trismtp" in opts.servers:
+                print(f"idle: {opts.idle} idle connections to trismtp", flush=True)
+                results["idle"] = idle_phase(ctx, runs)
+    finally:
+        if not opts.keep_work:
+            shutil.rmtree(workroot, ignore_errors=True)
+    results["meta"]["loadavg_after"] = _loadavg()
+    print(write_report(results, opts.results))
+    print(f"written: {opts.results}/results.md, results.json, throughput.png, latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
