@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest install lock clean bench
+.PHONY: run test lint typecheck pytest install lock clean bench faults
 
 run: $(STAMP)  ## install if needed, then run the daemon with the embedded jobs service
 	$(BIN)/trismtp serve
@@ -24,6 +24,13 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 install: $(STAMP)
+
+# The fault suite alone (it also runs in `make test`), with its figures as a
+# markdown table (docs/guarantees.md). TRISMTP_SLOW=1 adds the 1,000 x 1 MB run.
+faults: $(STAMP)  ## fault-injection scenarios and their figures
+	rm -f .faults.jsonl
+	TRISMTP_FAULT_REPORT=.faults.jsonl $(BIN)/pytest tests/faults -q
+	$(BIN)/python -m tests.faults.report .faults.jsonl
 
 # The benchmark (bench/README.md): trismtp vs aiosmtpd and Postfix's smtp-sink.
 # Scale down with e.g. `BENCH_MESSAGES=2000 BENCH_IDLE=2000 make bench`;
