@@ -76,7 +76,12 @@ class Daemon:
                     url = settings.jobs.url
                 if handle_signals:
                     service_nursery.start_soon(self._watch_signals)
-                pusher = Pusher(settings.jobs, url, settings.jobs_token())
+                pusher = Pusher(
+                    settings.jobs,
+                    url,
+                    settings.jobs_token(),
+                    expire_batches=settings.jobs.batch_expiry,
+                )
                 async with trio.open_nursery() as pusher_nursery:
                     await pusher_nursery.start(pusher.run)
                     try:

@@ -137,6 +137,7 @@ class JobsSettings(_Section):
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     batch_linger: float = Field(default=0.002, ge=0)
     push_timeout: PositiveSeconds = 15.0
+    batch_expiry: bool = True
     queue_size: int = Field(default=1024, gt=0)
 
     @field_validator("url")

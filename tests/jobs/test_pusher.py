@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -184,4 +186,43 @@ async def test_a_job_larger_than_batch_max_bytes_goes_alone(
             job = make_job(n, size=size)
             sessions.start_soon(pusher.push, job.id, job.to_json(), "smtp")
     assert len(stored_ids(service_settings.database)) == 5
+    pusher.close()
+
+
+async def test_batches_that_reach_the_store_too_late_store_nothing(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    # The service's clock is ahead of ours by more than push_timeout: to it,
+    # every batch arrives after its sessions gave up. That is what a stalled
+    # service sees when it wakes up.
+    ahead = 60.0
+    address: HostPort = await nursery.start(
+        partial(serve_jobs, service_settings, clock=lambda: time.time() + ahead)
+    )
+    late = Pusher(JobsSettings(push_timeout=0.5), embedded_url(address), expire_batches=True)
+    nursery.start_soon(late.run)
+    with trio.fail_after(5), pytest.raises(PushFailed):
+        await late.push("job-1", make_job(1).to_json(), "smtp")
+    assert stored_ids(service_settings.database) == []
+
+    # Without expiry the same service stores the batch.
+    plain = Pusher(JobsSettings(push_timeout=5), embedded_url(address), expire_batches=False)
+    nursery.start_soon(plain.run)
+    await plain.push("job-2", make_job(2).to_json(), "smtp")
+    assert stored_ids(service_settings.database) == ["job-2"]
+    late.close()
+    plain.close()
+
+
+async def test_expiring_batches_are_stored_when_in_time(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, _ = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(batch_max_jobs=5), embedded_url(address), expire_batches=True)
+    nursery.start_soon(pusher.run)
+    async with trio.open_nursery() as sessions:
+        for n in range(20):
+            job = make_job(n)
+            sessions.start_soon(pusher.push, job.id, job.to_json(), "smtp")
+    assert len(stored_ids(service_settings.database)) == 20
     pusher.close()

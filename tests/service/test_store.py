@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from trismtp.jobs.model import Job, JobOptions
-from trismtp.service.store import JobStore, NoSuchPipeline, StorageUnavailable
+from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
 
 
 class FakeClock:
@@ -470,3 +470,13 @@ async def test_peek_shows_jobs_in_reserve_order_without_leasing(
 async def test_peek_of_an_unknown_pipeline(store: JobStore) -> None:
     with pytest.raises(NoSuchPipeline):
         await store.peek("nope", 10)
+
+
+async def test_an_expired_batch_stores_nothing(
+    store: JobStore, clock: FakeClock, db_path: Path
+) -> None:
+    with pytest.raises(BatchExpired, match="expired"):
+        await store.push_batch([make_job("late")], expires_at=clock.now - 0.001)
+    await store.push_batch([make_job("in-time")], expires_at=clock.now + 1)
+
+    assert set(stored(db_path)) == {"in-time"}

@@ -26,6 +26,14 @@ already given up are left out of the next attempt: their client was told
 ``451`` and will retry, and leaving them out narrows the window in which that
 retry becomes a second job (see docs/architecture.md, "Delivery guarantee").
 
+With ``expire_batches`` (setting ``jobs.batch_expiry``), each PushBatch
+carries ``expires_at`` in wall-clock time, the
+moment the first of its sessions gives up. A batch that reaches the store
+later (the service was stalled, the connection slow) stores nothing and is
+refused with ``-32005``; the pusher sends what still waits again. That closes
+most of the window in which a ``451`` leaves a stored job behind; what is
+left is the time between the commit and the reply reaching the session.
+
 Shutdown: the daemon closes the send side only after every session has
 ended, so :meth:`run` drains everything that was queued, delivers it, and
 returns. The receive side is never closed while jobs are queued.
@@ -36,13 +44,14 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import trio
 
-from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.jobs.rpc import BATCH_EXPIRED, JobsClient, JobsUnavailable, RpcError
 from trismtp.settings import JobsSettings
 
 __all__ = ["PushFailed", "Pusher"]
@@ -54,6 +63,9 @@ log = logging.getLogger("trismtp.pusher")
 # push_timeout see a few attempts.
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
+
+# An "expired" answer this long before our own deadline means the clocks differ.
+CLOCK_SKEW_WARNING = 1.0
 
 # JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
 _BATCH_OPEN = '{"jobs":['
@@ -83,8 +95,17 @@ class _Pending:
             self.done.set()
 
 
+def _still_waiting(batch: list[_Pending]) -> list[_Pending]:
+    now = trio.current_time()
+    return [p for p in batch if not p.abandoned and p.deadline > now]
+
+
 class Pusher:
-    """Delivers jobs to the jobs service in batches; see the module docstring."""
+    """Delivers jobs to the jobs service in batches; see the module docstring.
+
+    ``expire_batches`` sends each batch's deadline as wall-clock time, which
+    needs the jobs service's clock in step with this host's (NTP).
+    """
 
     def __init__(
         self,
@@ -93,11 +114,13 @@ class Pusher:
         token: str = "",
         *,
         connect: Connect = JobsClient.connect,
+        expire_batches: bool = False,
     ) -> None:
         self._settings = settings
         self._url = url
         self._token = token
         self._connect = connect
+        self._expire_batches = expire_batches
         self._send, self._receive = trio.open_memory_channel[_Pending](settings.queue_size)
         self._carry: _Pending | None = None
         self._client: JobsClient | None = None
@@ -196,11 +219,9 @@ class Pusher:
                 return
 
     async def _deliver(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.abandoned]
+        live = _still_waiting(batch)
         while live:
             deadline = max(p.deadline for p in live)
-            if trio.current_time() >= deadline:
-                break
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
@@ -208,6 +229,18 @@ class Pusher:
                         p.resolve(None)
                         log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
                     return
+                if isinstance(error, RpcError) and error.code == BATCH_EXPIRED:
+                    # A session in the batch gave up before the batch reached
+                    # the store, so nothing was stored: send the rest again.
+                    left = min(p.deadline for p in live) - trio.current_time()
+                    if left > CLOCK_SKEW_WARNING:
+                        log.warning(
+                            "the jobs service refused a batch as expired %.1f s before its "
+                            "deadline: are its clock and this host's in step?",
+                            left,
+                        )
+                    live = _still_waiting(live)
+                    continue
                 if isinstance(error, RpcError):
                     for p in live:
                         p.resolve(f"jobs service error {error.code}: {error.message}")
@@ -220,19 +253,27 @@ class Pusher:
                     )
                     return
                 await trio.sleep(self._backoff())
-            live = [p for p in live if not p.abandoned]
-        for p in live:
+            live = _still_waiting(live)
+        failed = [p for p in batch if not p.done.is_set()]
+        for p in failed:
             p.resolve("jobs service unavailable")
-        if live:
+        if failed:
             log.error(
                 "could not push %d jobs (%s) within jobs.push_timeout: jobs service unavailable",
-                len(live),
-                ", ".join(p.job_id for p in live),
+                len(failed),
+                ", ".join(p.job_id for p in failed),
             )
 
     async def _attempt(self, live: list[_Pending]) -> RpcError | JobsUnavailable | None:
         """One PushBatch; returns the error or None on ack."""
-        params = _BATCH_OPEN + ",".join(p.encoded for p in live) + _BATCH_CLOSE
+        params = _BATCH_OPEN + ",".join(p.encoded for p in live)
+        if self._expire_batches:
+            # The first session to give up bounds the batch: stored later, its
+            # job would be a duplicate of the client's retry.
+            expires_at = time.time() + (min(p.deadline for p in live) - trio.current_time())
+            params += f'],"expires_at":{expires_at:.6f}}}'
+        else:
+            params += _BATCH_CLOSE
         try:
             client = await self._ensure_client()
             if client is None:

@@ -66,6 +66,8 @@ INTERNAL_ERROR: Final = -32603
 NO_SUCH_PIPELINE: Final = -32001
 STORAGE_UNAVAILABLE: Final = -32003
 TOO_LARGE: Final = -32004
+# trismtp extension: PushBatch reached the store after its expires_at.
+BATCH_EXPIRED: Final = -32005
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # trio-websocket reads 4 KiB at a time by default; batches are megabytes.

@@ -62,6 +62,7 @@ from trio_websocket import (
 
 from trismtp.jobs.model import Job
 from trismtp.jobs.rpc import (
+    BATCH_EXPIRED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -70,7 +71,7 @@ from trismtp.jobs.rpc import (
     PARSE_ERROR,
     STORAGE_UNAVAILABLE,
 )
-from trismtp.service.store import JobStore, NoSuchPipeline, StorageUnavailable
+from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
 from trismtp.settings import HostPort, JobsServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,12 @@ class _Push(_Params):
 
 class _PushBatch(_Params):
     jobs: list[Job]
+    # trismtp extension: wall-clock seconds after which the sender no longer
+    # waits; a batch that reaches the store later is refused (-32005).
+    expires_at: float | None = Field(default=None, allow_inf_nan=False)
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        await store.push_batch(self.jobs)
+        await store.push_batch(self.jobs, expires_at=self.expires_at)
         return {}
 
 
@@ -515,6 +519,8 @@ class _Service:
                 result = await request.params.run(self._store)
             except NoSuchPipeline as exc:
                 failure = RpcFailure(NO_SUCH_PIPELINE, str(exc), {"pipelines": exc.names})
+            except BatchExpired as exc:
+                failure = RpcFailure(BATCH_EXPIRED, str(exc))
             except StorageUnavailable as exc:
                 # The store logs the failure when it starts and when it ends.
                 failure = RpcFailure(STORAGE_UNAVAILABLE, f"storage unavailable: {exc}")

@@ -134,6 +134,14 @@ class NoSuchPipeline(StoreError):
         super().__init__(f"no such pipeline: {', '.join(self.names)}")
 
 
+class BatchExpired(StoreError):
+    """A batch arrived after the ``expires_at`` its sender gave; nothing stored."""
+
+    def __init__(self, late_by: float) -> None:
+        super().__init__(f"the batch expired {late_by:.3f} s before it could be stored")
+        self.late_by = late_by
+
+
 class StorageUnavailable(StoreError):
     """The SQLite file cannot be used now (disk full, read-only, locked, I/O
     error); nothing was changed. Retrying later may succeed."""
@@ -235,14 +243,17 @@ class JobStore:
 
     # -- operations ---------------------------------------------------------
 
-    async def push_batch(self, jobs: Sequence[Job]) -> None:
+    async def push_batch(self, jobs: Sequence[Job], *, expires_at: float | None = None) -> None:
         """Store *jobs* atomically: all of them are durable, or none.
 
         A job whose id is already stored is skipped (the id is the idempotency
         key). Raises :class:`NoSuchPipeline` if any job names an undeclared
-        pipeline. Paused pipelines accept jobs.
+        pipeline. Paused pipelines accept jobs. With *expires_at* (the
+        store's clock), a batch that reaches its transaction later than that
+        stores nothing and raises :class:`BatchExpired`: its sender has given
+        up on it, and storing it would only make the sender's retry a duplicate.
         """
-        await self._run(partial(_push_batch, jobs=list(jobs)))
+        await self._run(partial(_push_batch, jobs=list(jobs), expires_at=expires_at))
 
     async def list_pipelines(self) -> list[str]:
         """The declared pipelines' names, sorted."""
@@ -503,7 +514,11 @@ def _require_pipelines(db: sqlite3.Connection, names: Iterable[str]) -> None:
         raise NoSuchPipeline(missing)
 
 
-def _push_batch(db: sqlite3.Connection, now: float, *, jobs: list[Job]) -> None:
+def _push_batch(
+    db: sqlite3.Connection, now: float, *, jobs: list[Job], expires_at: float | None
+) -> None:
+    if expires_at is not None and now > expires_at:
+        raise BatchExpired(now - expires_at)
     _require_pipelines(db, {job.options.pipeline for job in jobs})
     db.executemany(
         "INSERT OR IGNORE INTO jobs (id, pipeline, name, payload, headers, priority, delay,"
