@@ -27,8 +27,9 @@ already given up are left out of the next attempt: their client was told
 retry becomes a second job (see docs/architecture.md, "Delivery guarantee").
 
 With ``expire_batches`` (setting ``jobs.batch_expiry``), each PushBatch
-carries ``expires_at`` in wall-clock time, the
-moment the first of its sessions gives up. A batch that reaches the store
+carries ``expires_at`` in wall-clock time: the
+moment the first of its sessions gives up, less a short margin for the
+commit and the reply. A batch that reaches the store
 later (the service was stalled, the connection slow) stores nothing and is
 refused with ``-32005``; the pusher sends what still waits again. That closes
 most of the window in which a ``451`` leaves a stored job behind; what is
@@ -64,6 +65,8 @@ log = logging.getLogger("trismtp.pusher")
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 
+# The most time an expiring batch leaves for commit and reply (see _margin).
+EXPIRY_MARGIN = 0.1
 # An "expired" answer this long before our own deadline means the clocks differ.
 CLOCK_SKEW_WARNING = 1.0
 
@@ -95,8 +98,8 @@ class _Pending:
             self.done.set()
 
 
-def _still_waiting(batch: list[_Pending]) -> list[_Pending]:
-    now = trio.current_time()
+def _still_waiting(batch: list[_Pending], margin: float = 0.0) -> list[_Pending]:
+    now = trio.current_time() + margin
     return [p for p in batch if not p.abandoned and p.deadline > now]
 
 
@@ -121,6 +124,9 @@ class Pusher:
         self._token = token
         self._connect = connect
         self._expire_batches = expire_batches
+        # Expiry leaves the store this long to commit and the reply to come
+        # back before the first session gives up.
+        self._margin = min(EXPIRY_MARGIN, settings.push_timeout / 20) if expire_batches else 0.0
         self._send, self._receive = trio.open_memory_channel[_Pending](settings.queue_size)
         self._carry: _Pending | None = None
         self._client: JobsClient | None = None
@@ -219,7 +225,7 @@ class Pusher:
                 return
 
     async def _deliver(self, batch: list[_Pending]) -> None:
-        live = _still_waiting(batch)
+        live = _still_waiting(batch, self._margin)
         while live:
             deadline = max(p.deadline for p in live)
             with trio.move_on_after(deadline - trio.current_time()):
@@ -239,7 +245,7 @@ class Pusher:
                             "deadline: are its clock and this host's in step?",
                             left,
                         )
-                    live = _still_waiting(live)
+                    live = _still_waiting(live, self._margin)
                     continue
                 if isinstance(error, RpcError):
                     for p in live:
@@ -253,10 +259,14 @@ class Pusher:
                     )
                     return
                 await trio.sleep(self._backoff())
-            live = _still_waiting(live)
+            live = _still_waiting(live, self._margin)
+        # Jobs left out for want of time are not answered early: their
+        # sessions give up at their own deadline, push_timeout after the DATA.
         failed = [p for p in batch if not p.done.is_set()]
+        now = trio.current_time()
         for p in failed:
-            p.resolve("jobs service unavailable")
+            if p.deadline <= now:
+                p.resolve("jobs service unavailable")
         if failed:
             log.error(
                 "could not push %d jobs (%s) within jobs.push_timeout: jobs service unavailable",
@@ -270,7 +280,8 @@ class Pusher:
         if self._expire_batches:
             # The first session to give up bounds the batch: stored later, its
             # job would be a duplicate of the client's retry.
-            expires_at = time.time() + (min(p.deadline for p in live) - trio.current_time())
+            left = min(p.deadline for p in live) - trio.current_time() - self._margin
+            expires_at = time.time() + left
             params += f'],"expires_at":{expires_at:.6f}}}'
         else:
             params += _BATCH_CLOSE
