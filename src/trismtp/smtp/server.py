@@ -219,7 +219,14 @@ class SmtpServer:
                 if out:
                     await stream.send_all(out)
                     out.clear()
-                out += conn.send(await self._accept_message(session, event))
+                encoded = await self._encode_message(session, event)
+                # Drop the received bytes before the wait for the ack: the job
+                # carries them now, and a waiting session should hold one copy.
+                event = NEED_DATA
+                if isinstance(encoded, Reply):
+                    out += conn.send(encoded)
+                else:
+                    out += conn.send(await self._push_job(session, *encoded))
 
     async def _read(
         self, stream: trio.SocketStream, session: _Session, deadline: float
@@ -235,7 +242,10 @@ class SmtpServer:
                 session.read_scope = None
         return None
 
-    async def _accept_message(self, session: _Session, event: MessageReceived) -> Reply:
+    async def _encode_message(
+        self, session: _Session, event: MessageReceived
+    ) -> Reply | tuple[str, str, int, int]:
+        """The job for a received message as (id, JSON, size, recipients), or a refusal."""
         if event.reply is not None:
             log.info(
                 "session %d from %s: message refused: %d %s",
@@ -261,6 +271,12 @@ class SmtpServer:
             job_id, job_json = await trio.to_thread.run_sync(encode)
         else:
             job_id, job_json = encode()
+        return job_id, job_json, event.size, len(event.recipients)
+
+    async def _push_job(
+        self, session: _Session, job_id: str, job_json: str, size: int, recipients: int
+    ) -> Reply:
+        """Wait for the job's durable ack: 250 with its id, or 451."""
         try:
             await self._push(job_id, job_json, self._jobs.pipeline)
         except PushFailed as exc:
@@ -277,8 +293,8 @@ class SmtpServer:
             session.id,
             session.remote,
             job_id,
-            event.size,
-            len(event.recipients),
+            size,
+            recipients,
         )
         return Reply(250, "2.0.0", f"OK: queued as {job_id}")
 
