@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.policy
 import json
 import time
 from email.message import EmailMessage
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1039,3 +1041,25 @@ def test_attachments_python_sends_come_back(attachment: bytes, body: str) -> Non
     assert content(sent) == attachment
     assert sent["size"] == len(attachment)
     assert sent["filename"] == "f.bin"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"Doe, John" <j@x.example>, b@y.example',
+        "Ann <ann@example.com>",
+        "undisclosed-recipients:;",
+        "a@b.example (a comment)",
+        "Team: a@b.example, c@d.example;",
+        "<a@b.example>",
+        "a@b.example, ,c@d.example",
+        "John Q. Public <jqp@example.com>",
+    ],
+)
+def test_plain_address_headers_read_the_same_as_with_the_modern_parser(value: str) -> None:
+    # Plain ASCII address headers take a faster parser; what consumers see
+    # must not depend on which one ran.
+    modern = email.policy.default.header_factory("To", value)
+    expected = [{"email": a.addr_spec, "name": a.display_name} for a in modern.addresses]
+    result = payload(b"To: " + value.encode() + b"\r\nSubject: x\r\n\r\nbody\r\n")
+    assert result["envelope"]["to"] == expected

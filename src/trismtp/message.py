@@ -275,6 +275,11 @@ def _decode_header(value: Any) -> str:
 def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[str, str]]:
     """The mailboxes of one address header as ``{"email", "name"}``."""
     text = _unfold(value if isinstance(value, str) else str(value))
+    if text.isascii() and "=?" not in text and "(" not in text:
+        # Nothing to decode and no comments (which the legacy parser takes
+        # for names): it gives the same mailboxes as the modern parser at a
+        # fraction of the cost (a fifth of all CPU for small mail, profiled).
+        return _legacy_addresses(text)
     found: list[dict[str, str]] = []
     try:
         header = factory(name, text)
@@ -283,15 +288,21 @@ def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[
     except Exception:
         # The modern address parser gave up (or a mailbox failed validation):
         # the legacy one is cruder but does not raise.
-        found = []
-        try:
-            pairs = email.utils.getaddresses([text])
-        except Exception:
-            pairs = []
-        for display_name, addr in pairs:
-            if display_name or addr:
-                found.append({"email": _clean(addr), "name": _decode_header(display_name)})
+        return _legacy_addresses(text)
     return [item for item in found if item["email"] or item["name"]]
+
+
+def _legacy_addresses(text: str) -> list[dict[str, str]]:
+    """Mailboxes by ``email.utils.getaddresses``: never raises."""
+    try:
+        pairs = email.utils.getaddresses([text])
+    except Exception:
+        return []
+    return [
+        {"email": _clean(addr), "name": _decode_header(display_name)}
+        for display_name, addr in pairs
+        if display_name or addr
+    ]
 
 
 # --- the MIME walk -------------------------------------------------------------
