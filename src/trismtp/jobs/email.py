@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import json
 import uuid
 from dataclasses import dataclass, field
+
+import orjson
 
 from trismtp.jobs.model import PAYLOAD_CLASS, Job, JobOptions
 from trismtp.message import Envelope, build_payload
@@ -43,7 +44,7 @@ class EmailJob:
             authentication=self.authentication,
             tls=self.tls,
         )
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        return orjson.dumps(data).decode()
 
     def to_job(self, settings: JobsSettings, *, include_raw: bool) -> Job:
         """The Job to push: name, id, headers and options from ``[jobs]``."""
