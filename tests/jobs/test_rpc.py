@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,33 +26,7 @@ from trismtp.jobs.rpc import (
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings
 
-
-class GateClock:
-    """The store's clock, which can hold the store's writer thread mid-operation.
-
-    The writer reads the clock once per transaction, in its worker thread;
-    when armed, that read signals :attr:`entered` and blocks until
-    :meth:`release`, so a test knows a call is in progress in the service.
-    """
-
-    def __init__(self) -> None:
-        self.entered = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        self._armed = False
-        self._gate = threading.Event()
-
-    def arm(self) -> None:
-        self._armed = True
-
-    def release(self) -> None:
-        self._gate.set()
-
-    def __call__(self) -> float:
-        if self._armed:
-            self._armed = False
-            self._token.run_sync_soon(self.entered.set)
-            self._gate.wait(timeout=10)
-        return time.time()
+from ..gate_clock import GateClock
 
 
 class Service:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,8 @@ from trismtp.jobs.rpc import (
 )
 from trismtp.service.server import METHODS, Request, decode_message, serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings
+
+from ..gate_clock import GateClock
 
 
 @dataclass
@@ -420,35 +420,6 @@ async def test_a_request_over_the_size_limit_closes_the_connection(
 
 
 # -- stopping ------------------------------------------------------------------------
-
-
-class GateClock:
-    """The store's clock, which can hold the store's writer thread mid-operation.
-
-    The writer reads the clock once per transaction, in its worker thread;
-    when armed, that read signals :attr:`entered` and blocks until
-    :meth:`release`. So a test knows for certain that a write has been handed
-    to the store and is in progress.
-    """
-
-    def __init__(self) -> None:
-        self.entered = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        self._armed = False
-        self._gate = threading.Event()
-
-    def arm(self) -> None:
-        self._armed = True
-
-    def release(self) -> None:
-        self._gate.set()
-
-    def __call__(self) -> float:
-        if self._armed:
-            self._armed = False
-            self._token.run_sync_soon(self.entered.set)
-            self._gate.wait(timeout=10)
-        return time.time()
 
 
 async def test_stopping_still_answers_a_write_in_progress(
