@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -316,43 +316,55 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(_undecodable_environment(os.environ)) from None
 
 
+def _setting_variables(environ: Mapping[str, str]) -> Iterator[tuple[str, str, str, str | None]]:
+    """``(variable, value, section, key)`` of every TRISMTP_ setting variable.
+
+    ``key`` is None for a whole section (``TRISMTP_SMTP='{…}'``).
+    """
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
+            section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+            yield name, value, section, key if sep else None
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    field = Settings.model_fields.get(section)
+    if field is None:
+        return None
+    model = field.annotation
+    assert isinstance(model, type)
+    assert issubclass(model, BaseModel)
+    return model
+
+
 def _reject_unknown_environment(environ: Mapping[str, str]) -> None:
     # pydantic-settings silently ignores TRISMTP_ variables that match no
     # field; a typo there must fail as loudly as one in the file.
-    for name in environ:
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
-            continue
-        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        field = Settings.model_fields.get(section)
-        if field is None:
+    for name, _, section, key in _setting_variables(environ):
+        model = _section_model(section)
+        if model is None:
             raise ConfigError(f"{name}: unknown setting section {section!r}")
-        model = field.annotation
-        assert isinstance(model, type)
-        assert issubclass(model, BaseModel)
-        if not sep:
+        if key is None:
             continue  # a whole section as JSON; validated like the file
         if key.partition("__")[0] not in model.model_fields:
             raise ConfigError(f"{name}: unknown setting {section}.{key}")
 
 
 def _undecodable_environment(environ: Mapping[str, str]) -> str:
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
-            section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-            field = Settings.model_fields.get(section)
-            model = field.annotation if field is not None else None
-            if not (isinstance(model, type) and issubclass(model, BaseModel)):
-                continue
-            annotation = model.model_fields[key].annotation if key in model.model_fields else None
-            wants_json = not key or getattr(annotation, "__origin__", None) in (list, dict)
-            if wants_json:
-                try:
-                    json.loads(value)
-                except ValueError:
-                    return (
-                        f"{name}: not valid JSON (lists and tables are written as JSON, "
-                        """e.g. '["a", "b"]' or '{"name": ["value"]}')"""
-                    )
+    for name, value, section, key in _setting_variables(environ):
+        model = _section_model(section)
+        if model is None:
+            continue
+        field = model.model_fields.get(key) if key else None
+        annotation = field.annotation if field is not None else None
+        if key is None or getattr(annotation, "__origin__", None) in (list, dict):
+            try:
+                json.loads(value)
+            except ValueError:
+                return (
+                    f"{name}: not valid JSON (lists and tables are written as JSON, "
+                    """e.g. '["a", "b"]' or '{"name": ["value"]}')"""
+                )
     return "an environment variable TRISMTP_… could not be decoded"
 
 

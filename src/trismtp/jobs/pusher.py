@@ -133,8 +133,6 @@ class Pusher:
         self._release: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._failures = 0
-        self.connected = trio.Event()
-        """Set once the first connection to the jobs service is up."""
 
     # -- the sessions' side -------------------------------------------------
 
@@ -292,8 +290,8 @@ class Pusher:
             try:
                 await client.call_encoded("jobs.PushBatch", params)
             except trio.Cancelled:
-                # A stalled call: the connection may hold a half-sent or
-                # unanswered request; start afresh next time.
+                # A stalled call: the connection holds an unanswered
+                # request; start afresh next time.
                 self._drop_client()
                 raise
         except RpcError as exc:
@@ -321,7 +319,6 @@ class Pusher:
             log.info("reconnected to the jobs service at %s", self._url)
         else:
             log.info("connected to the jobs service at %s", self._url)
-        self.connected.set()
         return self._client
 
     async def _hold_connection(
