@@ -2,27 +2,42 @@
 
 Exit status: 0 on success and after a graceful stop; 1 when the work could
 not be done (a port in use, a database that cannot be opened, a jobs command
-that cannot reach the jobs service) or the daemon was stopped at once by a
-second signal; 2 for a usage or settings error. Errors a
-user can cause are one line on stderr, never a traceback.
+that cannot reach the jobs service, a users file that cannot be written) or the
+daemon was stopped at once by a second signal; 2 for a usage or settings error
+(a malformed users file included). Errors a user can cause are one line on
+stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import trio
 
 from trismtp import __version__
+from trismtp.auth import (
+    AuthFileError,
+    UsersFile,
+    check_username,
+    edit_users,
+    hash_password,
+    read_users_text,
+)
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.log import setup_logging
-from trismtp.settings import ConfigError, Settings, load_settings
+from trismtp.settings import ConfigError, Settings, load_settings, section_names
 
 __all__ = ["main"]
 
@@ -37,6 +52,10 @@ class CommandError(Exception):
     """The command could not do its work; the message says why."""
 
 
+class UsageError(Exception):
+    """The command was asked for something it refuses (exit status 2)."""
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``trismtp`` console script."""
     parser = _parser()
@@ -45,10 +64,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         parser.print_help(sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        settings = load_settings(args.config)
-        status = args.run(args, settings)
+        if args.needs_settings:
+            status = args.run(args, load_settings(args.config))
+        else:
+            status = args.run(args)
     except ConfigError as exc:
         _fail(f"invalid settings: {exc}", EXIT_USAGE)
+    except (UsageError, AuthFileError) as exc:
+        _fail(str(exc), EXIT_USAGE)
     except CommandError as exc:
         _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
@@ -67,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Receive email over SMTP and turn every message into a durable job.",
     )
     parser.add_argument("--version", action="version", version=f"trismtp {__version__}")
+    parser.set_defaults(needs_settings=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     config_option = argparse.ArgumentParser(add_help=False)
@@ -120,6 +144,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     consume.add_argument("--json", action="store_true", help="print each job as a JSON line")
     consume.set_defaults(run=_jobs_consume)
+
+    passwd = commands.add_parser(
+        "passwd",
+        help="add, change or delete a user of an SMTP AUTH users file",
+        description="Set USERNAME's password in the users file FILE (created if missing), "
+        "or delete the user. Other lines and comments are kept; the file is replaced "
+        "atomically with mode 0600.",
+    )
+    passwd.add_argument("file", metavar="FILE", help="the users file")
+    passwd.add_argument("username", metavar="USERNAME", type=_username, help="the user")
+    how = passwd.add_mutually_exclusive_group()
+    how.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from one line of stdin instead of prompting twice",
+    )
+    how.add_argument("--delete", action="store_true", help="remove the user from the file")
+    passwd.set_defaults(run=_passwd, needs_settings=False)
     return parser
 
 
@@ -131,6 +173,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _username(text: str) -> str:
+    try:
+        check_username(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # -- commands -----------------------------------------------------------------
@@ -206,6 +256,89 @@ def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
     jobs = _with_client(args, settings, consume)
     _print_jobs(jobs, as_json=args.json, pipeline=args.pipeline)
     return EXIT_OK
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    existed = path.exists()
+    text = read_users_text(path) if existed else ""
+    UsersFile.parse(text, source=str(path))  # refuse to rewrite a malformed file
+    if args.delete:
+        new_text, found = edit_users(text, args.username, None)
+        if not found:
+            raise CommandError(f"{path}: no user {args.username!r}")
+        _write_users(path, new_text)
+        print(f"deleted user {args.username!r} from {path}")
+        return EXIT_OK
+    password = _read_password_stdin() if args.password_stdin else _prompt_password()
+    if not password:
+        raise UsageError("refusing an empty password")
+    try:
+        encoded = hash_password(password)
+    except ValueError as exc:  # a NUL character, a lone surrogate: never the password
+        raise UsageError(f"refusing the password: {exc}") from None
+    new_text, found = edit_users(text, args.username, encoded)
+    _write_users(path, new_text)
+    if found:
+        print(f"changed the password of user {args.username!r} in {path}")
+    else:
+        print(f"added user {args.username!r} to {path}" + ("" if existed else " (new file)"))
+    return EXIT_OK
+
+
+def _write_users(path: Path, text: str) -> None:
+    """Replace *path* by a file holding *text*, mode 0600, atomically.
+
+    The new content goes to a temporary file in the same directory (so that
+    os.replace is a rename within one filesystem), is flushed to disk, then
+    renamed over *path*: a reader sees the old file or the new one, never half
+    of one. A symlink is followed, so the file it points to is replaced.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except BaseException as exc:
+        with suppress(OSError):
+            os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def _read_password_stdin() -> str:
+    """One line of stdin, without its line end."""
+    line = sys.stdin.buffer.readline()
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("the password on stdin is not valid UTF-8") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def _prompt_password() -> str:
+    """The password typed twice on the terminal, not echoed."""
+    try:
+        with warnings.catch_warnings():
+            # Without a terminal getpass would read stdin and echo the password.
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            first = getpass.getpass("Password: ")
+            second = getpass.getpass("Retype password: ")
+    except getpass.GetPassWarning:
+        raise UsageError("no terminal to ask for the password on; use --password-stdin") from None
+    except EOFError:
+        raise UsageError("no password given") from None
+    if first != second:
+        raise UsageError("the passwords do not match")
+    return first
 
 
 # -- helpers ------------------------------------------------------------------
@@ -298,18 +431,25 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _toml(data: dict[str, Any]) -> str:
-    """The settings as TOML (sections of scalars, lists and string tables)."""
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    """The settings as TOML: a table per section and subsection (``[smtp.tls]``)."""
+    tables = section_names()
     out: list[str] = []
     for section, values in data.items():
-        out.append(f"[{section}]")
+        name = f"{prefix}{section}"
+        subsections: dict[str, Any] = {}
+        out.append(f"[{name}]")
         for key, value in values.items():
-            if isinstance(value, dict):
+            if f"{name}.{key}" in tables:
+                subsections[key] = value
+            elif isinstance(value, dict):
                 items = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
                 out.append(f"{key} = {{{items}}}" if items else f"{key} = {{}}")
             else:
                 out.append(f"{key} = {_toml_value(value)}")
         out.append("")
+        if subsections:
+            out.append(_toml(subsections, prefix=f"{name}."))
     return "\n".join(out)
 
 
