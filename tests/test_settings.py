@@ -83,6 +83,24 @@ def test_settings_file_from_environment_and_working_directory(
         ("", {"TRISMTP_SMTP__LISTN": "x"}, "TRISMTP_SMTP__LISTN: unknown setting smtp.listn"),
         ("", {"TRISMTP_SMPT__LISTEN": "x"}, "TRISMTP_SMPT__LISTEN: unknown setting section"),
         ("not toml [", {}, "not valid TOML"),
+        ('[smtp.tls]\ncertificate = "c.pem"\n', {}, "smtp.tls: certificate and key"),
+        ("[smtp.tls]\nrequired = true\n", {}, "smtp.tls: implicit_listen and required"),
+        ('[smtp.tls]\nmin_version = "TLSv1.0"\n', {}, "smtp.tls.min_version"),
+        ('[smtp.tls]\nimplicit_listen = ["465"]\n', {}, "smtp.tls.implicit_listen"),
+        ('[smtp.tls]\ncertfile = "x"\n', {}, "smtp.tls.certfile: unknown setting"),
+        ("[smtp.auth]\nrequired = true\n", {}, "smtp.auth: required needs users_file"),
+        ('[smtp.auth]\nmechanisms = ["CRAM-MD5"]\n', {}, "smtp.auth.mechanisms"),
+        ('[smtp.limits]\nexempt_networks = ["10.0.0.0/33"]\n', {}, "smtp.limits.exempt"),
+        ("[smtp.limits]\nmin_data_rate = -1\n", {}, "smtp.limits.min_data_rate"),
+        ('[smtp.proxy_protocol]\ntrusted_networks = ["lb"]\n', {}, "smtp.proxy_protocol"),
+        ('[smtp]\nbare_newlines = "keep"\n', {}, "smtp.bare_newlines"),
+        ('[smtp]\nrecipient_domains = ["a@b"]\n', {}, "smtp.recipient_domains"),
+        (
+            "",
+            {"TRISMTP_SMTP__TLS__CERTFILE": "x"},
+            "TRISMTP_SMTP__TLS__CERTFILE: unknown setting smtp.tls.certfile",
+        ),
+        ("", {"TRISMTP_SMTP__TLS__REQUIRED": "maybe"}, "smtp.tls.required"),
     ],
 )
 def test_bad_settings_name_the_key(
@@ -173,3 +191,25 @@ def test_serve_with_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nested_sections_from_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path / "s.toml",
+        '[smtp.auth]\nusers_file = "users"\nmechanisms = ["plain"]\n'
+        '[smtp]\nrecipient_domains = ["Example.COM."]\n',
+    )
+    monkeypatch.setenv("TRISMTP_SMTP__LIMITS__MAX_ERRORS", "5")
+    monkeypatch.setenv("TRISMTP_SMTP__TLS__IMPLICIT_LISTEN", '["127.0.0.1:4650"]')
+    monkeypatch.setenv("TRISMTP_SMTP__TLS__CERTIFICATE", "c.pem")
+    monkeypatch.setenv("TRISMTP_SMTP__TLS__KEY", "k.pem")
+    settings = load_settings(config)
+    assert settings.smtp.auth.users_file == "users"
+    assert settings.smtp.auth.mechanisms == ["PLAIN"]
+    assert settings.smtp.recipient_domains == ["example.com"]
+    assert settings.smtp.limits.max_errors == 5
+    assert settings.smtp.tls.addresses() == [parse_host_port("127.0.0.1:4650")]
+    # The file's other smtp keys survive the environment's nested ones.
+    assert settings.smtp.limits.min_data_rate == 1024

@@ -17,6 +17,9 @@ session has ended, the pusher's channel is closed, the pusher delivers every
 job still queued and returns, and only then is the jobs service stopped. A
 second signal, or :meth:`Daemon.kill`, cancels everything at once: sessions
 that were waiting for an ack get no answer, so their clients retry.
+
+SIGHUP reloads the TLS certificate and the AUTH users file (see
+:meth:`SmtpServer.reload`); other settings need a restart.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import trio
 from trismtp.jobs.pusher import Pusher
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, Settings, embedded_url
-from trismtp.smtp.server import SmtpServer
+from trismtp.smtp.server import SmtpServer, load_security
 
 __all__ = ["Daemon", "Listening"]
 
@@ -54,6 +57,8 @@ class Daemon:
         self.killed = False
         """True when the daemon was stopped at once rather than gracefully."""
         self._scope = trio.CancelScope()
+        # Certificate and users file now, so a broken one is a config error (exit 2).
+        self._tls, self._users = load_security(settings.smtp)
         self._smtp: SmtpServer | None = None
         self._stopping = False
         self._grace_end = math.inf
@@ -85,7 +90,13 @@ class Daemon:
                 async with trio.open_nursery() as pusher_nursery:
                     await pusher_nursery.start(pusher.run)
                     try:
-                        self._smtp = SmtpServer(settings.smtp, settings.jobs, pusher.push)
+                        self._smtp = SmtpServer(
+                            settings.smtp,
+                            settings.jobs,
+                            pusher.push,
+                            tls=self._tls,
+                            users=self._users,
+                        )
                         async with trio.open_nursery() as smtp_nursery:
                             bound = await smtp_nursery.start(self._smtp.serve)
                             if self._stopping:
@@ -117,11 +128,19 @@ class Daemon:
         self.killed = True
         self._scope.cancel()
 
+    def reload(self) -> None:
+        """What SIGHUP does: reload the certificate and the users file."""
+        if self._smtp is not None:
+            self._smtp.reload()
+
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not self._stopping:
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reloading the certificate and users file")
+                    self.reload()
+                elif not self._stopping:
                     log.info("received %s", name)
                     self.stop()
                 else:

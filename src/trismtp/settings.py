@@ -16,6 +16,7 @@ key, so the command line can print one line and exit 2.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -46,6 +47,7 @@ ENV_CONFIG = "TRISMTP_CONFIG"
 DEFAULT_CONFIG = Path("settings.toml")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+Mechanism = Literal["PLAIN", "LOGIN"]
 
 
 class ConfigError(Exception):
@@ -91,6 +93,107 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsSettings(_Section):
+    """``[smtp.tls]``: STARTTLS and implicit-TLS listeners."""
+
+    certificate: str = ""
+    key: str = ""
+    implicit_listen: list[str] = Field(default_factory=list)
+    starttls: bool = True
+    required: bool = False
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("implicit_listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        if bool(self.certificate) != bool(self.key):
+            raise ValueError("certificate and key are set together (PEM file paths)")
+        if not self.certificate and (self.implicit_listen or self.required):
+            raise ValueError("implicit_listen and required need a certificate and key")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """A certificate is configured."""
+        return bool(self.certificate)
+
+    def addresses(self) -> list[HostPort]:
+        """The implicit-TLS listen addresses, parsed."""
+        return [parse_host_port(item) for item in self.implicit_listen]
+
+
+def _all_mechanisms() -> list[Mechanism]:
+    return ["PLAIN", "LOGIN"]
+
+
+class AuthSettings(_Section):
+    """``[smtp.auth]``: SMTP AUTH PLAIN and LOGIN against a users file."""
+
+    users_file: str = ""
+    required: bool = False
+    mechanisms: list[Mechanism] = Field(default_factory=_all_mechanisms, min_length=1)
+    allow_without_tls: bool = False
+    failure_delay: float = Field(default=2.0, ge=0)
+    max_failures: int = Field(default=3, gt=0)
+
+    @field_validator("mechanisms", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v.upper() if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthSettings:
+        if self.required and not self.users_file:
+            raise ValueError("required needs users_file")
+        return self
+
+
+class LimitsSettings(_Section):
+    """``[smtp.limits]``: per-client limits against abuse."""
+
+    max_connections_per_address: int = Field(default=50, ge=0)
+    max_new_connections_per_minute: int = Field(default=600, ge=0)
+    exempt_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    max_errors: int = Field(default=20, ge=0)
+    min_data_rate: int = Field(default=1024, ge=0)
+    data_rate_grace: float = Field(default=30.0, ge=0)
+
+    @field_validator("exempt_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        _check_networks(value)
+        return value
+
+
+class ProxyProtocolSettings(_Section):
+    """``[smtp.proxy_protocol]``: HAProxy PROXY v1/v2 from load balancers."""
+
+    trusted_networks: list[str] = Field(default_factory=list)
+    header_timeout: PositiveSeconds = 5.0
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        _check_networks(value)
+        return value
+
+
+def _check_networks(values: list[str]) -> None:
+    for item in values:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
+
+
 class SmtpSettings(_Section):
     """``[smtp]``: the SMTP listener."""
 
@@ -102,6 +205,20 @@ class SmtpSettings(_Section):
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+    recipient_domains: list[str] = Field(default_factory=list)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    proxy_protocol: ProxyProtocolSettings = Field(default_factory=ProxyProtocolSettings)
+
+    @field_validator("recipient_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or item.strip(".") == "" or any(c.isspace() or c == "@" for c in item):
+                raise ValueError(f"{item!r} is not a domain (example.com or .example.com)")
+        return [item.lower().rstrip(".") for item in value]
 
     @field_validator("listen")
     @classmethod
@@ -283,6 +400,21 @@ class Settings(BaseSettings):
         return data
 
 
+def section_names() -> frozenset[str]:
+    """Every section and subsection as dotted names: ``smtp``, ``smtp.tls``, …"""
+    names: set[str] = set()
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for key, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                names.add(prefix + key)
+                walk(annotation, f"{prefix}{key}.")
+
+    walk(Settings, "")
+    return frozenset(names)
+
+
 def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
     """Which settings file to read: the SPEC's order, or None for defaults only."""
     if explicit is not None:
@@ -346,8 +478,15 @@ def _reject_unknown_environment(environ: Mapping[str, str]) -> None:
             raise ConfigError(f"{name}: unknown setting section {section!r}")
         if key is None:
             continue  # a whole section as JSON; validated like the file
-        if key.partition("__")[0] not in model.model_fields:
-            raise ConfigError(f"{name}: unknown setting {section}.{key}")
+        for part in key.split("__"):
+            field = model.model_fields.get(part)
+            if field is None:
+                dotted = ".".join([section, *key.split("__")])
+                raise ConfigError(f"{name}: unknown setting {dotted}")
+            annotation = field.annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break  # a value; what follows "__" is pydantic-settings' business
+            model = annotation
 
 
 def _undecodable_environment(environ: Mapping[str, str]) -> str:

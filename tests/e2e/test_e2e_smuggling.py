@@ -2,11 +2,15 @@
 
 Each sequence below ends DATA in some lenient server; here each must stay
 inside the message, so the "smuggled" second transaction is just text of the
-first: one 250 for the DATA, one job, and the smuggled lines in its raw.
+first. With ``smtp.bare_newlines = "reject"`` (the default) the message with
+the bare CR or LF is refused with 554 and no job exists; with "normalize" it
+is one 250, one job, and the smuggled lines are text in its raw. Either way
+the smuggled MAIL/RCPT/DATA never run.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -24,11 +28,13 @@ SMUGGLED = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def smuggling_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for every sequence: these tests only add jobs."""
+@pytest.fixture(scope="module", params=["reject", "normalize"])
+def smuggling_daemon(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Daemon]:
+    """One daemon per bare_newlines mode for every sequence: these tests only add jobs."""
     with launcher(tmp_path_factory.mktemp("smuggling")) as launch:
-        yield launch.daemon()
+        yield launch.daemon({"smtp": {"bare_newlines": request.param}})
 
 
 @pytest.mark.parametrize(
@@ -54,6 +60,11 @@ def test_bare_cr_or_lf_dot_does_not_end_data(smuggling_daemon: Daemon, ending: b
         conn.wait_closed()
 
     codes = [reply.code for reply in replies]
+    if daemon.settings["smtp"]["bare_newlines"] == "reject":
+        assert codes == [554, 221], f"replies after the DATA: {[str(r) for r in replies]}"
+        assert replies[0].lines[0].startswith("5.6.0")
+        assert [job for job in daemon.jobs() if job.id not in before] == []
+        return
     assert codes == [250, 221], f"replies after the DATA: {[str(r) for r in replies]}"
     job_id = queued_id(replies[0])
 
@@ -64,5 +75,6 @@ def test_bare_cr_or_lf_dot_does_not_end_data(smuggling_daemon: Daemon, ending: b
     assert payload["envelope"]["allRecipients"] == ["rcpt@example.com"]
     raw = payload["message"]["raw"]
     assert "MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nsmuggled\r\n" in raw
-    # Nothing unstuffed or normalised: the sequence is in the message as sent.
-    assert "innocent text" + ending.decode() + "MAIL FROM:<evil@x>" in raw
+    # Not unstuffed, and every bare CR and LF made CRLF.
+    normalized = re.sub("\r\n|\r|\n", "\r\n", ending.decode())
+    assert "innocent text" + normalized + "MAIL FROM:<evil@x>" in raw

@@ -608,10 +608,49 @@ def test_dot_unstuffing() -> None:
     assert transcript.messages[0].data == b".first\r\nmid..dle\r\n.x\r\n..\r\n.\t\r\n.\r\n"
 
 
+NORMALIZE = ProtocolConfig(bare_newlines="normalize")
+
+
+def normalized(data: bytes) -> bytes:
+    """``data`` with every bare CR and bare LF made CRLF."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
 def test_dot_after_bare_lf_or_cr_is_not_unstuffed() -> None:
+    # Unstuffing looks at CRLF only; normalising comes after it.
     body = b"a\n..b\r..c\r\n"
-    transcript = drive([*ENVELOPE, body, END])
-    assert transcript.messages[0].data == body
+    transcript = drive([*ENVELOPE, body, END], config=NORMALIZE)
+    assert transcript.messages[0].data == b"a\r\n..b\r\n..c\r\n"
+
+
+@pytest.mark.parametrize("body", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n\r\n", b"a\n\rb\r\n"])
+def test_bare_newline_is_refused_by_default(body: bytes) -> None:
+    transcript = drive([*ENVELOPE, body, END, MAIL, RCPT, DATA, BODY, END, QUIT])
+    first, second = transcript.messages
+    assert first.reply is not None
+    assert first.reply.code == 554
+    assert first.data == b""
+    assert second.reply is None
+    assert second.data == BODY
+    # Refused after the dot, and the session goes on normally.
+    assert transcript.statuses[-7:] == [
+        "354",
+        "554 5.6.0",
+        "250 2.1.0",
+        "250 2.1.5",
+        "354",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
+
+
+def test_bare_newlines_normalized_when_asked() -> None:
+    body = b"one\ntwo\rthree\r\r\nfour\n\r\n"
+    transcript = drive([*ENVELOPE, body, END], config=NORMALIZE)
+    (message,) = transcript.messages
+    assert message.reply is None
+    assert message.data == b"one\r\ntwo\r\nthree\r\n\r\nfour\r\n\r\n"
+    assert message.size == len(message.data)
 
 
 def test_empty_message() -> None:
@@ -633,7 +672,8 @@ SMUGGLED = b"MAIL FROM:<evil>\r\nRCPT TO:<x>\r\nDATA\r\nsmuggled\r\n"
 
 @pytest.mark.parametrize("sequence", SMUGGLING, ids=repr)
 @pytest.mark.parametrize("feed", ["whole", "lines", "bytes"])
-def test_only_crlf_dot_crlf_ends_data(sequence: bytes, feed: str) -> None:
+@pytest.mark.parametrize("bare_newlines", ["reject", "normalize"])
+def test_only_crlf_dot_crlf_ends_data(sequence: bytes, feed: str, bare_newlines: str) -> None:
     body = b"Subject: test\r\n\r\nhello" + sequence + SMUGGLED
     stream = b"".join([*ENVELOPE, body, END, QUIT])
     chunks = {
@@ -641,14 +681,21 @@ def test_only_crlf_dot_crlf_ends_data(sequence: bytes, feed: str) -> None:
         "lines": [*ENVELOPE, b"Subject: test\r\n\r\nhello", sequence, SMUGGLED, END, QUIT],
         "bytes": byte_by_byte(stream),
     }[feed]
-    transcript = drive(chunks)
+    config = ProtocolConfig(bare_newlines="reject" if bare_newlines == "reject" else "normalize")
+    transcript = drive(chunks, config=config)
+    # Either way: one message, the smuggled commands inside it never ran.
     (message,) = transcript.messages
-    assert message.data == body
-    assert b"smuggled" in message.data
     assert message.recipients == ("b@example.net",)
     assert transcript.statuses.count("354") == 1
-    assert transcript.statuses[-2:] == ["250 2.0.0", "221 2.0.0"]
     assert_one_message_per_data(transcript)
+    if bare_newlines == "reject":
+        assert message.reply is not None
+        assert message.data == b""
+        assert transcript.statuses[-2:] == ["554 5.6.0", "221 2.0.0"]
+    else:
+        assert message.data == normalized(body)
+        assert b"smuggled" in message.data
+        assert transcript.statuses[-2:] == ["250 2.0.0", "221 2.0.0"]
 
 
 def test_terminator_split_at_every_boundary() -> None:
@@ -957,7 +1004,7 @@ def test_invalid_utf8_command_is_500(line: bytes) -> None:
 
 
 def test_8bit_and_nul_data_pass_through() -> None:
-    body = bytes(range(256)).replace(b"\n", b"") + b"\r\n\x00\r\n"
+    body = bytes(range(256)).replace(b"\n", b"").replace(b"\r", b"") + b"\r\n\x00\r\n"
     transcript = drive([*ENVELOPE, body, END])
     assert transcript.messages[0].data == body
 
@@ -1062,18 +1109,19 @@ def test_dot_stuffed_data_round_trips(first: bytes, second: bytes, raw: bytes) -
     first, first_stuffed = dot_stuff(first)
     second, second_stuffed = dot_stuff(second)
     stream = b"".join([*ENVELOPE, first_stuffed, END, MAIL, RCPT, DATA, second_stuffed, END, QUIT])
-    transcript = drive([stream])
-    assert [m.data for m in transcript.messages] == [first, second]
+    transcript = drive([stream], config=NORMALIZE)
+    assert [m.data for m in transcript.messages] == [normalized(first), normalized(second)]
     assert transcript.statuses[-1] == "221 2.0.0"
     assert transcript.statuses.count("354") == 2
     # Content that is not stuffed at all still never makes two messages,
     # and makes exactly one, unstuffed, unless it holds a terminator.
-    transcript = drive([b"".join([*ENVELOPE, raw, b"\r\n", END])])
+    transcript = drive([b"".join([*ENVELOPE, raw, b"\r\n", END])], config=NORMALIZE)
     assert_one_message_per_data(transcript)
     check_wire_format(transcript)
     if b"\r\n.\r\n" not in b"\r\n" + raw + b"\r\n":
         (message,) = transcript.messages
-        assert message.data == (b"\r\n" + raw + b"\r\n").replace(b"\r\n..", b"\r\n.")[2:]
+        unstuffed = (b"\r\n" + raw + b"\r\n").replace(b"\r\n..", b"\r\n.")[2:]
+        assert message.data == normalized(unstuffed)
 
 
 @settings(

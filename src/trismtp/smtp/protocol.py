@@ -34,7 +34,26 @@ Limits are enforced as bytes arrive, never after buffering them whole:
 
 Only ``<CRLF>.<CRLF>`` ends ``DATA``; a dot is removed only where it starts a
 line that follows a CRLF. A bare LF or CR is data, never a line end for the
-purpose of ending the message, which is what defeats SMTP smuggling.
+purpose of ending the message, which is what defeats SMTP smuggling. A
+message that holds one is then refused (``554 5.6.0``, the default) or has
+every bare CR and LF turned into CRLF (``bare_newlines = "normalize"``).
+
+STARTTLS and AUTH
+-----------------
+
+The machine does the SMTP side of both and leaves cryptography to the
+application. ``220`` sent to ``STARTTLS`` puts it in ``State.TLS``: whatever
+the client pipelined after the command is discarded (RFC 3207, CVE-2011-0411),
+HELO and AUTH are forgotten, and :meth:`~ServerConnection.next_event` refuses
+to run until the application has done the handshake and called
+:meth:`~ServerConnection.tls_established`.
+
+``AUTH`` (PLAIN, LOGIN) is a short exchange of ``334`` challenges; each step
+is a ``Command`` with verb ``AUTH`` and the mechanism as its argument (never
+the response, which holds the password). The last step proposes ``235`` and
+carries the decoded :class:`~trismtp.auth.Credentials`: the application
+checks them and sends ``235``, or ``535`` to refuse. Any non-``334`` reply
+ends the exchange.
 
 States (``State``) and the commands each accepts::
 
@@ -46,6 +65,8 @@ States (``State``) and the commands each accepts::
     RCPT      DATA --send(354)-->     DATA
     DATA      <CRLF>.<CRLF>     -->   MESSAGE  (MessageReceived pending)
     MESSAGE   --send(any)-->          READY
+    READY     STARTTLS --send(220)--> TLS --tls_established()--> READY (hello forgotten)
+    READY     AUTH --send(334)-->     AUTH --send(334)--> AUTH --send(any)--> READY
     any       RSET              -->   READY (envelope cleared)
     any       QUIT --send(221)-->     CLOSED
     any       --send(421)-->          CLOSED
@@ -57,6 +78,16 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+from trismtp.auth import (
+    LOGIN_PASSWORD_CHALLENGE,
+    LOGIN_USERNAME_CHALLENGE,
+    Credentials,
+    SaslError,
+    decode_login_field,
+    decode_plain,
+)
 
 __all__ = [
     "NEED_DATA",
@@ -97,7 +128,11 @@ class Reply:
             # Only the first line carries the enhanced code in our replies
             # (EHLO keywords must stand alone on theirs).
             text = prefix + line if i == 0 else line
-            parts.append(f"{self.code}{sep}{text}".rstrip(" ") + "\r\n")
+            line_out = f"{self.code}{sep}{text}"
+            # "334 " with an empty challenge keeps its space (RFC 4954).
+            if self.code != 334:
+                line_out = line_out.rstrip(" ")
+            parts.append(line_out + "\r\n")
         return "".join(parts).encode("utf-8")
 
     @property
@@ -113,6 +148,21 @@ class ProtocolConfig:
     hostname: str = "localhost"
     max_message_size: int = 26_214_400
     max_recipients: int = 100
+    #: Offer STARTTLS (the server has a certificate).
+    starttls: bool = False
+    #: MAIL (and AUTH) before STARTTLS get 530 5.7.0.
+    require_tls: bool = False
+    #: SASL mechanisms offered ("PLAIN", "LOGIN"); empty: no AUTH.
+    auth_mechanisms: tuple[str, ...] = ()
+    #: Offer AUTH on a connection that is not encrypted.
+    auth_without_tls: bool = False
+    #: MAIL before a successful AUTH gets 530 5.7.0.
+    require_auth: bool = False
+    #: A bare CR or LF in a message: "reject" it (554) or "normalize" to CRLF.
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+    #: Recipient domains accepted (lower case; ".example.com" also takes its
+    #: subdomains); empty: any. Others get 550 5.7.1.
+    recipient_domains: frozenset[str] = frozenset()
 
 
 class State(enum.Enum):
@@ -124,6 +174,8 @@ class State(enum.Enum):
     RCPT = "rcpt"
     DATA = "data"
     MESSAGE = "message"
+    AUTH = "auth"  # in a SASL exchange: the next line is a response, not a command
+    TLS = "tls"  # 220 sent to STARTTLS; waiting for the handshake
     CLOSED = "closed"
 
 
@@ -142,7 +194,9 @@ class Command:
 
     ``verb`` is upper-cased (``""`` for an unparseable line); ``reply`` is
     what the protocol proposes. For MAIL and RCPT, ``address`` is the path
-    without angle brackets and ``params`` the ESMTP parameters.
+    without angle brackets and ``params`` the ESMTP parameters. For the
+    last step of AUTH, ``credentials`` are what the client sent, to check
+    before sending the proposed ``235``.
     """
 
     verb: str
@@ -150,6 +204,7 @@ class Command:
     reply: Reply
     address: str | None = None
     params: dict[str, str | None] = field(default_factory=dict)
+    credentials: Credentials | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +239,13 @@ _BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 _LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 _NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 
+_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+_NOT_HTTP = Reply(421, "4.7.0", "This is an SMTP server, not HTTP; closing connection")
+_BARE_NEWLINE = Reply(554, "5.6.0", "Message has a bare CR or LF; lines must end with CRLF")
+_HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_NEWLINE_RE = re.compile(rb"\r\n|\r|\n")
 _KNOWN_UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT"})
 _PATH_RE = re.compile(r"\s*<([^<>]*)>(.*)\Z|\s*([^\s<>]+)(.*)\Z", re.DOTALL)
 _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -212,10 +274,18 @@ class ServerConnection:
         self._line_start = 0
         self._body_size = 0
         self._body_error: Reply | None = None
+        #: True once TLS is up (see :meth:`tls_established`).
+        self.secure = False
+        #: ``(mechanism, username)`` after a successful AUTH.
+        self.authenticated: tuple[str, str] | None = None
+        # SASL: the exchange in progress as (mechanism, username so far), and
+        # the one a positive reply to the pending event would continue with.
+        self._sasl: tuple[str, str | None] | None = None
+        self._next_sasl: tuple[str, str | None] | None = None
 
     # -- input ------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the client; ``b""`` means it closed its side."""
         if not data:
             self._eof = True
@@ -233,6 +303,8 @@ class ServerConnection:
             return ConnectionClosed()
         if self.state is State.GREETING:
             raise RuntimeError("send the greeting first")
+        if self.state is State.TLS:
+            raise RuntimeError("complete the TLS handshake and call tls_established() first")
         event = self._message_event() if self.state is State.DATA else self._command_event()
         if event is None:
             if self._eof:
@@ -268,7 +340,20 @@ class ServerConnection:
             self.state = State.READY
         elif isinstance(event, Command) and reply.positive:
             self._apply(event)
+        elif self.state is State.AUTH:
+            # Any refusal ends a SASL exchange (RFC 4954: 501, 535, …).
+            self.state = State.READY
+            self._sasl = None
         return reply.encode()
+
+    def tls_established(self) -> None:
+        """The TLS handshake that followed ``220`` to STARTTLS succeeded.
+
+        Also call it right after the greeting on an implicit-TLS listener.
+        """
+        if self.state is State.TLS:
+            self.state = State.READY
+        self.secure = True
 
     @property
     def in_transaction(self) -> bool:
@@ -284,7 +369,26 @@ class ServerConnection:
 
     def _apply(self, event: Command) -> None:
         verb = event.verb
-        if verb in ("EHLO", "HELO"):
+        if verb == "AUTH":
+            if event.reply.code == 334:
+                self._sasl = self._next_sasl
+                self.state = State.AUTH
+            elif event.credentials is not None:
+                self.authenticated = (event.argument, event.credentials.username)
+                self._sasl = None
+                self.state = State.READY
+        elif verb == "STARTTLS":
+            # RFC 3207 §4.2: forget everything learnt in plaintext, and
+            # discard what the client sent after STARTTLS before the
+            # handshake (CVE-2011-0411: commands injected into the
+            # plaintext part must not run inside the TLS session).
+            self._buf.clear()
+            self._discarding_line = False
+            self.helo = ""
+            self.authenticated = None
+            self._reset_transaction()
+            self.state = State.TLS
+        elif verb in ("EHLO", "HELO"):
             self.helo = event.argument
             self._reset_transaction()
             self.state = State.READY
@@ -345,6 +449,8 @@ class ServerConnection:
                 return Command("", "", _LINE_TOO_LONG)
             line = bytes(self._buf[:end])
             del self._buf[: end + 1]
+            if self.state is State.AUTH:
+                return self._sasl_response(line.removesuffix(b"\r"))
             return self._parse_command(line.removesuffix(b"\r"))
 
     def _parse_command(self, raw: bytes) -> Command:
@@ -357,6 +463,11 @@ class ServerConnection:
         verb = verb.upper() if verb.isascii() else ""
         argument = argument.strip()
         handler = _HANDLERS.get(verb)
+        if handler is None and (verb in _HTTP_METHODS or (len(verb) > 1 and verb[-1] == ":")):
+            # An HTTP request (or a header line) sent to the SMTP port: a
+            # browser, a scanner, or a cross-protocol attack. Do not answer
+            # it line by line; close.
+            return Command(verb, "", _NOT_HTTP)
         if handler is None:
             if verb in _KNOWN_UNIMPLEMENTED:
                 return Command(verb, argument, _NOT_IMPLEMENTED)
@@ -370,7 +481,7 @@ class ServerConnection:
             return Command(verb, argument, Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
         if verb == "HELO":
             return Command(verb, argument, Reply(250, "", self.config.hostname))
-        lines = (
+        lines: tuple[str, ...] = (
             self.config.hostname,
             "PIPELINING",
             "8BITMIME",
@@ -378,13 +489,27 @@ class ServerConnection:
             "ENHANCEDSTATUSCODES",
             f"SIZE {self.config.max_message_size}",
         )
+        if self.config.starttls and not self.secure:
+            lines += ("STARTTLS",)
+        if self._auth_offered():
+            lines += ("AUTH " + " ".join(self.config.auth_mechanisms),)
         return Command(verb, argument, Reply(250, "", lines))
+
+    def _auth_offered(self) -> bool:
+        config = self.config
+        if not config.auth_mechanisms or (config.require_tls and not self.secure):
+            return False
+        return self.secure or config.auth_without_tls
 
     def _mail(self, verb: str, argument: str) -> Command:
         if not self.helo:
             return Command(verb, argument, Reply(503, "5.5.1", "Send EHLO or HELO first"))
         if self.in_transaction:
             return Command(verb, argument, Reply(503, "5.5.1", "Nested MAIL command"))
+        if self.config.require_tls and not self.secure:
+            return Command(verb, argument, _TLS_REQUIRED)
+        if self.config.require_auth and self.authenticated is None:
+            return Command(verb, argument, Reply(530, "5.7.0", "Authentication required"))
         parsed = _parse_path(argument, "FROM:")
         if isinstance(parsed, Reply):
             return Command(verb, argument, parsed)
@@ -406,6 +531,8 @@ class ServerConnection:
             elif name == "SMTPUTF8":
                 if value is not None:
                     return Command(verb, argument, Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            elif name == "AUTH" and self._auth_offered():
+                pass  # RFC 4954 §5: the submitter's identity; not used
             else:
                 return Command(
                     verb, argument, Reply(555, "5.5.4", f"Parameter {name} not recognized")
@@ -424,6 +551,12 @@ class ServerConnection:
         if params:
             name = next(iter(params))
             return Command(verb, argument, Reply(555, "5.5.4", f"Parameter {name} not recognized"))
+        if self.config.recipient_domains and not _domain_accepted(
+            address, self.config.recipient_domains
+        ):
+            return Command(
+                verb, argument, Reply(550, "5.7.1", "Recipient domain not accepted here")
+            )
         if len(self.recipients) >= self.config.max_recipients:
             return Command(verb, argument, Reply(452, "4.5.3", "Too many recipients"))
         return Command(verb, argument, Reply(250, "2.1.5", "OK"), address, params)
@@ -436,6 +569,82 @@ class ServerConnection:
         if self.state is not State.RCPT:
             return Command(verb, argument, _BAD_SEQUENCE)
         return Command(verb, argument, Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _starttls(self, verb: str, argument: str) -> Command:
+        if not self.config.starttls:
+            return Command(verb, argument, _NOT_IMPLEMENTED)
+        if argument:
+            return Command(verb, argument, Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.secure:
+            return Command(verb, argument, Reply(503, "5.5.1", "TLS already active"))
+        if self.in_transaction:
+            return Command(verb, argument, Reply(503, "5.5.1", "STARTTLS inside a transaction"))
+        return Command(verb, argument, Reply(220, "2.0.0", "Ready to start TLS"))
+
+    def _auth(self, verb: str, argument: str) -> Command:
+        # The argument may hold an initial response, i.e. a password: the
+        # event carries only the mechanism, so that nothing logs it.
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper() if mechanism.isascii() else ""
+        config = self.config
+        if not config.auth_mechanisms:
+            return Command(verb, mechanism, _NOT_IMPLEMENTED)
+        if not self._auth_offered():
+            if config.require_tls:
+                return Command(verb, mechanism, _TLS_REQUIRED)
+            return Command(
+                verb,
+                mechanism,
+                Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"),
+            )
+        if not self.helo:
+            return Command(verb, mechanism, Reply(503, "5.5.1", "Send EHLO first"))
+        if self.authenticated is not None:
+            return Command(verb, mechanism, Reply(503, "5.5.1", "Already authenticated"))
+        if self.in_transaction:
+            return Command(verb, mechanism, Reply(503, "5.5.1", "AUTH inside a transaction"))
+        if mechanism not in config.auth_mechanisms:
+            return Command(verb, mechanism, Reply(504, "5.5.4", "Unrecognized authentication type"))
+        initial = initial.strip()
+        if not initial:
+            challenge = "" if mechanism == "PLAIN" else LOGIN_USERNAME_CHALLENGE
+            return self._challenge(mechanism, None, challenge)
+        # RFC 4954 §4: "=" is an empty initial response.
+        return self._sasl_step(mechanism, None, "" if initial == "=" else initial)
+
+    def _sasl_response(self, raw: bytes) -> Command:
+        assert self._sasl is not None
+        mechanism, username = self._sasl
+        try:
+            response = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            response = "\x00"  # not base64: refused below
+        if response == "*":
+            return Command("AUTH", mechanism, Reply(501, "5.7.0", "Authentication cancelled"))
+        return self._sasl_step(mechanism, username, response)
+
+    def _sasl_step(self, mechanism: str, username: str | None, response: str) -> Command:
+        try:
+            if mechanism == "PLAIN":
+                credentials = decode_plain(response)
+            elif username is None:
+                return self._challenge(
+                    mechanism, decode_login_field(response), LOGIN_PASSWORD_CHALLENGE
+                )
+            else:
+                credentials = Credentials(username, decode_login_field(response))
+        except SaslError as exc:
+            return Command("AUTH", mechanism, Reply(501, "5.5.2", f"Invalid response: {exc}"))
+        return Command(
+            "AUTH",
+            mechanism,
+            Reply(235, "2.7.0", "Authentication successful"),
+            credentials=credentials,
+        )
+
+    def _challenge(self, mechanism: str, username: str | None, challenge: str) -> Command:
+        self._next_sasl = (mechanism, username)
+        return Command("AUTH", mechanism, Reply(334, "", challenge))
 
     def _rset(self, verb: str, argument: str) -> Command:
         if argument:
@@ -461,7 +670,11 @@ class ServerConnection:
         return Command(
             verb,
             argument,
-            Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),
+            Reply(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            ),
         )
 
     # -- DATA mode ----------------------------------------------------------
@@ -512,6 +725,12 @@ class ServerConnection:
         error = self._body_error
         if received > self.config.max_message_size:
             error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+        crlf = data.count(b"\r\n")
+        if error is None and (data.count(b"\n") != crlf or data.count(b"\r") != crlf):
+            if self.config.bare_newlines == "reject":
+                error = _BARE_NEWLINE
+            else:
+                data = _NEWLINE_RE.sub(b"\r\n", data)
         size = len(data) if error is None else received
         return MessageReceived(
             helo=self.helo,
@@ -535,6 +754,8 @@ _HANDLERS: dict[str, Callable[[ServerConnection, str, str], Command]] = {
     "QUIT": ServerConnection._quit,
     "VRFY": ServerConnection._vrfy,
     "HELP": ServerConnection._help,
+    "STARTTLS": ServerConnection._starttls,
+    "AUTH": ServerConnection._auth,
 }
 
 
@@ -562,6 +783,18 @@ def _parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]
             return Reply(501, "5.5.4", f"Bad parameter {item!r}")
         params[name.upper()] = value if eq else None
     return address, params
+
+
+def _domain_accepted(address: str, domains: frozenset[str]) -> bool:
+    """Is ``address``'s domain in ``domains`` (``.example.com`` takes subdomains)?"""
+    _, at, domain = address.rpartition("@")
+    if not at:
+        # RFC 5321 §4.5.1: <postmaster> without a domain must be accepted.
+        return address.lower() == "postmaster"
+    domain = domain.lower().rstrip(".")
+    if domain in domains:
+        return True
+    return any(d.startswith(".") and (domain.endswith(d) or domain == d[1:]) for d in domains)
 
 
 def _has_long_line(buf: bytearray, start: int, end: int) -> bool:

@@ -30,6 +30,7 @@ Sessions still open when the grace period ends are cancelled.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,10 +38,12 @@ from itertools import count
 
 import trio
 
+from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
 from trismtp.message import Envelope
-from trismtp.settings import HostPort, JobsSettings, SmtpSettings
+from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
+from trismtp.smtp.limits import AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
     Command,
@@ -51,49 +54,139 @@ from trismtp.smtp.protocol import (
     ServerConnection,
     State,
 )
+from trismtp.smtp.proxy import ProxyError, is_trusted, parse_networks, parse_proxy_header
+from trismtp.smtp.tls import ServerTls, session_tls
 
-__all__ = ["PushJob", "SmtpServer"]
+__all__ = ["PushJob", "SmtpServer", "load_security"]
 
 log = logging.getLogger("trismtp.smtp")
 
-READ_SIZE = 64 * 1024
+# Bytes asked for per read: a whole 64 KiB socket buffer in one call.
+READ_SIZE = 65536
 # Messages from this size on are parsed in a worker thread.
 PARSE_IN_THREAD = 256 * 1024
 # A refused or closing connection gets this long to take its last reply.
 LAST_WORDS_TIMEOUT = 5.0
+# A TLS handshake (implicit or after STARTTLS) must finish within this.
+HANDSHAKE_TIMEOUT = 30.0
+# Password checks (scrypt: ~50 ms and 16 MiB each) running at once.
+AUTH_THREADS = 2
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
+TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly, closing connection")
 
 PushJob = Callable[[str, str, str], Awaitable[None]]
 """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
 
 
+def load_security(settings: SmtpSettings) -> tuple[ServerTls | None, UsersFile | None]:
+    """Load the certificate and the users file named in ``settings``.
+
+    Raises ConfigError naming the key, so that a broken file stops the
+    daemon at start rather than at the first STARTTLS or AUTH.
+    """
+    tls = ServerTls(settings.tls) if settings.tls.enabled else None
+    users = None
+    if settings.auth.users_file:
+        try:
+            users = UsersFile.load(settings.auth.users_file)
+        except AuthFileError as exc:
+            raise ConfigError(f"smtp.auth.users_file: {exc}") from None
+    return tls, users
+
+
 @dataclass(eq=False)
 class _Session:
     id: int
-    remote: str
+    remote: str  # "203.0.113.5:53211": the client, from the PROXY header if trusted
+    address: str  # its IP address alone, for the limits
     conn: ServerConnection
+    stream: trio.abc.Stream
     read_scope: trio.CancelScope | None = None
+    tls: dict[str, str] | None = None
+    errors: int = 0
+    auth_failures: int = 0
 
     @property
     def idle(self) -> bool:
         return not self.conn.in_transaction and not self.conn.awaiting_reply
 
 
+class _PrefixedStream(trio.abc.Stream):
+    """A stream that first gives back bytes already read from it.
+
+    Reading the PROXY header may read past it; what followed is the client's
+    first bytes (SMTP, or a TLS ClientHello), handed out here before the
+    socket is read again.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class SmtpServer:
     """Accepts SMTP connections and turns each accepted DATA into one job."""
 
-    def __init__(self, settings: SmtpSettings, jobs: JobsSettings, push: PushJob) -> None:
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        jobs: JobsSettings,
+        push: PushJob,
+        *,
+        tls: ServerTls | None = None,
+        users: UsersFile | None = None,
+    ) -> None:
         self._settings = settings
         self._jobs = jobs
         self._push = push
+        if (tls is None and settings.tls.enabled) or (users is None and settings.auth.users_file):
+            loaded_tls, loaded_users = load_security(settings)
+            tls = tls or loaded_tls
+            users = users or loaded_users
+        self._tls = tls
+        self._users = users
         self._config = ProtocolConfig(
             hostname=settings.hostname,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
+            starttls=tls is not None and settings.tls.starttls,
+            require_tls=settings.tls.required,
+            auth_mechanisms=tuple(settings.auth.mechanisms) if users is not None else (),
+            auth_without_tls=settings.auth.allow_without_tls,
+            require_auth=settings.auth.required,
+            bare_newlines=settings.bare_newlines,
+            recipient_domains=frozenset(settings.recipient_domains),
         )
+        limits = settings.limits
+        self._limits = AddressLimits(
+            limits.max_connections_per_address, limits.max_new_connections_per_minute
+        )
+        self._exempt = parse_networks(limits.exempt_networks)
+        self._proxy_networks = parse_networks(settings.proxy_protocol.trusted_networks)
+        self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
         self._sessions: set[_Session] = set()
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
@@ -108,27 +201,51 @@ class SmtpServer:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen and serve until :meth:`shutdown` and every session ended."""
-        listeners: list[trio.SocketListener] = []
-        for address in self._settings.addresses():
-            try:
-                listeners.extend(await trio.open_tcp_listeners(address.port, host=address.host))
-            except OSError as exc:
-                for listener in listeners:
-                    await listener.aclose()
-                reason = exc.strerror or str(exc)
-                raise OSError(exc.errno, f"SMTP cannot listen on {address}: {reason}") from exc
-        bound = [_host_port(listener.socket.getsockname()) for listener in listeners]
+        """Listen and serve until :meth:`shutdown` and every session ended.
+
+        Reports the bound addresses: ``smtp.listen`` first, then
+        ``smtp.tls.implicit_listen``.
+        """
+        addresses = [(a, False) for a in self._settings.addresses()]
+        addresses += [(a, True) for a in self._settings.tls.addresses()]
+        plain: list[trio.SocketListener] = []
+        implicit: list[trio.SocketListener] = []
+        try:
+            for address, is_implicit in addresses:
+                try:
+                    opened = await trio.open_tcp_listeners(address.port, host=address.host)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    raise OSError(exc.errno, f"SMTP cannot listen on {address}: {reason}") from exc
+                (implicit if is_implicit else plain).extend(opened)
+        except BaseException:
+            for listener in plain + implicit:
+                await listener.aclose()
+            raise
+        bound = [_host_port(listener.socket.getsockname()) for listener in plain + implicit]
         async with trio.open_nursery() as handlers:
             self._handler_scope = handlers.cancel_scope
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
-                    await acceptors.start(
-                        partial(
-                            trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
+                    for listeners, handler in (
+                        (plain, self._handle),
+                        (implicit, partial(self._handle, implicit_tls=True)),
+                    ):
+                        if listeners:
+                            await acceptors.start(
+                                partial(
+                                    trio.serve_listeners,
+                                    handler,
+                                    listeners,
+                                    handler_nursery=handlers,
+                                )
+                            )
+                    log.info("SMTP listening on %s", ", ".join(map(str, bound[: len(plain)])))
+                    if implicit:
+                        log.info(
+                            "SMTP with implicit TLS listening on %s",
+                            ", ".join(map(str, bound[len(plain) :])),
                         )
-                    )
-                    log.info("SMTP listening on %s", ", ".join(map(str, bound)))
                     task_status.started(bound)
                     if self._shutting_down:
                         self._accept_scope.cancel()
@@ -153,91 +270,277 @@ class SmtpServer:
             grace,
         )
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    def reload(self) -> None:
+        """SIGHUP: read the TLS certificate and the users file again.
+
+        What fails to load is logged and the previous one kept.
+        """
+        if self._tls is not None:
+            self._tls.reload()
+        path = self._settings.auth.users_file
+        if self._users is not None and path:
+            try:
+                self._users = UsersFile.load(path)
+            except AuthFileError as exc:
+                log.error("users file reload failed, keeping the previous one: %s", exc)
+            else:
+                log.info("users file reloaded: %d users", len(self._users))
+
+    # -- one connection ---------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream, *, implicit_tls: bool = False) -> None:
         session: _Session | None = None
+        limited = False
         try:
-            remote = str(_host_port(stream.socket.getpeername()))
-            session = _Session(next(self._session_ids), remote, ServerConnection(self._config))
-            if len(self._sessions) >= self._settings.max_connections:
-                log.warning("refusing %s: max_connections reached", remote)
-                with trio.move_on_after(LAST_WORDS_TIMEOUT):
-                    await stream.send_all(session.conn.send(TOO_MANY_CONNECTIONS))
+            peer = _host_port(stream.socket.getpeername())
+            transport: trio.abc.Stream = stream
+            if self._proxy_networks and is_trusted(peer.host, self._proxy_networks):
+                proxied = await self._read_proxy_header(stream, peer)
+                if proxied is None:
+                    return
+                peer, prefix = proxied
+                if prefix:
+                    transport = _PrefixedStream(stream, prefix)
+            session = _Session(
+                next(self._session_ids),
+                str(peer),
+                peer.host,
+                ServerConnection(self._config),
+                transport,
+            )
+            refusal = self._admit(session)
+            if refusal is not None:
+                log.warning("refusing %s: %s", session.remote, refusal.lines()[0])
+                if not implicit_tls:  # a client waiting for TLS would not understand it
+                    with trio.move_on_after(LAST_WORDS_TIMEOUT):
+                        await transport.send_all(session.conn.send(refusal))
                 return
+            limited = not is_trusted(session.address, self._exempt)
             self._sessions.add(session)
-            await self._converse(stream, session)
+            if implicit_tls and not await self._start_tls(session):
+                return
+            await self._converse(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             where = f"session {session.id} from {session.remote}" if session else "session"
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
-                self._sessions.discard(session)
+                if session in self._sessions:
+                    self._sessions.discard(session)
+                    if limited:
+                        self._limits.close(session.address)
+                closing = session.stream
+            else:
+                closing = stream
             with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
                 scope.shield = True
-                await stream.aclose()
+                await closing.aclose()
 
-    async def _converse(self, stream: trio.SocketStream, session: _Session) -> None:
+    def _admit(self, session: _Session) -> Reply | None:
+        """The refusal for a new connection, or None.
+
+        An admitted connection from an address that is not exempt is counted
+        in the per-address limits; :meth:`_handle` uncounts it at the end.
+        """
+        if len(self._sessions) >= self._settings.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if is_trusted(session.address, self._exempt):
+            return None
+        refusal = self._limits.open(session.address)
+        if refusal is None:
+            return None
+        return Reply(421, "4.7.0", f"{refusal[0].upper()}{refusal[1:]}, try again later")
+
+    async def _read_proxy_header(
+        self, stream: trio.SocketStream, peer: HostPort
+    ) -> tuple[HostPort, bytes] | None:
+        """The client's address from the PROXY header, and the bytes after it."""
+        buf = bytearray()
+        with trio.move_on_after(self._settings.proxy_protocol.header_timeout):
+            while True:
+                try:
+                    header = parse_proxy_header(buf)
+                except ProxyError as exc:
+                    log.warning("%s: bad PROXY protocol header: %s; closing", peer, exc)
+                    return None
+                if header is not None:
+                    client = peer if header.source is None else HostPort(*header.source)
+                    return client, bytes(buf[header.consumed :])
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    return None
+                buf += data
+        log.warning("%s: no PROXY protocol header in time; closing", peer)
+        return None
+
+    async def _start_tls(self, session: _Session) -> bool:
+        """The TLS handshake on the session's stream; False (logged) if it failed."""
+        assert self._tls is not None
+        tls_stream = self._tls.wrap(session.stream)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                reason = exc.__cause__ or exc
+                log.info(
+                    "session %d from %s: TLS handshake failed: %s",
+                    session.id,
+                    session.remote,
+                    reason,
+                )
+                return False
+            session.stream = tls_stream
+            session.tls = session_tls(tls_stream)
+            session.conn.tls_established()
+            log.debug(
+                "session %d from %s: TLS %s %s",
+                session.id,
+                session.remote,
+                session.tls["version"],
+                session.tls["cipher"],
+            )
+            return True
+        log.info("session %d from %s: TLS handshake timed out", session.id, session.remote)
+        return False
+
+    async def _converse(self, session: _Session) -> None:
         conn = session.conn
+        settings = self._settings
         out = bytearray(conn.greeting())
-        data_deadline = float("inf")
+        # A command line must be complete within command_timeout of the last
+        # reply: trickling it in a byte at a time does not extend that.
+        command_deadline = trio.current_time() + settings.command_timeout
+        data_deadline = rate_deadline = math.inf
+        data_started = 0.0
+        data_received = 0
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
                 if self._shutting_down and session.idle:
                     out += conn.send(SHUTTING_DOWN)
-                    await stream.send_all(out)
+                    await session.stream.send_all(out)
                     return
                 if out:
-                    await stream.send_all(out)
+                    await session.stream.send_all(out)
                     out.clear()
                 if conn.state is State.DATA:
+                    rate_deadline = self._rate_deadline(data_started, data_received)
                     deadline = min(
-                        data_deadline, trio.current_time() + self._settings.command_timeout
+                        data_deadline,
+                        rate_deadline,
+                        trio.current_time() + settings.command_timeout,
                     )
                 else:
-                    deadline = trio.current_time() + self._settings.command_timeout
-                data = await self._read(stream, session, deadline)
+                    deadline = command_deadline
+                data = await self._read(session, deadline)
                 if data is None:
                     if self._shutting_down and session.idle:
                         continue  # interrupted by shutdown: say 421 4.3.2 above
-                    log.info("session %d from %s: timeout", session.id, session.remote)
-                    await stream.send_all(conn.send(_timeout_reply(conn)))
+                    reply = _timeout_reply(conn)
+                    if conn.state is State.DATA and trio.current_time() >= rate_deadline:
+                        reply = TOO_SLOW
+                    log.info("session %d from %s: %s", session.id, session.remote, reply.lines()[0])
+                    await session.stream.send_all(conn.send(reply))
                     return
+                if conn.state is State.DATA:
+                    data_received += len(data)
                 conn.receive_data(data)
-            elif isinstance(event, ConnectionClosed):
+                continue
+            command_deadline = trio.current_time() + settings.command_timeout
+            if isinstance(event, ConnectionClosed):
                 if out:
-                    await stream.send_all(out)
+                    await session.stream.send_all(out)
                 return
-            elif isinstance(event, Command):
+            if isinstance(event, Command):
                 reply = event.reply
                 if self._shutting_down and not conn.in_transaction and event.verb != "QUIT":
                     reply = SHUTTING_DOWN
+                elif event.credentials is not None:
+                    if out:
+                        await session.stream.send_all(out)
+                        out.clear()
+                    reply = await self._authenticate(session, event, event.credentials)
                 out += conn.send(reply)
                 if reply.code == 354:
-                    data_deadline = trio.current_time() + self._settings.data_timeout
-            else:
-                assert isinstance(event, MessageReceived)
-                if out:
-                    await stream.send_all(out)
+                    data_started = trio.current_time()
+                    data_deadline = data_started + settings.data_timeout
+                    data_received = 0
+                elif reply.code == 220 and event.verb == "STARTTLS":
+                    await session.stream.send_all(out)
                     out.clear()
-                encoded = await self._encode_message(session, event)
-                # Drop the received bytes before the wait for the ack: the job
-                # carries them now, and a waiting session should hold one copy.
-                event = NEED_DATA
-                if isinstance(encoded, Reply):
-                    out += conn.send(encoded)
-                else:
-                    out += conn.send(await self._push_job(session, *encoded))
+                    if not await self._start_tls(session):
+                        return
+                elif reply.code == 421:
+                    log.info("session %d from %s: %s", session.id, session.remote, reply.lines()[0])
+                elif reply.code >= 500:
+                    session.errors += 1
+                    if 0 < settings.limits.max_errors <= session.errors:
+                        log.info("session %d from %s: too many errors", session.id, session.remote)
+                        out += conn.send(TOO_MANY_ERRORS)
+                continue
+            assert isinstance(event, MessageReceived)
+            if out:
+                await session.stream.send_all(out)
+                out.clear()
+            encoded = await self._encode_message(session, event)
+            # Drop the received bytes before the wait for the ack: the job
+            # carries them now, and a waiting session should hold one copy.
+            event = NEED_DATA
+            if isinstance(encoded, Reply):
+                out += conn.send(encoded)
+            else:
+                out += conn.send(await self._push_job(session, *encoded))
 
-    async def _read(
-        self, stream: trio.SocketStream, session: _Session, deadline: float
-    ) -> bytes | None:
+    def _rate_deadline(self, started: float, received: int) -> float:
+        """When DATA is too slow: ``min_data_rate`` on average, after a grace period."""
+        limits = self._settings.limits
+        if limits.min_data_rate <= 0:
+            return math.inf
+        return started + limits.data_rate_grace + received / limits.min_data_rate
+
+    async def _authenticate(
+        self, session: _Session, event: Command, credentials: Credentials
+    ) -> Reply:
+        """Check AUTH credentials: the proposed 235, or 535 after a delay."""
+        users = self._users
+        assert users is not None
+        ok = await trio.to_thread.run_sync(
+            users.verify,
+            credentials.username,
+            credentials.password,
+            limiter=self._auth_limiter,
+        )
+        if ok:
+            log.info(
+                "session %d from %s: authenticated as %r (%s)",
+                session.id,
+                session.remote,
+                credentials.username,
+                event.argument,
+            )
+            return event.reply
+        session.auth_failures += 1
+        log.warning(
+            "session %d from %s: AUTH %s failed for %r",
+            session.id,
+            session.remote,
+            event.argument,
+            credentials.username,
+        )
+        # Slow down guessing; other sessions go on meanwhile.
+        await trio.sleep(self._settings.auth.failure_delay)
+        if session.auth_failures >= self._settings.auth.max_failures:
+            return TOO_MANY_AUTH_FAILURES
+        return AUTH_FAILED
+
+    async def _read(self, session: _Session, deadline: float) -> bytes | bytearray | None:
         """Read what is there; None on timeout or shutdown interrupting an idle wait."""
         with trio.CancelScope(deadline=deadline) as scope:
             session.read_scope = scope
             if self._shutting_down and session.idle:
                 scope.cancel()
             try:
-                return await stream.receive_some(READ_SIZE)
+                return await session.stream.receive_some(READ_SIZE)
             finally:
                 session.read_scope = None
         return None
@@ -255,6 +558,7 @@ class SmtpServer:
                 event.reply.lines()[0],
             )
             return event.reply
+        authenticated = session.conn.authenticated
         email = EmailJob(
             raw=event.data,
             envelope=Envelope(
@@ -263,6 +567,12 @@ class SmtpServer:
                 recipients=event.recipients,
                 remote_addr=session.remote,
             ),
+            authentication=(
+                {"mechanism": authenticated[0], "username": authenticated[1]}
+                if authenticated is not None
+                else None
+            ),
+            tls=session.tls,
         )
         encode = partial(_encode_job, email, self._jobs, self._settings.include_raw)
         if len(event.data) >= PARSE_IN_THREAD:
