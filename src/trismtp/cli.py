@@ -11,16 +11,19 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
 import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -35,7 +38,9 @@ from trismtp.auth import (
     hash_password,
     read_users_text,
 )
+from trismtp.jobs.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.jobs.sinks import is_nats_url
 from trismtp.log import setup_logging
 from trismtp.settings import ConfigError, Settings, load_settings, section_names
 
@@ -219,8 +224,10 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs_stat(args: argparse.Namespace, settings: Settings) -> int:
-    result = _rpc(args, settings, "jobs.Stat", {})
-    stats: list[dict[str, Any]] = result.get("stats", [])
+    if is_nats_url(_jobs_url(args, settings)):
+        stats = _nats(args, settings, partial(_nats_stat, settings))
+    else:
+        stats = _rpc(args, settings, "jobs.Stat", {}).get("stats", [])
     if args.json:
         print(json.dumps(stats, indent=2))
         return EXIT_OK
@@ -235,6 +242,11 @@ def _jobs_stat(args: argparse.Namespace, settings: Settings) -> int:
 
 def _jobs_peek(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = args.pipeline or settings.jobs.pipeline
+    if is_nats_url(_jobs_url(args, settings)):
+        stream = settings.jobs.nats.stream
+        jobs = _nats(args, settings, partial(_nats_peek, stream, args.n))
+        _print_jobs(jobs, as_json=args.json, pipeline=f"{stream} (NATS stream)")
+        return EXIT_OK
     result = _rpc(args, settings, "jobs.Peek", {"pipeline": pipeline, "max": args.n})
     _print_jobs(result.get("jobs", []), as_json=args.json, pipeline=pipeline)
     return EXIT_OK
@@ -372,12 +384,86 @@ def _rpc(args: argparse.Namespace, settings: Settings, method: str, params: dict
     return _with_client(args, settings, call)
 
 
+def _jobs_url(args: argparse.Namespace, settings: Settings) -> str:
+    url: str = args.url or settings.jobs_url()
+    return settings.jobs_url() if url.startswith("embedded") else url
+
+
+def _nats(
+    args: argparse.Namespace, settings: Settings, work: Callable[[NatsClient], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` with a connection to the NATS server of ``--url``/``jobs.url``."""
+    url = _jobs_url(args, settings)
+    nats = settings.jobs.nats
+    context = None
+    if url.startswith("nats+wss://"):
+        context = ssl.create_default_context(cafile=nats.tls_ca or None)
+
+    async def run() -> _T:
+        async with NatsClient.connect(
+            url,
+            user=nats.user,
+            password=nats.password.get_secret_value(),
+            token=nats.token.get_secret_value(),
+            ssl_context=context,
+        ) as client:
+            return await work(client)
+
+    try:
+        return trio.run(run)
+    except JobsUnavailable as exc:
+        raise CommandError(f"cannot reach the NATS server at {url}: {exc}") from None
+    except JetStreamError as exc:
+        raise CommandError(f"JetStream: {exc}") from None
+
+
+async def _nats_stat(settings: Settings, client: NatsClient) -> list[dict[str, Any]]:
+    """The stream as a row of ``jobs stat``: its messages are the queued jobs."""
+    nats = settings.jobs.nats
+    info = await stream_info(client, nats.stream)
+    if info is None:
+        raise CommandError(f"no JetStream stream {nats.stream!r} (jobs.nats.stream)")
+    state = info.get("state", {})
+    return [
+        {
+            "pipeline": settings.jobs.pipeline,
+            "driver": "nats",
+            "queue": nats.stream,
+            "active": state.get("messages", 0),
+            "delayed": 0,
+            "reserved": None,
+            "ready": True,
+            "priority": settings.jobs.priority,
+            "bytes": state.get("bytes", 0),
+            "consumers": state.get("consumer_count", 0),
+            "subjects": info.get("config", {}).get("subjects", []),
+        }
+    ]
+
+
+async def _nats_peek(stream: str, limit: int, client: NatsClient) -> list[dict[str, Any]]:
+    """The first jobs in the stream, without consuming them, as jobs-service jobs."""
+    if await stream_info(client, stream) is None:
+        raise CommandError(f"no JetStream stream {stream!r} (jobs.nats.stream)")
+    jobs = []
+    for message in await first_messages(client, stream, limit):
+        try:
+            body = json.loads(message.data)
+            body["payload"] = base64.b64decode(body.get("payload", "")).decode("utf-8")
+        except (ValueError, TypeError, AttributeError):
+            body = {"id": None, "job": "(not a RoadRunner job)", "options": {}}
+        body["headers"] = message.headers
+        body["seq"] = message.seq
+        jobs.append(body)
+    return jobs
+
+
 def _with_client(
     args: argparse.Namespace, settings: Settings, work: Callable[[JobsClient], Awaitable[_T]]
 ) -> _T:
-    url = args.url or settings.jobs_url()
-    if url.startswith("embedded"):
-        url = settings.jobs_url()
+    url = _jobs_url(args, settings)
+    if is_nats_url(url):
+        raise UsageError(f"{url} is a NATS server: this command needs a trismtp jobs service")
 
     async def run() -> _T:
         async with JobsClient.connect(url, token=settings.jobs_token()) as client:

@@ -239,6 +239,44 @@ class SmtpSettings(_Section):
         return [parse_host_port(item) for item in self.listen]
 
 
+class NatsSettings(_Section):
+    """``[jobs.nats]``: the JetStream stream jobs go to when ``jobs.url`` is ``nats+ws://``."""
+
+    stream: str = Field(default="trismtp", min_length=1)
+    subject: str = Field(default="trismtp.jobs", min_length=1)
+    create_stream: bool = True
+    retention: Literal["workqueue", "limits", "interest"] = "workqueue"
+    duplicate_window: PositiveSeconds = 120.0
+    replicas: int = Field(default=1, ge=1, le=5)
+    user: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    tls_ca: str = ""
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, value: str) -> str:
+        if any(c in value for c in " .*>\t\r\n/\\"):
+            raise ValueError("a stream name has no spaces, dots, wildcards or slashes")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _check_subject(cls, value: str) -> str:
+        tokens = value.split(".")
+        if any(not t or any(c.isspace() for c in t) or t in ("*", ">") for t in tokens):
+            raise ValueError("a subject is dot-separated tokens, without spaces or wildcards")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> NatsSettings:
+        if self.token.get_secret_value() and (self.user or self.password.get_secret_value()):
+            raise ValueError("give either token or user and password, not both")
+        if bool(self.user) != bool(self.password.get_secret_value()):
+            raise ValueError("user and password are set together")
+        return self
+
+
 class JobsSettings(_Section):
     """``[jobs]``: where and how each accepted message is pushed as a job."""
 
@@ -256,6 +294,7 @@ class JobsSettings(_Section):
     push_timeout: PositiveSeconds = 15.0
     batch_expiry: bool = True
     queue_size: int = Field(default=1024, gt=0)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
 
     @field_validator("url")
     @classmethod
@@ -267,9 +306,12 @@ class JobsSettings(_Section):
             port_ok = url.port is None or url.port > 0
         except ValueError:
             port_ok = False
-        if url.scheme in ("ws", "wss") and url.hostname and port_ok:
+        if url.scheme in ("ws", "wss", "nats+ws", "nats+wss") and url.hostname and port_ok:
             return value
-        raise ValueError('must be "embedded", ws://HOST:PORT/PATH or wss://HOST:PORT/PATH')
+        raise ValueError(
+            'must be "embedded", ws://HOST:PORT/PATH, wss://HOST:PORT/PATH (a jobs service) '
+            "or nats+ws://HOST:PORT, nats+wss://HOST:PORT (NATS JetStream)"
+        )
 
     @field_validator("pipeline")
     @classmethod
@@ -277,6 +319,14 @@ class JobsSettings(_Section):
         if value.strip() != value:
             raise ValueError("must not start or end with white space")
         return value
+
+    @model_validator(mode="after")
+    def _nats_options(self) -> JobsSettings:
+        if self.url.startswith("nats+") and self.delay:
+            raise ValueError(
+                "delay must be 0 with a NATS url: RoadRunner's NATS driver has no delayed jobs"
+            )
+        return self
 
     @field_validator("headers")
     @classmethod
@@ -397,6 +447,9 @@ class Settings(BaseSettings):
         for section, key in (("jobs", "token"), ("jobs_service", "token")):
             if getattr(getattr(self, section), key).get_secret_value():
                 data[section][key] = "***"
+        for key in ("password", "token"):
+            if getattr(self.jobs.nats, key).get_secret_value():
+                data["jobs"]["nats"][key] = "***"
         return data
 
 

@@ -17,6 +17,10 @@ into a ``jobs.PushBatch`` call: it flushes when the batch holds
 at a time; while it is, the next one fills up in the channel, so batches grow
 with load and a lone message waits only the linger.
 
+Where a batch goes is a *sink* (:mod:`trismtp.jobs.sinks`): ``jobs.PushBatch``
+to a jobs service, or pipelined publishes to a NATS JetStream stream for a
+``nats+ws://`` URL; everything here is the same for both.
+
 The batch's outcome goes to every slot in it: ack → ``250``, error → ``451``.
 When the connection fails (refused, dropped, stalled), the pusher reconnects
 with exponential backoff and jitter and sends the same batch again, with the
@@ -52,7 +56,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from trismtp.jobs.rpc import BATCH_EXPIRED, JobsClient, JobsUnavailable, RpcError
+from trismtp.jobs.rpc import BATCH_EXPIRED, JobsUnavailable, RpcError
+from trismtp.jobs.sinks import Sink, open_sink
 from trismtp.settings import JobsSettings
 
 __all__ = ["PushFailed", "Pusher"]
@@ -70,11 +75,7 @@ EXPIRY_MARGIN = 0.1
 # An "expired" answer this long before our own deadline means the clocks differ.
 CLOCK_SKEW_WARNING = 1.0
 
-# JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
-_BATCH_OPEN = '{"jobs":['
-_BATCH_CLOSE = "]}"
-
-Connect = Callable[..., AbstractAsyncContextManager[JobsClient]]
+Connect = Callable[[str, str, JobsSettings], AbstractAsyncContextManager[Sink]]
 
 
 class PushFailed(Exception):
@@ -116,7 +117,7 @@ class Pusher:
         url: str,
         token: str = "",
         *,
-        connect: Connect = JobsClient.connect,
+        connect: Connect = open_sink,
         expire_batches: bool = False,
     ) -> None:
         self._settings = settings
@@ -129,7 +130,7 @@ class Pusher:
         self._margin = min(EXPIRY_MARGIN, settings.push_timeout / 20) if expire_batches else 0.0
         self._send, self._receive = trio.open_memory_channel[_Pending](settings.queue_size)
         self._carry: _Pending | None = None
-        self._client: JobsClient | None = None
+        self._client: Sink | None = None
         self._release: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._failures = 0
@@ -273,22 +274,19 @@ class Pusher:
             )
 
     async def _attempt(self, live: list[_Pending]) -> RpcError | JobsUnavailable | None:
-        """One PushBatch; returns the error or None on ack."""
-        params = _BATCH_OPEN + ",".join(p.encoded for p in live)
+        """One batch; returns the error or None on ack."""
+        expires_at = None
         if self._expire_batches:
             # The first session to give up bounds the batch: stored later, its
             # job would be a duplicate of the client's retry.
             left = min(p.deadline for p in live) - trio.current_time() - self._margin
             expires_at = time.time() + left
-            params += f'],"expires_at":{expires_at:.6f}}}'
-        else:
-            params += _BATCH_CLOSE
         try:
             client = await self._ensure_client()
             if client is None:
                 return JobsUnavailable("not connected")
             try:
-                await client.call_encoded("jobs.PushBatch", params)
+                await client.push_batch([(p.job_id, p.encoded) for p in live], expires_at)
             except trio.Cancelled:
                 # A stalled call: the connection holds an unanswered
                 # request; start afresh next time.
@@ -303,7 +301,7 @@ class Pusher:
         self._failures = 0
         return None
 
-    async def _ensure_client(self) -> JobsClient | None:
+    async def _ensure_client(self) -> Sink | None:
         if self._client is not None and not self._client.closed:
             return self._client
         self._drop_client()
@@ -322,13 +320,13 @@ class Pusher:
         return self._client
 
     async def _hold_connection(
-        self, *, task_status: trio.TaskStatus[tuple[JobsClient, trio.Event]]
+        self, *, task_status: trio.TaskStatus[tuple[Sink, trio.Event]]
     ) -> None:
         """Open a connection, hand it over, keep it open until dropped."""
         started = False
         release = trio.Event()
         try:
-            async with self._connect(self._url, token=self._token) as client:
+            async with self._connect(self._url, self._token, self._settings) as client:
                 task_status.started((client, release))
                 started = True
                 # Leaving the block without cancellation lets the close
