@@ -716,3 +716,94 @@ def message(subject: str = "e2e", body: str = "Hello.\r\n", extra: str = "") -> 
         "\r\n"
         f"{body}"
     ).encode()
+
+
+# -- TLS, AUTH and IPv6 (STARTTLS, implicit TLS, SMTP AUTH, PROXY) ------------
+
+
+def write_tls_files(
+    ca: Any, directory: Path, *, name: str = "server", common_name: str | None = None
+) -> tuple[Path, Path]:
+    """Issue a certificate from the ``trustme.CA`` *ca* for localhost, 127.0.0.1
+    and ::1; write its chain and key as ``NAME.crt`` and ``NAME.key`` in
+    *directory* (overwriting them); return both paths."""
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1", common_name=common_name)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    return cert_path, key_path
+
+
+def client_tls_context(ca: Any, *, maximum_version: Any = None) -> Any:
+    """An ``ssl.SSLContext`` for clients that trusts the ``trustme.CA`` *ca* only."""
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
+    return context
+
+
+def wrap_tls(conn: SmtpConn, context: Any, server_hostname: str = "localhost") -> None:
+    """Do the client TLS handshake on *conn*, which must hold no unread reply."""
+    assert conn.buffer == b"", f"unread bytes before the TLS handshake: {conn.buffer!r}"
+    conn.sock = context.wrap_socket(conn.sock, server_hostname=server_hostname)
+
+
+def starttls(conn: SmtpConn, context: Any, server_hostname: str = "localhost") -> None:
+    """STARTTLS, its 220, then the handshake."""
+    conn.expect("STARTTLS", "220 2.0.0")
+    wrap_tls(conn, context, server_hostname)
+
+
+def add_user(users_file: Path, username: str, password: str) -> None:
+    """``trismtp passwd USERS_FILE USERNAME --password-stdin``: add or change a user."""
+    result = subprocess.run(
+        [*trismtp_argv(), "passwd", str(users_file), username, "--password-stdin"],
+        cwd=users_file.parent,
+        env=clean_env(),
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+        start_new_session=True,
+    )
+    assert result.returncode == 0, f"trismtp passwd exited {result.returncode}: {result.stderr}"
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on and connect to [::1]."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class SmtpConnTo(SmtpConn):
+    """:class:`SmtpConn` to any host, e.g. ``"::1"``."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = REPLY_TIMEOUT) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buffer = b""
+        self.eof = False
+
+
+def require_swaks_tls() -> str:
+    """The path of swaks, which must be able to do TLS (Debian: libnet-ssleay-perl).
+
+    Skips the test otherwise (fails when CI=true), like :func:`require_tool`.
+    """
+    swaks = require_tool("swaks")
+    support = subprocess.run(
+        [swaks, "--support"], capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+    )
+    if "=== TLS supported" not in support.stdout + support.stderr:
+        reason = "swaks cannot do TLS: Net::SSLeay missing (apt-get install libnet-ssleay-perl)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (required when CI=true)")
+        pytest.skip(reason)
+    return swaks

@@ -44,6 +44,10 @@ A send is never cut half-way (a partial frame would corrupt the stream for
 everyone): it is shielded from cancellation, but not beyond the call's
 timeout. A send that cannot finish by then fails the connection.
 
+For consumers (see ``examples/nats_consumer.py``), :meth:`NatsClient.request_many`
+collects the several messages that answer one request, such as a JetStream
+pull request, each with its own reply subject to acknowledge it on.
+
 RoadRunner's message format
 ---------------------------
 :func:`roadrunner_message` writes a job the way RoadRunner's NATS jobs driver
@@ -739,6 +743,33 @@ class _Waiter:
             self.error = error
             self.done.set()
 
+    def wants_more(self) -> bool:
+        """Does the call still wait for messages on a reply subject it got one on?"""
+        return False
+
+
+class _Collector(_Waiter):
+    """Where the reader leaves the replies to a request answered by several
+    messages on one reply subject: up to *limit* of them, or up to the first
+    that carries a status (see :meth:`NatsClient.request_many`)."""
+
+    __slots__ = ("limit", "messages")
+
+    def __init__(self, limit: int, subject: str) -> None:
+        super().__init__(1, subject)
+        self.limit = limit
+        self.messages: list[Msg] = []
+
+    def deliver(self, index: int, reply: Msg) -> None:
+        if self.done.is_set():
+            return
+        self.messages.append(reply)
+        if len(self.messages) >= self.limit or reply.status is not None:
+            self.done.set()
+
+    def wants_more(self) -> bool:
+        return not self.done.is_set()
+
 
 async def _open_websocket(
     nursery: trio.Nursery, target: _Target, ssl_context: ssl.SSLContext | None
@@ -1038,6 +1069,50 @@ class NatsClient:
             raise error
         return message.payload
 
+    async def request_many(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        max_messages: int,
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[Msg]:
+        """Send *data* to *subject* and collect the messages that answer it, in order.
+
+        For requests that several messages answer on one reply subject, such
+        as JetStream's pull request (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``,
+        ``{"batch": N, "expires": NANOSECONDS}``). Each :class:`Msg` keeps
+        its own :attr:`~Msg.reply` subject: for JetStream, where to send its
+        acknowledgement (``+ACK``, ``-NAK``…, e.g. with :meth:`request`).
+
+        The collection ends after *max_messages* messages, after a message
+        with a status (``NATS/1.0 404 No Messages``, ``408 Request Timeout``…),
+        which is then the last of the list, or after *timeout* seconds, which
+        is no error: the list holds what came. Raises :class:`JetStreamError`
+        (code 503) if nobody listens on *subject*;
+        :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
+        (what was collected is lost with it).
+        """
+        self._raise_if_failed()
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        _check_subject(subject, "subject", wildcards=False)
+        if len(data) > self.max_payload:
+            raise MessageTooLarge(len(data), self.max_payload)
+        reply = self._new_reply()
+        collector = _Collector(max_messages, subject)
+        await self._call(
+            subject, [reply], encode_pub(subject, data, reply=reply), timeout, collector
+        )
+        if collector.error is not None:
+            raise collector.error
+        messages = collector.messages
+        if len(messages) == 1 and messages[0].status == STATUS_NO_RESPONDERS:
+            raise JetStreamError(
+                STATUS_NO_RESPONDERS, 0, f"no responders on {subject}: nobody serves it"
+            )
+        return messages
+
     # -- internals ----------------------------------------------------------
 
     def _new_reply(self) -> str:
@@ -1049,10 +1124,13 @@ class NatsClient:
         replies: list[str],
         data: bytes,
         timeout: float,  # noqa: ASYNC109
+        waiter: _Waiter | None = None,
     ) -> _Waiter:
-        """Send *data*, then wait until every reply subject got its reply, the
-        connection fails or *timeout* passes; the waiter tells which."""
-        waiter = _Waiter(len(replies), subject)
+        """Send *data*, then wait until every reply subject got its reply (or
+        *waiter* says it is done), the connection fails or *timeout* passes;
+        the waiter tells which."""
+        if waiter is None:
+            waiter = _Waiter(len(replies), subject)
         for index, reply in enumerate(replies):
             self._pending[reply] = (waiter, index)
         try:
@@ -1179,13 +1257,15 @@ class NatsClient:
                 self._server_error(event.message)
 
     def _deliver(self, message: Msg) -> None:
-        entry = self._pending.pop(message.subject, None)
+        entry = self._pending.get(message.subject)
         if entry is None:
             # The caller gave up (timed out or was cancelled) before its reply.
             logger.debug("NATS reply on %s, which no call waits for", message.subject)
             return
         waiter, index = entry
         waiter.deliver(index, message)
+        if not waiter.wants_more():
+            del self._pending[message.subject]
 
     def _server_error(self, message: str) -> None:
         lowered = message.lower()

@@ -148,5 +148,7 @@ async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink
                     replicas=nats.replicas,
                 )
             except JetStreamError as exc:
-                raise JobsUnavailable(f"cannot create JetStream stream {nats.stream!r}: {exc}")
+                raise JobsUnavailable(
+                    f"cannot create JetStream stream {nats.stream!r}: {exc}"
+                ) from None
         yield NatsSink(client, nats, settings.push_timeout)

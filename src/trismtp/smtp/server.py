@@ -67,7 +67,8 @@ READ_SIZE = 65536
 PARSE_IN_THREAD = 256 * 1024
 # A refused or closing connection gets this long to take its last reply.
 LAST_WORDS_TIMEOUT = 5.0
-# A TLS handshake (implicit or after STARTTLS) must finish within this.
+# A TLS handshake (implicit or after STARTTLS) must finish within this (or
+# command_timeout, if shorter).
 HANDSHAKE_TIMEOUT = 30.0
 # Password checks (scrypt: ~50 ms and 16 MiB each) running at once.
 AUTH_THREADS = 2
@@ -377,7 +378,7 @@ class SmtpServer:
         """The TLS handshake on the session's stream; False (logged) if it failed."""
         assert self._tls is not None
         tls_stream = self._tls.wrap(session.stream)
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        with trio.move_on_after(min(HANDSHAKE_TIMEOUT, self._settings.command_timeout)):
             try:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -423,6 +424,8 @@ class SmtpServer:
                 if out:
                     await session.stream.send_all(out)
                     out.clear()
+                    # The client's time for its next command starts now.
+                    command_deadline = trio.current_time() + settings.command_timeout
                 if conn.state is State.DATA:
                     rate_deadline = self._rate_deadline(data_started, data_received)
                     deadline = min(
@@ -446,7 +449,6 @@ class SmtpServer:
                     data_received += len(data)
                 conn.receive_data(data)
                 continue
-            command_deadline = trio.current_time() + settings.command_timeout
             if isinstance(event, ConnectionClosed):
                 if out:
                     await session.stream.send_all(out)
@@ -473,10 +475,7 @@ class SmtpServer:
                 elif reply.code == 421:
                     log.info("session %d from %s: %s", session.id, session.remote, reply.lines()[0])
                 elif reply.code >= 500:
-                    session.errors += 1
-                    if 0 < settings.limits.max_errors <= session.errors:
-                        log.info("session %d from %s: too many errors", session.id, session.remote)
-                        out += conn.send(TOO_MANY_ERRORS)
+                    out += self._count_error(session)
                 continue
             assert isinstance(event, MessageReceived)
             if out:
@@ -488,8 +487,18 @@ class SmtpServer:
             event = NEED_DATA
             if isinstance(encoded, Reply):
                 out += conn.send(encoded)
+                if encoded.code >= 500:  # too large, bare newline, line too long
+                    out += self._count_error(session)
             else:
                 out += conn.send(await self._push_job(session, *encoded))
+
+    def _count_error(self, session: _Session) -> bytes:
+        """Count a 5xx reply; at ``max_errors``, the ``421`` that closes the session."""
+        session.errors += 1
+        if 0 < self._settings.limits.max_errors <= session.errors:
+            log.info("session %d from %s: too many errors", session.id, session.remote)
+            return session.conn.send(TOO_MANY_ERRORS)
+        return b""
 
     def _rate_deadline(self, started: float, received: int) -> float:
         """When DATA is too slow: ``min_data_rate`` on average, after a grace period."""

@@ -11,6 +11,7 @@ certificate never takes the listener down.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 import trio
@@ -60,13 +61,17 @@ def _build(settings: TlsSettings) -> ssl.SSLContext:
     )
     # No session tickets to rotate, and no state shared between processes.
     context.options |= ssl.OP_NO_TICKET
+    # load_cert_chain's OSErrors do not say which file they are about.
+    for key, path in (
+        ("smtp.tls.certificate", settings.certificate),
+        ("smtp.tls.key", settings.key),
+    ):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: {path!r} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{key}: {path!r} is not readable")
     try:
         context.load_cert_chain(settings.certificate, settings.key)
-    except FileNotFoundError as exc:
-        key = "smtp.tls.certificate" if exc.filename == settings.certificate else "smtp.tls.key"
-        raise ConfigError(f"{key}: {exc.filename!r} does not exist") from None
-    except PermissionError as exc:
-        raise ConfigError(f"smtp.tls.key: {exc.filename!r} is not readable") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"smtp.tls.certificate/smtp.tls.key: {settings.certificate!r} and {settings.key!r} "
