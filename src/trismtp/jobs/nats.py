@@ -907,6 +907,8 @@ class NatsClient:
         self._inbox = inbox
         self._next_reply = itertools.count(1)
         self._pending: dict[str, tuple[_Waiter, int]] = {}
+        # The sids of request_many's subscriptions, and their reply subjects.
+        self._reply_sids: dict[str, str] = {}
         self._failure: JobsUnavailable | None = None
         #: PINGs the server sent and this client answered (for monitoring and tests).
         self.pings_answered = 0
@@ -1081,9 +1083,13 @@ class NatsClient:
 
         For requests that several messages answer on one reply subject, such
         as JetStream's pull request (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``,
-        ``{"batch": N, "expires": NANOSECONDS}``). Each :class:`Msg` keeps
-        its own :attr:`~Msg.reply` subject: for JetStream, where to send its
-        acknowledgement (``+ACK``, ``-NAK``…, e.g. with :meth:`request`).
+        ``{"batch": N, "expires": NANOSECONDS}``). Those messages keep their
+        own subject (the one they were published on), so the reply subject
+        gets a subscription of its own (removed by the server after
+        *max_messages* messages, by the client when the call ends earlier).
+        Each :class:`Msg` keeps its own :attr:`~Msg.reply` subject: for
+        JetStream, where to send its acknowledgement (``+ACK``, ``-NAK``…,
+        e.g. with :meth:`request`).
 
         The collection ends after *max_messages* messages, after a message
         with a status (``NATS/1.0 404 No Messages``, ``408 Request Timeout``…),
@@ -1099,14 +1105,25 @@ class NatsClient:
         _check_subject(subject, "subject", wildcards=False)
         if len(data) > self.max_payload:
             raise MessageTooLarge(len(data), self.max_payload)
-        reply = self._new_reply()
-        collector = _Collector(max_messages, subject)
-        await self._call(
-            subject, [reply], encode_pub(subject, data, reply=reply), timeout, collector
+        # A subject the inbox's wildcard (one token) does not match, and its own sid.
+        sid = f"r{next(self._next_reply)}"
+        reply = f"{self._inbox}{sid}.replies"
+        request = (
+            encode_sub(reply, sid)
+            + encode_unsub(sid, max_messages)
+            + encode_pub(subject, data, reply=reply)
         )
+        collector = _Collector(max_messages, subject)
+        self._reply_sids[sid] = reply
+        try:
+            await self._call(subject, [reply], request, timeout, collector)
+        finally:
+            del self._reply_sids[sid]
         if collector.error is not None:
             raise collector.error
         messages = collector.messages
+        if len(messages) < max_messages and not self.closed:
+            await self._send(encode_unsub(sid))
         if len(messages) == 1 and messages[0].status == STATUS_NO_RESPONDERS:
             raise JetStreamError(
                 STATUS_NO_RESPONDERS, 0, f"no responders on {subject}: nobody serves it"
@@ -1257,7 +1274,11 @@ class NatsClient:
                 self._server_error(event.message)
 
     def _deliver(self, message: Msg) -> None:
-        entry = self._pending.get(message.subject)
+        if message.sid == _INBOX_SID:
+            reply = message.subject
+        else:  # on a subscription of request_many, with the subject it was published on
+            reply = self._reply_sids.get(message.sid, "")
+        entry = self._pending.get(reply)
         if entry is None:
             # The caller gave up (timed out or was cancelled) before its reply.
             logger.debug("NATS reply on %s, which no call waits for", message.subject)
@@ -1265,7 +1286,7 @@ class NatsClient:
         waiter, index = entry
         waiter.deliver(index, message)
         if not waiter.wants_more():
-            del self._pending[message.subject]
+            del self._pending[reply]
 
     def _server_error(self, message: str) -> None:
         lowered = message.lower()
