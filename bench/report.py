@@ -16,7 +16,9 @@ from typing import Any
 
 __all__ = ["Figure", "Target", "evaluate_targets", "render_markdown", "write_plots", "write_report"]
 
-SERVERS = ("trismtp", "aiosmtpd", "smtp-sink")
+SERVERS = ("trismtp", "trismtp-nats", "aiosmtpd", "smtp-sink")
+NATS = "trismtp-nats"
+"""The optional server: its columns appear only when it ran."""
 FULL_MESSAGES = 20000
 FULL_IDLE = 10000
 
@@ -121,25 +123,42 @@ def _mib(kib: int | None) -> str:
     return "—" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
+def _stored_cell(fig: Figure | None) -> str:
+    return "—" if fig is None else ("yes" if fig.valid else "**no / run failed**")
+
+
 def throughput_table(results: Mapping[str, Any]) -> list[str]:
-    """The markdown table of msg/s per load and server, with ratios and trismtp's RSS."""
+    """The markdown table of msg/s per load and server, with ratios and trismtp's RSS.
+
+    When trismtp-nats ran, its msg/s, peak RSS (trismtp's, not nats-server's) and
+    whether the stream held every message get columns of their own; the ratios
+    stay those of trismtp with its embedded jobs service.
+    """
     figs = figures(results["throughput"])
-    lines = [
-        "| load | trismtp msg/s | aiosmtpd msg/s | smtp-sink msg/s | trismtp/aiosmtpd "
-        "| trismtp/smtp-sink | trismtp peak RSS | trismtp jobs = sent |",
-        "|---|--:|--:|--:|--:|--:|--:|---|",
-    ]
+    nats = any(server == NATS for server, _ in figs)
+    head = ["load", "trismtp msg/s"]
+    head += [f"{NATS} msg/s"] if nats else []
+    head += ["aiosmtpd msg/s", "smtp-sink msg/s", "trismtp/aiosmtpd", "trismtp/smtp-sink"]
+    head += ["trismtp peak RSS"] + ([f"{NATS} peak RSS"] if nats else [])
+    head += ["trismtp jobs = sent"] + ([f"{NATS} stream = sent"] if nats else [])
+    align = ["---", "--:"] + (["--:"] if nats else []) + ["--:"] * 5 + (["--:"] if nats else [])
+    align += ["---"] * (2 if nats else 1)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for load in results["loads"]:
         key = load["key"]
-        mine = figs.get(("trismtp", key))
-        jobs = "—" if mine is None else ("yes" if mine.valid else "**no / run failed**")
-        lines.append(
-            f"| {load['label']} | {_rate_cell(mine)} | {_rate_cell(figs.get(('aiosmtpd', key)))}"
-            f" | {_rate_cell(figs.get(('smtp-sink', key)))}"
-            f" | {_ratio_cell(ratio(figs, key, 'aiosmtpd'))}"
-            f" | {_ratio_cell(ratio(figs, key, 'smtp-sink'))}"
-            f" | {_mib(mine.peak_rss_kib if mine else None)} | {jobs} |"
-        )
+        mine, theirs = figs.get(("trismtp", key)), figs.get((NATS, key))
+        cells = [load["label"], _rate_cell(mine)]
+        cells += [_rate_cell(theirs)] if nats else []
+        cells += [
+            _rate_cell(figs.get(("aiosmtpd", key))),
+            _rate_cell(figs.get(("smtp-sink", key))),
+            _ratio_cell(ratio(figs, key, "aiosmtpd")),
+            _ratio_cell(ratio(figs, key, "smtp-sink")),
+            _mib(mine.peak_rss_kib if mine else None),
+        ]
+        cells += [_mib(theirs.peak_rss_kib if theirs else None)] if nats else []
+        cells += [_stored_cell(mine)] + ([_stored_cell(theirs)] if nats else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -213,11 +232,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             "harness, not the benchmark's figures.",
             "",
         ]
+    nats = f", nats-server {meta['nats_server_version']}" if "nats_server_version" in meta else ""
     lines += [
         f"{meta['started']} · {meta['cpus']} CPUs · load average before "
         f"{meta['loadavg_before']}, after {meta.get('loadavg_after', '?')} · "
         f"{meta['messages']} messages a load · {meta['repeat']} run(s) each, median · "
-        f"trismtp {meta['trismtp_version']}, aiosmtpd {meta['aiosmtpd_version']}, "
+        f"trismtp {meta['trismtp_version']}, aiosmtpd {meta['aiosmtpd_version']}{nats}, "
         f"Python {meta['python']}, kernel {meta['kernel']}",
         "",
         "## Throughput (messages per second, wall clock of smtp-source)",
@@ -268,14 +288,21 @@ def write_plots(results: Mapping[str, Any], outdir: Path) -> list[Path]:
     figs = figures(results["throughput"])
     loads = results["loads"]
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    width = 0.27
-    colors = {"trismtp": "#1f77b4", "aiosmtpd": "#ff7f0e", "smtp-sink": "#2ca02c"}
-    for i, server in enumerate(SERVERS):
+    # One slot per server that ran (trismtp-nats only when it did); three: as before.
+    shown = [s for s in SERVERS if any(server == s for server, _ in figs)] or list(SERVERS)
+    width = 0.81 / len(shown)
+    colors = {
+        "trismtp": "#1f77b4",
+        NATS: "#9467bd",
+        "aiosmtpd": "#ff7f0e",
+        "smtp-sink": "#2ca02c",
+    }
+    for i, server in enumerate(shown):
         xs, heights, hatches = [], [], []
         for j, load in enumerate(loads):
             f = figs.get((server, load["key"]))
             if f is not None:
-                xs.append(j + (i - 1) * width)
+                xs.append(j + (i - (len(shown) - 1) / 2) * width)
                 heights.append(max(f.rate, 1e-3))
                 hatches.append("" if f.valid else "//")
         bars = ax.bar(xs, heights, width, label=server, color=colors[server])

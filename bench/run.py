@@ -1,5 +1,8 @@
 """``make bench``: trismtp against aiosmtpd (null handler) and Postfix's smtp-sink.
 
+Optionally (``--servers …,trismtp-nats``) also trismtp publishing to a NATS
+JetStream server that the harness starts per run.
+
 Runs, in order (see bench/README.md for the method and caveats):
 
 1. throughput: every load of :func:`bench.loads.standard_loads` against every
@@ -16,6 +19,7 @@ latency.png, latency-samples.raw. Scale down with ``BENCH_MESSAGES=2000``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,7 +39,15 @@ from typing import Any
 from bench.loads import Load, run_smtp_source, standard_loads
 from bench.procs import Children, find_tool, raise_nofile, read_line
 from bench.report import write_report
-from bench.servers import REPO, RunningServer, count_jobs, start_server
+from bench.servers import (
+    REPO,
+    SERVERS,
+    STORING_SERVERS,
+    RunningServer,
+    count_jobs,
+    count_stream,
+    start_server,
+)
 
 __all__ = ["Options", "main"]
 
@@ -89,7 +101,11 @@ def parse_args(argv: list[str] | None) -> Options:
         default=_env_int("BENCH_REPEAT", 1),
         help="runs per server and load; the median is reported (default 1)",
     )
-    p.add_argument("--servers", default="trismtp,aiosmtpd,smtp-sink", help="comma-separated")
+    p.add_argument(
+        "--servers",
+        default="trismtp,aiosmtpd,smtp-sink",
+        help="comma-separated, of " + ", ".join(SERVERS) + " (default: all but trismtp-nats)",
+    )
     p.add_argument(
         "--loads",
         default="kept-2k,new-2k,kept-100k,new-100k,conc-2k",
@@ -131,12 +147,16 @@ def parse_args(argv: list[str] | None) -> Options:
     a = p.parse_args(argv)
     if a.messages <= 0 or a.repeat <= 0 or a.sessions <= 0 or a.concurrent <= 0:
         p.error("--messages, --repeat, --sessions and --concurrent must be positive")
+    servers = tuple(dict.fromkeys(s for s in a.servers.split(",") if s))
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown or not servers:
+        p.error(f"--servers: unknown {unknown}; choose from {', '.join(SERVERS)}")
     return Options(
         messages=a.messages,
         sessions=a.sessions,
         concurrent=a.concurrent,
         repeat=a.repeat,
-        servers=tuple(s for s in a.servers.split(",") if s),
+        servers=servers,
         loads=tuple(s for s in a.loads.split(",") if s),
         latency_seconds=a.latency_seconds,
         latency_connections=a.latency_connections,
@@ -158,9 +178,12 @@ class Context:
     smtp_sink: str
     children: Children
     workroot: Path
+    nats_server: str | None = None
     runs: int = 0
     last_cpu_seconds: float | None = None
     """CPU time of the server that :meth:`finish` stopped last."""
+    last_helpers: tuple[float | None, int | None] = (None, None)
+    """CPU seconds and peak RSS (KiB) of that server's helpers (nats-server), if any."""
 
     def rundir(self, name: str) -> Path:
         """A fresh directory for one server run."""
@@ -171,18 +194,36 @@ class Context:
 
     def start(self, name: str, rundir: Path, max_connections: int = 1000) -> RunningServer:
         return start_server(
-            name, self.children, rundir, smtp_sink=self.smtp_sink, max_connections=max_connections
+            name,
+            self.children,
+            rundir,
+            smtp_sink=self.smtp_sink,
+            nats_server=self.nats_server,
+            max_connections=max_connections,
         )
 
     def finish(self, server: RunningServer, rundir: Path) -> tuple[int | None, int | None]:
-        """Peak RSS (read before the stop), stop by PID, count jobs; then free the disk."""
+        """Peak RSS (read before the stop), stop by PID, count what it stored; free the disk.
+
+        trismtp-nats: the stream is counted after trismtp stopped and before its
+        nats-server is stopped (by PID, like every child).
+        """
         peak = server.peak_rss_kib()
         self.last_cpu_seconds = server.cpu_seconds()
-        code = self.children.stop(server.child)
-        jobs = count_jobs(server.database) if server.database else None
+        self.last_helpers = (server.helpers_cpu_seconds(), server.helpers_peak_rss_kib())
+        try:
+            code = self.children.stop(server.child)
+            jobs = None
+            if server.database:
+                jobs = count_jobs(server.database)
+            elif server.nats_url and server.config:
+                jobs = count_stream(server.config, server.nats_url)
+        finally:
+            for helper in server.helpers:
+                self.children.stop(helper)
         log = server.child.log_tail(5)
-        if server.name == "trismtp" and (code != 0 or log):
-            print(f"  note: trismtp exited {code}; its log ends:\n{log}", file=sys.stderr)
+        if server.name in STORING_SERVERS and (code != 0 or log):
+            print(f"  note: {server.name} exited {code}; its log ends:\n{log}", file=sys.stderr)
         if not self.options.keep_work:
             shutil.rmtree(rundir, ignore_errors=True)
         return peak, jobs
@@ -204,10 +245,14 @@ class ThroughputRun:
     jobs_stored: int | None = None
     server_cpu_seconds: float | None = None
     """CPU time of the server process from its first greeting to its stop."""
+    broker_cpu_seconds: float | None = None
+    """trismtp-nats: nats-server's CPU time over the same span."""
+    broker_peak_rss_kib: int | None = None
+    """trismtp-nats: nats-server's peak RSS (VmHWM)."""
 
 
 def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> ThroughputRun:
-    """Start *server_name*, run *load*, stop it; check trismtp's job count."""
+    """Start *server_name*, run *load*, stop it; check the count trismtp stored."""
     rundir = ctx.rundir(f"{server_name}-{load.key}")
     messages = ctx.options.messages
     try:
@@ -222,14 +267,17 @@ def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> T
     finally:
         peak, jobs = ctx.finish(server, rundir)
     problems = [p for p in [run.problem()] if p]
-    if server_name == "trismtp" and jobs != messages:
-        problems.append(f"stored jobs {jobs} != messages sent {messages}")
-    if server_name != "trismtp":
+    what = "stream messages" if server_name == "trismtp-nats" else "stored jobs"
+    if server_name in STORING_SERVERS and jobs != messages:
+        problems.append(f"{what} {jobs} != messages sent {messages}")
+    if server_name not in STORING_SERVERS:
         peak = None
     cpu = ctx.last_cpu_seconds
+    broker_cpu, broker_rss = ctx.last_helpers
     return ThroughputRun(
         server_name, load.key, repeat, messages, round(run.seconds, 3), round(run.rate, 1),
         not problems, problems, peak, jobs, round(cpu, 2) if cpu is not None else None,
+        round(broker_cpu, 2) if broker_cpu is not None else None, broker_rss,
     )  # fmt: skip
 
 
@@ -245,8 +293,10 @@ def throughput_phase(ctx: Context, loads: list[Load]) -> list[ThroughputRun]:
                 extra = f", peak RSS {run.peak_rss_kib / 1024:.0f} MiB" if run.peak_rss_kib else ""
                 if run.server_cpu_seconds is not None:
                     extra += f", server CPU {run.server_cpu_seconds:.1f} s"
+                if run.broker_cpu_seconds is not None:
+                    extra += f", nats-server CPU {run.broker_cpu_seconds:.1f} s"
                 print(
-                    f"  {server:9} {load.key:9} #{repeat}: {run.messages} msgs in "
+                    f"  {server:12} {load.key:9} #{repeat}: {run.messages} msgs in "
                     f"{run.seconds:.2f} s = {run.rate:,.0f} msg/s{extra} [{mark}]",
                     flush=True,
                 )
@@ -421,8 +471,19 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _meta(opts: Options, loads: list[Load]) -> dict[str, Any]:
-    return {
+def _nats_version(binary: str) -> str:
+    """``nats-server --version`` (``nats-server: v2.9.10``) → ``v2.9.10``."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.strip().rpartition(" ")[2] or "?"
+
+
+def _meta(opts: Options, loads: list[Load], nats_server: str | None) -> dict[str, Any]:
+    meta = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "loadavg_before": _loadavg(),
@@ -438,6 +499,9 @@ def _meta(opts: Options, loads: list[Load]) -> dict[str, Any]:
         "servers": list(opts.servers),
         "loads": [load.key for load in loads],
     }
+    if nats_server is not None and "trismtp-nats" in opts.servers:
+        meta["nats_server_version"] = _nats_version(nats_server)
+    return meta
 
 
 def _tools() -> tuple[str, str]:
@@ -448,6 +512,24 @@ def _tools() -> tuple[str, str]:
             "apt-get install postfix (see .ci/run for an install that starts no mail server)"
         )
     return source, sink
+
+
+def _nats_tool(opts: Options) -> tuple[Options, str | None]:
+    """nats-server's path if trismtp-nats is asked for; without it, skip that server."""
+    if "trismtp-nats" not in opts.servers:
+        return opts, None
+    nats = find_tool("nats-server")
+    if nats is not None:
+        return opts, nats
+    print(
+        "bench: nats-server not found (PATH, /usr/sbin): skipping the trismtp-nats server "
+        "(install it with: apt-get install nats-server)",
+        file=sys.stderr,
+    )
+    servers = tuple(s for s in opts.servers if s != "trismtp-nats")
+    if not servers:
+        sys.exit("bench: no server left to run")
+    return dataclasses.replace(opts, servers=servers), None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -461,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     smtp_source, smtp_sink = _tools()
+    opts, nats_server = _nats_tool(opts)
     limit = raise_nofile()
     if limit < max(opts.concurrent, opts.idle) + 1024:
         print(f"bench: warning: RLIMIT_NOFILE is only {limit}", file=sys.stderr)
@@ -469,10 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.workdir is not None:
         opts.workdir.mkdir(parents=True, exist_ok=True)
     workroot = Path(tempfile.mkdtemp(prefix="trismtp-bench-", dir=opts.workdir))
-    results: dict[str, Any] = {"meta": _meta(opts, loads), "loads": [asdict(ld) for ld in loads]}
+    meta = _meta(opts, loads, nats_server)
+    results: dict[str, Any] = {"meta": meta, "loads": [asdict(ld) for ld in loads]}
     try:
         with Children(logdir=workroot) as children:
-            ctx = Context(opts, smtp_source, smtp_sink, children, workroot)
+            ctx = Context(opts, smtp_source, smtp_sink, children, workroot, nats_server)
             print(f"throughput: {opts.messages} messages a load, work dir {workroot}", flush=True)
             runs = throughput_phase(ctx, loads)
             results["throughput"] = [asdict(r) for r in runs]
