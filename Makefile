@@ -14,8 +14,8 @@ run: $(STAMP)  ## install if needed, then run the daemon with the embedded jobs 
 test: lint typecheck pytest  ## the whole suite: ruff, ruff format, mypy --strict, pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict

@@ -42,7 +42,7 @@ from trismtp.jobs.nats import JetStreamError, NatsClient, first_messages, stream
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.jobs.sinks import is_nats_url
 from trismtp.log import setup_logging
-from trismtp.settings import ConfigError, Settings, load_settings, section_names
+from trismtp.settings import ConfigError, HostPort, Settings, load_settings, section_names
 
 __all__ = ["main"]
 
@@ -116,6 +116,26 @@ def _parser() -> argparse.ArgumentParser:
         "config", parents=[config_option], help="validate and print the effective settings"
     )
     config.set_defaults(run=_config)
+
+    top = commands.add_parser(
+        "top",
+        parents=[config_option],
+        help="a live view of a running daemon (from its [metrics] endpoint)",
+        description="Show messages per second, connections, queue depth, push latency "
+        "and errors of a running daemon, refreshed in the terminal, read from its "
+        "/metrics endpoint ([metrics] listen). Ctrl-C to quit.",
+    )
+    top.add_argument(
+        "--metrics-url",
+        help="the daemon's metrics URL (default: http://<metrics.listen>/metrics)",
+    )
+    top.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one screen after one interval, then exit"
+    )
+    top.set_defaults(run=_top)
 
     jobs = commands.add_parser("jobs", help="the jobs service and its queues")
     jobs_commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND")
@@ -220,6 +240,30 @@ def _jobs_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _config(args: argparse.Namespace, settings: Settings) -> int:
     print(_toml(settings.masked()), end="")
+    return EXIT_OK
+
+
+def _top(args: argparse.Namespace, settings: Settings) -> int:
+    from trismtp.top import run
+
+    url = args.metrics_url
+    if not url:
+        address = settings.metrics.address()
+        if address is None:
+            raise UsageError(
+                "trismtp top reads the daemon's metrics: set [metrics] listen "
+                "(TRISMTP_METRICS__LISTEN) or give --metrics-url"
+            )
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+        url = f"http://{HostPort(host, address.port)}/metrics"
+    if not args.interval > 0:
+        raise UsageError("--interval must be > 0")
+    try:
+        run(url, args.interval, once=args.once)
+    except OSError as exc:
+        raise CommandError(f"cannot read {url}: {exc}") from None
+    except KeyboardInterrupt:
+        pass
     return EXIT_OK
 
 

@@ -5,9 +5,13 @@ Theory of operation
 
 The parts nest so that each one outlives everything that depends on it::
 
-    service scope   the embedded jobs service (jobs.url = "embedded")
+    service scope   the metrics endpoint (metrics.listen), and the embedded
+                    jobs service (jobs.url = "embedded")
       pusher scope    the batching pusher, connected over the loopback WebSocket
         SMTP scope      listeners and one task per session
+
+The metrics endpoint (:mod:`trismtp.health`) starts first and stops last, so
+``/readyz`` answers ``503`` while the daemon starts and while it drains.
 
 Startup goes outside in: the jobs service is listening before the pusher
 connects, and the pusher runs before the first SMTP connection is accepted.
@@ -31,7 +35,10 @@ from dataclasses import dataclass
 
 import trio
 
+from trismtp import systemd
+from trismtp.health import serve_metrics
 from trismtp.jobs.pusher import Pusher
+from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, Settings, embedded_url
 from trismtp.smtp.server import SmtpServer, load_security
@@ -47,6 +54,7 @@ class Listening:
 
     smtp: list[HostPort]
     jobs_service: HostPort | None
+    metrics: HostPort | None = None
 
 
 class Daemon:
@@ -59,7 +67,10 @@ class Daemon:
         self._scope = trio.CancelScope()
         # Certificate and users file now, so a broken one is a config error (exit 2).
         self._tls, self._users = load_security(settings.smtp)
+        self.metrics = Metrics()
+        """The daemon's metrics, in a registry of its own."""
         self._smtp: SmtpServer | None = None
+        self._pusher: Pusher | None = None
         self._stopping = False
         self._grace_end = math.inf
 
@@ -73,6 +84,11 @@ class Daemon:
         settings = self.settings
         with self._scope:
             async with trio.open_nursery() as service_nursery:
+                metrics_address = settings.metrics.address()
+                if metrics_address is not None:
+                    metrics_address = await service_nursery.start(
+                        serve_metrics, metrics_address, self.metrics.registry, self.not_ready
+                    )
                 service_address: HostPort | None = None
                 if settings.jobs.url == "embedded":
                     service_address = await service_nursery.start(serve_jobs, settings.jobs_service)
@@ -86,7 +102,9 @@ class Daemon:
                     url,
                     settings.jobs_token(),
                     expire_batches=settings.jobs.batch_expiry,
+                    metrics=self.metrics,
                 )
+                self._pusher = pusher
                 async with trio.open_nursery() as pusher_nursery:
                     await pusher_nursery.start(pusher.run)
                     try:
@@ -96,12 +114,16 @@ class Daemon:
                             pusher.push,
                             tls=self._tls,
                             users=self._users,
+                            metrics=self.metrics,
                         )
                         async with trio.open_nursery() as smtp_nursery:
                             bound = await smtp_nursery.start(self._smtp.serve)
                             if self._stopping:
                                 self._smtp.shutdown(settings.shutdown.grace)
-                            task_status.started(Listening(bound, service_address))
+                            else:
+                                listening = ", ".join(map(str, bound))
+                                systemd.notify("READY=1", f"STATUS=SMTP listening on {listening}")
+                            task_status.started(Listening(bound, service_address, metrics_address))
                     finally:
                         # Every session has ended: nothing more will be queued,
                         # and no session waits for what is left, so a batch
@@ -112,11 +134,22 @@ class Daemon:
                 service_nursery.cancel_scope.cancel()
         log.info("stopped" if not self.killed else "stopped at once")
 
+    def not_ready(self) -> str | None:
+        """None when the daemon takes and delivers mail, else why not (``/readyz``)."""
+        if self._stopping:
+            return "shutting down"
+        if self._smtp is None or not self._smtp.listening:
+            return "SMTP is not listening yet"
+        if self._pusher is None:
+            return "starting"
+        return self._pusher.unavailable
+
     def stop(self) -> None:
         """Graceful stop: what SIGTERM and SIGINT do."""
         if self._stopping:
             return
         self._stopping = True
+        systemd.notify("STOPPING=1", "STATUS=stopping")
         grace = self.settings.shutdown.grace
         self._grace_end = trio.current_time() + grace
         log.info("shutting down (grace %g s); a second signal stops at once", grace)

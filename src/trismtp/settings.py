@@ -382,6 +382,23 @@ class LogSettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class MetricsSettings(_Section):
+    """``[metrics]``: the Prometheus and health-check HTTP endpoint (see trismtp.health)."""
+
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            parse_host_port(value)
+        return value
+
+    def address(self) -> HostPort | None:
+        """The listen address, parsed; None when the endpoint is off."""
+        return parse_host_port(self.listen) if self.listen else None
+
+
 class Settings(BaseSettings):
     """All settings. Build it with :func:`load_settings`, not directly."""
 
@@ -397,6 +414,7 @@ class Settings(BaseSettings):
     jobs_service: JobsServiceSettings = Field(default_factory=JobsServiceSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _embedded_service_fits(self) -> Settings:

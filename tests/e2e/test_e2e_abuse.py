@@ -12,6 +12,7 @@ import itertools
 import resource
 import select
 import smtplib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -513,3 +514,23 @@ async def test_1000_slow_connections_from_one_address_hit_its_limit(launch: Laun
     assert [job.id for job in daemon.jobs()] == [job_id]
     assert daemon.jobs()[0].payload["remote_addr"].startswith("[::1]:")
     assert "Traceback" not in daemon.log_text()
+
+
+def test_a_client_that_never_reads_its_replies_is_dropped(strict_timing: Daemon) -> None:
+    # Pipelined commands whose replies the client never reads fill the
+    # socket buffers; the server's write then waits, at most command_timeout.
+    burst = b"NOOP\r\n" * 200_000  # 1.2 MB of commands, 2.6 MB of replies
+    with socket.create_connection((HOST, strict_timing.smtp_port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sent = 0
+        sock.settimeout(0.5)
+        started = time.monotonic()
+        while sent < len(burst) and time.monotonic() - started < 30:
+            try:
+                sent += sock.send(burst[sent : sent + 65536])
+            except TimeoutError:
+                continue  # the server stopped reading: it is stuck writing to us
+            except OSError:
+                break  # it closed the connection
+        strict_timing.wait_for_log("the client stopped reading its replies", timeout=15)
+    assert time.monotonic() - started < 30

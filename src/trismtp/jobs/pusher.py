@@ -39,6 +39,13 @@ refused with ``-32005``; the pusher sends what still waits again. That closes
 most of the window in which a ``451`` leaves a stored job behind; what is
 left is the time between the commit and the reply reaching the session.
 
+While no job is queued, the pusher still keeps its connection up: one lost
+then (the service restarted) is opened again at once, with the same
+backoff, rather than by the next job. So that job does not pay for the
+connect, and :attr:`Pusher.connected` (``/readyz``) tells the truth between
+messages: a load balancer that waits for readiness before sending mail
+would otherwise wait for ever.
+
 Shutdown: the daemon closes the send side only after every session has
 ended, so :meth:`run` drains everything that was queued, delivers it, and
 returns. The receive side is never closed while jobs are queued.
@@ -58,6 +65,7 @@ import trio
 
 from trismtp.jobs.rpc import BATCH_EXPIRED, JobsUnavailable, RpcError
 from trismtp.jobs.sinks import Sink, open_sink
+from trismtp.metrics import Metrics
 from trismtp.settings import JobsSettings
 
 __all__ = ["PushFailed", "Pusher"]
@@ -69,6 +77,9 @@ log = logging.getLogger("trismtp.pusher")
 # push_timeout see a few attempts.
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
+
+# While idle, how often the pusher checks that its connection is still up.
+IDLE_CHECK = 0.5
 
 # The most time an expiring batch leaves for commit and reply (see _margin).
 EXPIRY_MARGIN = 0.1
@@ -89,6 +100,7 @@ class _Pending:
     size: int
     pipeline: str
     deadline: float
+    queued_at: float  # for the push latency metric
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
     abandoned: bool = False
@@ -119,6 +131,7 @@ class Pusher:
         *,
         connect: Connect = open_sink,
         expire_batches: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._url = url
@@ -134,6 +147,11 @@ class Pusher:
         self._release: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._failures = 0
+        self._connections = 0
+        self._last_error = ""
+        # Without the daemon's metrics, count into a registry nobody reads.
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
 
     # -- the sessions' side -------------------------------------------------
 
@@ -146,7 +164,8 @@ class Pusher:
         timeout = self._settings.push_timeout
         # batch_max_bytes counts bytes on the wire, not characters.
         size = len(encoded) if encoded.isascii() else len(encoded.encode())
-        pending = _Pending(job_id, encoded, size, pipeline, trio.current_time() + timeout)
+        now = trio.current_time()
+        pending = _Pending(job_id, encoded, size, pipeline, now + timeout, now)
         try:
             with trio.move_on_after(timeout):
                 await self._send.send(pending)
@@ -169,6 +188,22 @@ class Pusher:
     def queued(self) -> int:
         """Jobs waiting in the channel."""
         return self._receive.statistics().current_buffer_used
+
+    @property
+    def connected(self) -> bool:
+        """The connection to the destination is open (as far as is known)."""
+        return self._client is not None and not self._client.closed
+
+    @property
+    def unavailable(self) -> str | None:
+        """None while :attr:`connected`, else one line saying why not (``/readyz``)."""
+        if self.connected:
+            return None
+        if self._client is not None:
+            reason = "the connection was lost"
+        else:
+            reason = self._last_error or "not connected yet"
+        return f"no connection to the jobs service: {reason}"
 
     # -- the pusher task ----------------------------------------------------
 
@@ -195,7 +230,7 @@ class Pusher:
                 first, self._carry = self._carry, None
             else:
                 try:
-                    first = await self._receive.receive()
+                    first = await self._next_job()
                 except trio.EndOfChannel:
                     return
             batch = [first]
@@ -223,6 +258,22 @@ class Pusher:
             if ended and self._carry is None:
                 return
 
+    async def _next_job(self) -> _Pending:
+        """Wait for a job; meanwhile, reopen a lost connection (module docstring).
+
+        Raises EndOfChannel once :meth:`close` was called and all is drained.
+        """
+        while True:
+            try:
+                return self._receive.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            wait = IDLE_CHECK
+            if not self.connected and await self._ensure_client() is None:
+                wait = self._backoff()
+            with trio.move_on_after(wait):
+                return await self._receive.receive()
+
     async def _deliver(self, batch: list[_Pending]) -> None:
         live = _still_waiting(batch, self._margin)
         while live:
@@ -230,8 +281,11 @@ class Pusher:
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
+                    now = trio.current_time()
+                    self._metrics.batch_acked(len(live))
                     for p in live:
                         p.resolve(None)
+                        self._metrics.job_acked(now - p.queued_at)
                         log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
                     return
                 if isinstance(error, RpcError) and error.code == BATCH_EXPIRED:
@@ -296,38 +350,50 @@ class Pusher:
             return exc
         except JobsUnavailable as exc:
             log.warning("jobs service connection lost: %s", exc)
+            self._last_error = str(exc)
             self._drop_client()
             return exc
         self._failures = 0
         return None
 
     async def _ensure_client(self) -> Sink | None:
-        if self._client is not None and not self._client.closed:
-            return self._client
+        if self._client is not None:
+            if not self._client.closed:
+                return self._client
+            # Lost between batches (a batch that fails drops the client itself).
+            log.warning("the connection to the jobs service was lost between batches; reconnecting")
+            self._last_error = "the connection was lost"
         self._drop_client()
         assert self._nursery is not None
+        # The release event is ours before the connection exists: should this
+        # call be cancelled just as the connection is handed over, the next
+        # _drop_client() still closes it.
+        self._release = trio.Event()
         try:
-            self._client, self._release = await self._nursery.start(self._hold_connection)
+            self._client = await self._nursery.start(self._hold_connection, self._release)
         except JobsUnavailable as exc:
             self._failures += 1
+            self._last_error = str(exc)
             if self._failures == 1 or math.log2(self._failures).is_integer():
                 log.warning("cannot connect to the jobs service at %s: %s", self._url, exc)
             return None
-        if self._failures:
+        self._connections += 1
+        if self._connections > 1:
+            self._metrics.reconnected()
+        if self._failures or self._connections > 1:
             log.info("reconnected to the jobs service at %s", self._url)
         else:
             log.info("connected to the jobs service at %s", self._url)
         return self._client
 
     async def _hold_connection(
-        self, *, task_status: trio.TaskStatus[tuple[Sink, trio.Event]]
+        self, release: trio.Event, *, task_status: trio.TaskStatus[Sink]
     ) -> None:
-        """Open a connection, hand it over, keep it open until dropped."""
+        """Open a connection, hand it over, keep it open until ``release``."""
         started = False
-        release = trio.Event()
         try:
             async with self._connect(self._url, self._token, self._settings) as client:
-                task_status.started((client, release))
+                task_status.started(client)
                 started = True
                 # Leaving the block without cancellation lets the close
                 # handshake complete at once.

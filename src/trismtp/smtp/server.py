@@ -25,6 +25,12 @@ and sessions that are between transactions are told ``421 4.3.2`` at once
 on until its message is answered, and is then told ``421 4.3.2`` at once
 without waiting for another command.
 Sessions still open when the grace period ends are cancelled.
+
+Observability: each connection's task tags its log lines with the session id
+and client address (:func:`trismtp.log.set_session`), so the messages here do
+not repeat the id; they keep ``from <address>`` for readers of the console
+format. What the server counts goes to the :class:`~trismtp.metrics.Metrics`
+it was given: a few increments of pre-bound children per message.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ import trio
 from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
+from trismtp.log import set_session
 from trismtp.message import Envelope
+from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
-from trismtp.smtp.limits import AddressLimits
+from trismtp.smtp.limits import TOO_MANY_NEW_CONNECTIONS, AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
     Command,
@@ -159,10 +167,13 @@ class SmtpServer:
         *,
         tls: ServerTls | None = None,
         users: UsersFile | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._jobs = jobs
         self._push = push
+        # Without the daemon's metrics, count into a registry nobody reads.
+        self._metrics = metrics if metrics is not None else Metrics()
         if (tls is None and settings.tls.enabled) or (users is None and settings.auth.users_file):
             loaded_tls, loaded_users = load_security(settings)
             tls = tls or loaded_tls
@@ -193,11 +204,18 @@ class SmtpServer:
         self._accept_scope = trio.CancelScope()
         self._handler_scope: trio.CancelScope | None = None
         self._shutting_down = False
+        self._listening = False
+        self._metrics.watch_connections(self._sessions.__len__)
 
     @property
     def connections(self) -> int:
         """Open SMTP connections."""
         return len(self._sessions)
+
+    @property
+    def listening(self) -> bool:
+        """Every listener accepts connections (from start until :meth:`shutdown`)."""
+        return self._listening
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED
@@ -250,6 +268,8 @@ class SmtpServer:
                     task_status.started(bound)
                     if self._shutting_down:
                         self._accept_scope.cancel()
+                    else:
+                        self._listening = True
             # Accepting has stopped; the handler nursery waits for the sessions.
 
     def shutdown(self, grace: float) -> None:
@@ -257,6 +277,7 @@ class SmtpServer:
         if self._shutting_down:
             return
         self._shutting_down = True
+        self._listening = False
         self._accept_scope.cancel()
         if self._handler_scope is not None:
             self._handler_scope.deadline = min(
@@ -292,6 +313,7 @@ class SmtpServer:
     async def _handle(self, stream: trio.SocketStream, *, implicit_tls: bool = False) -> None:
         session: _Session | None = None
         limited = False
+        self._metrics.connection_accepted(implicit_tls)
         try:
             peer = _host_port(stream.socket.getpeername())
             transport: trio.abc.Stream = stream
@@ -309,20 +331,28 @@ class SmtpServer:
                 ServerConnection(self._config),
                 transport,
             )
+            # From here on, every line this task logs names the session. The
+            # handler is a task of its own, so the value ends with it.
+            set_session(session.id, session.remote)
             refusal = self._admit(session)
             if refusal is not None:
-                log.warning("refusing %s: %s", session.remote, refusal.lines()[0])
+                reason, reply = refusal
+                self._metrics.connection_refused(reason)
+                log.warning("refusing %s: %s", session.remote, reply.lines()[0])
                 if not implicit_tls:  # a client waiting for TLS would not understand it
                     with trio.move_on_after(LAST_WORDS_TIMEOUT):
-                        await transport.send_all(session.conn.send(refusal))
+                        await transport.send_all(session.conn.send(reply))
                 return
             limited = not is_trusted(session.address, self._exempt)
             self._sessions.add(session)
+            log.debug(
+                "from %s: connected%s", session.remote, " (implicit TLS)" if implicit_tls else ""
+            )
             if implicit_tls and not await self._start_tls(session):
                 return
             await self._converse(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            where = f"session {session.id} from {session.remote}" if session else "session"
+            where = f"from {session.remote}" if session else "before the session began"
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
@@ -337,20 +367,21 @@ class SmtpServer:
                 scope.shield = True
                 await closing.aclose()
 
-    def _admit(self, session: _Session) -> Reply | None:
-        """The refusal for a new connection, or None.
+    def _admit(self, session: _Session) -> tuple[str, Reply] | None:
+        """The refusal for a new connection (its metrics reason and reply), or None.
 
         An admitted connection from an address that is not exempt is counted
         in the per-address limits; :meth:`_handle` uncounts it at the end.
         """
         if len(self._sessions) >= self._settings.max_connections:
-            return TOO_MANY_CONNECTIONS
+            return "max_connections", TOO_MANY_CONNECTIONS
         if is_trusted(session.address, self._exempt):
             return None
         refusal = self._limits.open(session.address)
         if refusal is None:
             return None
-        return Reply(421, "4.7.0", f"{refusal[0].upper()}{refusal[1:]}, try again later")
+        reason = "rate" if refusal == TOO_MANY_NEW_CONNECTIONS else "per_address"
+        return reason, Reply(421, "4.7.0", f"{refusal[0].upper()}{refusal[1:]}, try again later")
 
     async def _read_proxy_header(
         self, stream: trio.SocketStream, peer: HostPort
@@ -362,6 +393,7 @@ class SmtpServer:
                 try:
                     header = parse_proxy_header(buf)
                 except ProxyError as exc:
+                    self._metrics.connection_refused("proxy_header")
                     log.warning("%s: bad PROXY protocol header: %s; closing", peer, exc)
                     return None
                 if header is not None:
@@ -371,6 +403,7 @@ class SmtpServer:
                 if not data:
                     return None
                 buf += data
+        self._metrics.connection_refused("proxy_header")
         log.warning("%s: no PROXY protocol header in time; closing", peer)
         return None
 
@@ -382,26 +415,19 @@ class SmtpServer:
             try:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
-                reason = exc.__cause__ or exc
-                log.info(
-                    "session %d from %s: TLS handshake failed: %s",
-                    session.id,
-                    session.remote,
-                    reason,
-                )
+                self._metrics.tls_handshake(False)
+                log.info("from %s: TLS handshake failed: %s", session.remote, exc.__cause__ or exc)
                 return False
             session.stream = tls_stream
             session.tls = session_tls(tls_stream)
             session.conn.tls_established()
+            self._metrics.tls_handshake(True, session.tls["version"])
             log.debug(
-                "session %d from %s: TLS %s %s",
-                session.id,
-                session.remote,
-                session.tls["version"],
-                session.tls["cipher"],
+                "from %s: TLS %s %s", session.remote, session.tls["version"], session.tls["cipher"]
             )
             return True
-        log.info("session %d from %s: TLS handshake timed out", session.id, session.remote)
+        self._metrics.tls_handshake(False)
+        log.info("from %s: TLS handshake timed out", session.remote)
         return False
 
     async def _converse(self, session: _Session) -> None:
@@ -419,10 +445,10 @@ class SmtpServer:
             if event is NEED_DATA:
                 if self._shutting_down and session.idle:
                     out += conn.send(SHUTTING_DOWN)
-                    await session.stream.send_all(out)
+                    await self._send(session, out)
                     return
                 if out:
-                    await session.stream.send_all(out)
+                    await self._send(session, out)
                     out.clear()
                     # The client's time for its next command starts now.
                     command_deadline = trio.current_time() + settings.command_timeout
@@ -442,8 +468,11 @@ class SmtpServer:
                     reply = _timeout_reply(conn)
                     if conn.state is State.DATA and trio.current_time() >= rate_deadline:
                         reply = TOO_SLOW
-                    log.info("session %d from %s: %s", session.id, session.remote, reply.lines()[0])
-                    await session.stream.send_all(conn.send(reply))
+                    self._metrics.session_closed_for_abuse(
+                        "slow_data" if reply is TOO_SLOW else "timeout"
+                    )
+                    log.info("from %s: %s", session.remote, reply.lines()[0])
+                    await self._send(session, conn.send(reply))
                     return
                 if conn.state is State.DATA:
                     data_received += len(data)
@@ -451,7 +480,7 @@ class SmtpServer:
                 continue
             if isinstance(event, ConnectionClosed):
                 if out:
-                    await session.stream.send_all(out)
+                    await self._send(session, out)
                 return
             if isinstance(event, Command):
                 reply = event.reply
@@ -459,7 +488,7 @@ class SmtpServer:
                     reply = SHUTTING_DOWN
                 elif event.credentials is not None:
                     if out:
-                        await session.stream.send_all(out)
+                        await self._send(session, out)
                         out.clear()
                     reply = await self._authenticate(session, event, event.credentials)
                 out += conn.send(reply)
@@ -468,35 +497,56 @@ class SmtpServer:
                     data_deadline = data_started + settings.data_timeout
                     data_received = 0
                 elif reply.code == 220 and event.verb == "STARTTLS":
-                    await session.stream.send_all(out)
+                    await self._send(session, out)
                     out.clear()
                     if not await self._start_tls(session):
                         return
                 elif reply.code == 421:
-                    log.info("session %d from %s: %s", session.id, session.remote, reply.lines()[0])
+                    if reply is TOO_MANY_AUTH_FAILURES:
+                        self._metrics.session_closed_for_abuse("auth_failures")
+                    elif reply is not SHUTTING_DOWN:
+                        # The protocol closes with 421 on a command only when
+                        # it is an HTTP request sent to the SMTP port.
+                        self._metrics.session_closed_for_abuse("http")
+                    log.info("from %s: %s", session.remote, reply.lines()[0])
                 elif reply.code >= 500:
                     out += self._count_error(session)
                 continue
             assert isinstance(event, MessageReceived)
             if out:
-                await session.stream.send_all(out)
+                await self._send(session, out)
                 out.clear()
             encoded = await self._encode_message(session, event)
             # Drop the received bytes before the wait for the ack: the job
             # carries them now, and a waiting session should hold one copy.
             event = NEED_DATA
             if isinstance(encoded, Reply):
+                self._metrics.message_answered(encoded.code)
                 out += conn.send(encoded)
                 if encoded.code >= 500:  # too large, bare newline, line too long
                     out += self._count_error(session)
             else:
-                out += conn.send(await self._push_job(session, *encoded))
+                reply = await self._push_job(session, *encoded)
+                self._metrics.message_answered(reply.code)
+                out += conn.send(reply)
+
+    async def _send(self, session: _Session, data: bytes | bytearray) -> None:
+        """Write replies; a client that stops reading is dropped after command_timeout.
+
+        Without a deadline, a client that pipelines commands and never reads
+        its replies would hold the session (and its buffers) for ever.
+        """
+        with trio.move_on_after(self._settings.command_timeout):
+            await session.stream.send_all(data)
+            return
+        raise trio.BrokenResourceError("the client stopped reading its replies")
 
     def _count_error(self, session: _Session) -> bytes:
         """Count a 5xx reply; at ``max_errors``, the ``421`` that closes the session."""
         session.errors += 1
         if 0 < self._settings.limits.max_errors <= session.errors:
-            log.info("session %d from %s: too many errors", session.id, session.remote)
+            self._metrics.session_closed_for_abuse("errors")
+            log.info("from %s: too many errors", session.remote)
             return session.conn.send(TOO_MANY_ERRORS)
         return b""
 
@@ -519,10 +569,10 @@ class SmtpServer:
             credentials.password,
             limiter=self._auth_limiter,
         )
+        self._metrics.auth_attempt(event.argument, ok)
         if ok:
             log.info(
-                "session %d from %s: authenticated as %r (%s)",
-                session.id,
+                "from %s: authenticated as %r (%s)",
                 session.remote,
                 credentials.username,
                 event.argument,
@@ -530,11 +580,7 @@ class SmtpServer:
             return event.reply
         session.auth_failures += 1
         log.warning(
-            "session %d from %s: AUTH %s failed for %r",
-            session.id,
-            session.remote,
-            event.argument,
-            credentials.username,
+            "from %s: AUTH %s failed for %r", session.remote, event.argument, credentials.username
         )
         # Slow down guessing; other sessions go on meanwhile.
         await trio.sleep(self._settings.auth.failure_delay)
@@ -560,8 +606,7 @@ class SmtpServer:
         """The job for a received message as (id, JSON, size, recipients), or a refusal."""
         if event.reply is not None:
             log.info(
-                "session %d from %s: message refused: %d %s",
-                session.id,
+                "from %s: message refused: %d %s",
                 session.remote,
                 event.reply.code,
                 event.reply.lines()[0],
@@ -599,17 +644,11 @@ class SmtpServer:
         try:
             await self._push(job_id, job_json, self._jobs.pipeline)
         except PushFailed as exc:
-            log.error(
-                "session %d from %s: message %s not queued: %s",
-                session.id,
-                session.remote,
-                job_id,
-                exc,
-            )
+            log.error("from %s: message %s not queued: %s", session.remote, job_id, exc)
             return TEMPORARY_FAILURE
+        self._metrics.message_accepted(size)
         log.info(
-            "session %d from %s: queued as %s (%d bytes, %d recipients)",
-            session.id,
+            "from %s: queued as %s (%d bytes, %d recipients)",
             session.remote,
             job_id,
             size,
