@@ -21,6 +21,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -528,3 +529,46 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
         return await stream_info(client, STREAM) is None
 
     assert with_nats(nats, no_stream, user=USER, password=PASSWORD)
+
+
+def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
+    nats_servers: NatsServers, launch: Launcher
+) -> None:
+    # A job the server can never take must not be retried for ever with 451s.
+    nats = nats_servers.new(max_payload=64 * 1024).start()
+    daemon = nats_daemon(launch, nats)
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 100  # 100 KB
+    results: dict[str, tuple[int, bytes]] = {}
+
+    def deliver(name: str, body: bytes) -> None:
+        with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=15) as smtp:
+            smtp.ehlo()
+            smtp.mail("sender@example.org")
+            smtp.rcpt("rcpt@example.com")
+            try:
+                code, text = smtp.data(body)
+            except smtplib.SMTPDataError as exc:
+                code, text = exc.smtp_code, exc.smtp_error
+            results[name] = (code, text)
+
+    # Sent together, so that they may share a batch.
+    threads = [
+        threading.Thread(target=deliver, args=("big", big)),
+        threading.Thread(target=deliver, args=("small", b"Subject: small\r\n\r\nhi\r\n")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results["big"][0] == 552, results
+    assert results["big"][1].startswith(b"5.3.4"), results
+    assert results["small"][0] == 250, results
+    messages = stream_messages(nats)
+    assert msg_ids(messages) == [queued_id(f"250 {results['small'][1].decode()}")]
+    # Refused once, not retried until push_timeout.
+    pusher_lines = [
+        line
+        for line in daemon.log_text().splitlines()
+        if "trismtp.pusher" in line and "max_payload" in line
+    ]
+    assert len(pusher_lines) == 1, pusher_lines

@@ -31,6 +31,7 @@ class NatsServer:
         password: str = "",
         ping_interval: str = "",
         ping_max: int = 2,
+        max_payload: int = 0,
     ) -> None:
         self.binary = require_tool("nats-server")
         self.workdir = workdir
@@ -38,6 +39,7 @@ class NatsServer:
         self.password = password
         self.ping_interval = ping_interval
         self.ping_max = ping_max
+        self.max_payload = max_payload
         self.port = free_port()
         self.ws_port = free_port()
         self.log_path = workdir / "nats-server.log"
@@ -63,6 +65,8 @@ class NatsServer:
         ]
         if self.ping_interval:
             lines += [f'ping_interval: "{self.ping_interval}"', f"ping_max: {self.ping_max}"]
+        if self.max_payload:
+            lines.append(f"max_payload: {self.max_payload}")
         if self.user:
             lines.append(f'authorization {{ user: "{self.user}", password: "{self.password}" }}')
         return "\n".join(lines) + "\n"

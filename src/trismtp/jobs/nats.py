@@ -169,6 +169,7 @@ __all__ = [
     "parse_headers",
     "roadrunner_message",
     "stream_info",
+    "wire_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1025,7 +1026,7 @@ class NatsClient:
                 raise ValueError("a message needs a msg_id: JetStream deduplicates on it")
             if any(name.lower() == MSG_ID_HEADER.lower() for name in message.headers):
                 raise ValueError(f"give the {MSG_ID_HEADER} as msg_id, not as a header")
-            block = encode_headers({MSG_ID_HEADER: [message.msg_id], **message.headers})
+            block = _header_block(message)
             size = len(block) + len(message.data)
             if size > self.max_payload:
                 raise MessageTooLarge(size, self.max_payload)
@@ -1568,6 +1569,15 @@ async def _get(
 
 
 # -- RoadRunner's format ------------------------------------------------------
+
+
+def _header_block(message: NatsMessage) -> bytes:
+    return encode_headers({MSG_ID_HEADER: [message.msg_id], **message.headers})
+
+
+def wire_size(message: NatsMessage) -> int:
+    """What *message* counts against the server's ``max_payload``: headers and data."""
+    return len(_header_block(message)) + len(message.data)
 
 
 def roadrunner_message(job_json: str) -> tuple[bytes, dict[str, list[str]]]:

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import trio
 
 from trismtp.jobs.rpc import BATCH_EXPIRED, JobsUnavailable, RpcError
-from trismtp.jobs.sinks import Sink, open_sink
+from trismtp.jobs.sinks import JobsTooLarge, Sink, open_sink
 from trismtp.metrics import Metrics
 from trismtp.settings import JobsSettings
 
@@ -90,7 +90,15 @@ Connect = Callable[[str, str, JobsSettings], AbstractAsyncContextManager[Sink]]
 
 
 class PushFailed(Exception):
-    """The job was not acknowledged as durable; the session answers 451."""
+    """The job was not acknowledged as durable; the session answers 451.
+
+    ``permanent`` when retrying cannot help (the job is larger than the
+    destination takes): the session answers 552 instead.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(eq=False, slots=True)
@@ -103,11 +111,13 @@ class _Pending:
     queued_at: float  # for the push latency metric
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
+    permanent: bool = False
     abandoned: bool = False
 
-    def resolve(self, error: str | None) -> None:
+    def resolve(self, error: str | None, *, permanent: bool = False) -> None:
         if not self.done.is_set():
             self.error = error
+            self.permanent = permanent
             self.done.set()
 
 
@@ -178,7 +188,7 @@ class Pusher:
         if not pending.done.is_set():
             raise PushFailed(f"no ack within jobs.push_timeout ({timeout:g} s)")
         if pending.error is not None:
-            raise PushFailed(pending.error)
+            raise PushFailed(pending.error, permanent=pending.permanent)
 
     def close(self) -> None:
         """No more pushes: :meth:`run` delivers what is queued, then returns."""
@@ -346,6 +356,13 @@ class Pusher:
                 # request; start afresh next time.
                 self._drop_client()
                 raise
+        except JobsTooLarge as exc:
+            # The others of the batch are durable; these can never be.
+            too_large = set(exc.ids)
+            for p in live:
+                if p.job_id in too_large:
+                    p.resolve(str(exc), permanent=True)
+            log.error("%s: %s", ", ".join(exc.ids), exc)
         except RpcError as exc:
             return exc
         except JobsUnavailable as exc:

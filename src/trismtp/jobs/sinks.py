@@ -32,11 +32,12 @@ from trismtp.jobs.nats import (
     NatsMessage,
     ensure_stream,
     roadrunner_message,
+    wire_size,
 )
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.settings import JobsSettings, NatsSettings
 
-__all__ = ["JETSTREAM_ERROR", "Sink", "is_nats_url", "open_sink"]
+__all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "is_nats_url", "open_sink"]
 
 # The RpcError code a JetStream refusal is reported with (storage unavailable).
 JETSTREAM_ERROR = -32003
@@ -44,6 +45,18 @@ JETSTREAM_ERROR = -32003
 # JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
 _BATCH_OPEN = '{"jobs":['
 _BATCH_CLOSE = "]}"
+
+
+class JobsTooLarge(Exception):
+    """Some jobs of a batch are larger than the destination takes; the rest are durable.
+
+    Retrying cannot help these: their sessions answer 552, not 451.
+    """
+
+    def __init__(self, ids: Sequence[str], limit: int) -> None:
+        super().__init__(f"larger than the NATS server's max_payload of {limit} bytes")
+        self.ids = list(ids)
+        self.limit = limit
 
 
 class Sink(Protocol):
@@ -117,10 +130,15 @@ class NatsSink:
         if expires_at is not None:
             timeout = max(0.001, min(timeout, expires_at - time.time()))
         messages = [NatsMessage(job_id, *roadrunner_message(encoded)) for job_id, encoded in jobs]
-        try:
-            await self._client.publish_batch(self._settings.subject, messages, timeout)
-        except JetStreamError as exc:
-            raise RpcError(JETSTREAM_ERROR, f"JetStream: {exc}") from None
+        limit = self._client.max_payload
+        fit = [m for m in messages if wire_size(m) <= limit]
+        if fit:
+            try:
+                await self._client.publish_batch(self._settings.subject, fit, timeout)
+            except JetStreamError as exc:
+                raise RpcError(JETSTREAM_ERROR, f"JetStream: {exc}") from None
+        if len(fit) < len(messages):
+            raise JobsTooLarge([m.msg_id for m in messages if wire_size(m) > limit], limit)
 
 
 @asynccontextmanager

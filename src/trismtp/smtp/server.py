@@ -82,6 +82,7 @@ HANDSHAKE_TIMEOUT = 30.0
 AUTH_THREADS = 2
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
+TOO_LARGE_FOR_STORE = Reply(552, "5.3.4", "Message too large for the jobs store")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
@@ -645,7 +646,7 @@ class SmtpServer:
             await self._push(job_id, job_json, self._jobs.pipeline)
         except PushFailed as exc:
             log.error("from %s: message %s not queued: %s", session.remote, job_id, exc)
-            return TEMPORARY_FAILURE
+            return TOO_LARGE_FOR_STORE if exc.permanent else TEMPORARY_FAILURE
         self._metrics.message_accepted(size)
         log.info(
             "from %s: queued as %s (%d bytes, %d recipients)",
