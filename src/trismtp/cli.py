@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import tempfile
 import warnings
@@ -40,7 +39,7 @@ from trismtp.auth import (
 )
 from trismtp.jobs.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
-from trismtp.jobs.sinks import is_nats_url
+from trismtp.jobs.sinks import connect_nats, is_nats_url
 from trismtp.log import setup_logging
 from trismtp.settings import ConfigError, HostPort, Settings, load_settings, section_names
 
@@ -438,19 +437,9 @@ def _nats(
 ) -> _T:
     """Run ``work`` with a connection to the NATS server of ``--url``/``jobs.url``."""
     url = _jobs_url(args, settings)
-    nats = settings.jobs.nats
-    context = None
-    if url.startswith("nats+wss://"):
-        context = ssl.create_default_context(cafile=nats.tls_ca or None)
 
     async def run() -> _T:
-        async with NatsClient.connect(
-            url,
-            user=nats.user,
-            password=nats.password.get_secret_value(),
-            token=nats.token.get_secret_value(),
-            ssl_context=context,
-        ) as client:
+        async with connect_nats(url, settings.jobs.nats) as client:
             return await work(client)
 
     try:

@@ -83,6 +83,12 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+def _check_addresses(values: list[str]) -> list[str]:
+    for item in values:
+        parse_host_port(item)
+    return values
+
+
 def embedded_url(address: HostPort) -> str:
     """The URL that reaches a jobs service listening on ``address`` from this host."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
@@ -106,9 +112,7 @@ class TlsSettings(_Section):
     @field_validator("implicit_listen")
     @classmethod
     def _check_listen(cls, value: list[str]) -> list[str]:
-        for item in value:
-            parse_host_port(item)
-        return value
+        return _check_addresses(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> TlsSettings:
@@ -223,9 +227,7 @@ class SmtpSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: list[str]) -> list[str]:
-        for item in value:
-            parse_host_port(item)
-        return value
+        return _check_addresses(value)
 
     @field_validator("hostname")
     @classmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from trismtp.jobs.nats import (
@@ -37,7 +37,7 @@ from trismtp.jobs.nats import (
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.settings import JobsSettings, NatsSettings
 
-__all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "is_nats_url", "open_sink"]
+__all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "connect_nats", "is_nats_url", "open_sink"]
 
 # The RpcError code a JetStream refusal is reported with (storage unavailable).
 JETSTREAM_ERROR = -32003
@@ -141,20 +141,27 @@ class NatsSink:
             raise JobsTooLarge([m.msg_id for m in messages if wire_size(m) > limit], limit)
 
 
-@asynccontextmanager
-async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink]:
-    nats = settings.nats
+def connect_nats(
+    url: str, nats: NatsSettings, timeout: float = 5.0
+) -> AbstractAsyncContextManager[NatsClient]:
+    """A :class:`NatsClient` for ``url`` with the credentials and TLS of ``[jobs.nats]``."""
     context: ssl.SSLContext | None = None
     if url.startswith("nats+wss://"):
         context = ssl.create_default_context(cafile=nats.tls_ca or None)
-    async with NatsClient.connect(
+    return NatsClient.connect(
         url,
         user=nats.user,
         password=nats.password.get_secret_value(),
         token=nats.token.get_secret_value(),
         ssl_context=context,
-        timeout=min(5.0, settings.push_timeout),
-    ) as client:
+        timeout=timeout,
+    )
+
+
+@asynccontextmanager
+async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink]:
+    nats = settings.nats
+    async with connect_nats(url, nats, timeout=min(5.0, settings.push_timeout)) as client:
         if nats.create_stream:
             try:
                 await ensure_stream(
