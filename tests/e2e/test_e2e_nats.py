@@ -548,7 +548,8 @@ def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
             try:
                 code, text = smtp.data(body)
             except smtplib.SMTPDataError as exc:
-                code, text = exc.smtp_code, exc.smtp_error
+                error = exc.smtp_error
+                code, text = exc.smtp_code, error if isinstance(error, bytes) else error.encode()
             results[name] = (code, text)
 
     # Sent together, so that they may share a batch.

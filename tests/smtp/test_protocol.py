@@ -1166,3 +1166,43 @@ def test_chunking_does_not_matter_byte_by_byte() -> None:
     assert one_by_one.output == whole.output
     assert one_by_one.messages == whole.messages
     assert len(whole.messages) == 3
+
+
+def test_normalized_message_must_still_fit_the_limit() -> None:
+    # 60 bare LFs received are 120 octets once made CRLF.
+    config = ProtocolConfig(max_message_size=100, bare_newlines="normalize")
+    transcript = drive([*ENVELOPE, b"\n" * 60 + b"\r\n", END], config=config)
+    (message,) = transcript.messages
+    assert message.reply is not None
+    assert (message.reply.code, message.reply.enhanced) == (552, "5.3.4")
+    assert message.data == b""
+
+
+def test_eof_inside_data_drops_the_partial_message() -> None:
+    conn = ServerConnection()
+    conn.greeting()
+    for chunk in [*ENVELOPE, b"x" * 5000]:
+        conn.receive_data(chunk)
+        while isinstance(event := conn.next_event(), Command):
+            conn.send(event.reply)
+    conn.receive_data(b"")
+    assert isinstance(conn.next_event(), ConnectionClosed)
+    assert len(conn._body) == 0
+
+
+@pytest.mark.parametrize("line", [b"MAIL FROM:<a b@c>\r\n", b"XYZZY\r\n", b"DATA\r\n"])
+def test_accepting_a_refused_command_is_misuse(line: bytes) -> None:
+    conn = ServerConnection()
+    conn.greeting()
+    conn.receive_data(EHLO + line)
+    event = conn.next_event()
+    assert isinstance(event, Command)
+    conn.send(event.reply)
+    event = conn.next_event()
+    assert isinstance(event, Command)
+    assert not event.reply.positive
+    with pytest.raises(RuntimeError, match="refused"):
+        conn.send(Reply(250, "2.0.0", "OK"))
+    # Nothing changed: the refusal (or a 421) can still be sent.
+    assert conn.state is State.READY
+    conn.send(event.reply)

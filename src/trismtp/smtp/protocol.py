@@ -308,8 +308,7 @@ class ServerConnection:
         event = self._message_event() if self.state is State.DATA else self._command_event()
         if event is None:
             if self._eof:
-                self.state = State.CLOSED
-                self._buf.clear()
+                self._close()  # also drops a partial message
                 return ConnectionClosed()
             return NEED_DATA
         self._pending = event
@@ -330,7 +329,18 @@ class ServerConnection:
         With no event pending, only a 421 may be sent (a server may close
         any time it must, RFC 5321 §3.8); it closes the connection.
         """
-        event, self._pending = self._pending, None
+        event = self._pending
+        if (
+            isinstance(event, Command)
+            and reply.positive
+            and not event.reply.positive
+            and reply.code != 421
+        ):
+            raise RuntimeError(
+                f"cannot accept {event.verb or 'a line'} the protocol refused "
+                f"({event.reply.code}); send a refusal or the proposed reply"
+            )
+        self._pending = None
         if reply.code == 421:
             self._close()
         elif event is None:
@@ -731,6 +741,10 @@ class ServerConnection:
                 error = _BARE_NEWLINE
             else:
                 data = _NEWLINE_RE.sub(b"\r\n", data)
+                if len(data) > self.config.max_message_size:
+                    # Each bare CR or LF became two octets: the stored
+                    # message must still fit the limit.
+                    error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
         size = len(data) if error is None else received
         return MessageReceived(
             helo=self.helo,
