@@ -118,6 +118,8 @@ class _Session:
     conn: ServerConnection
     stream: trio.abc.Stream
     read_scope: trio.CancelScope | None = None
+    scope: trio.CancelScope | None = None  # the whole conversation
+    sending_since: float = math.inf  # when the write in progress began
     tls: dict[str, str] | None = None
     errors: int = 0
     auth_failures: int = 0
@@ -247,6 +249,7 @@ class SmtpServer:
             self._handler_scope = handlers.cancel_scope
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
+                    acceptors.start_soon(self._watch_writes)
                     for listeners, handler in (
                         (plain, self._handle),
                         (implicit, partial(self._handle, implicit_tls=True)),
@@ -351,7 +354,10 @@ class SmtpServer:
             )
             if implicit_tls and not await self._start_tls(session):
                 return
-            await self._converse(session)
+            with trio.CancelScope() as session.scope:
+                await self._converse(session)
+            if session.scope.cancelled_caught:
+                log.info("from %s: the client stopped reading its replies; closing", session.remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             where = f"from {session.remote}" if session else "before the session began"
             log.debug("%s: connection lost: %s", where, exc)
@@ -537,10 +543,21 @@ class SmtpServer:
         Without a deadline, a client that pipelines commands and never reads
         its replies would hold the session (and its buffers) for ever.
         """
-        with trio.move_on_after(self._settings.command_timeout):
-            await session.stream.send_all(data)
-            return
-        raise trio.BrokenResourceError("the client stopped reading its replies")
+        # Not a cancel scope per write (they add up at thousands of writes a
+        # second): _watch_writes cancels the session of a write that stalls.
+        session.sending_since = trio.current_time()
+        await session.stream.send_all(data)
+        session.sending_since = math.inf
+
+    async def _watch_writes(self) -> None:
+        """Close sessions whose reply has waited command_timeout to be read."""
+        timeout = self._settings.command_timeout
+        while True:
+            await trio.sleep(min(1.0, timeout / 2))
+            stalled_since = trio.current_time() - timeout
+            for session in self._sessions:
+                if session.sending_since < stalled_since and session.scope is not None:
+                    session.scope.cancel()
 
     def _count_error(self, session: _Session) -> bytes:
         """Count a 5xx reply; at ``max_errors``, the ``421`` that closes the session."""
