@@ -208,6 +208,16 @@ async def test_a_refused_token_is_jobs_unavailable(
         assert await client.call("jobs.List", {}) == {"pipelines": ["smtp"]}
 
 
+async def test_a_refused_connection_says_so() -> None:
+    # Bind a port and close it again without listening: nothing answers there.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(JobsUnavailable, match="Connection refused"):
+        async with JobsClient.connect(f"ws://127.0.0.1:{port}/rpc"):
+            pytest.fail("connected")
+
+
 async def test_a_wrong_path_is_jobs_unavailable(service: Service) -> None:
     with pytest.raises(JobsUnavailable, match="HTTP 404"):
         async with JobsClient.connect(service.url.replace("/rpc", "/")):

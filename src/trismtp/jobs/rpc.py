@@ -171,7 +171,7 @@ def _unavailable(exc: BaseException, target: _Target) -> JobsUnavailable | None:
         close_code = exc.reason.code if exc.reason is not None else None
         text = f"lost the connection to {target}: {_describe_close(exc)}"
     elif isinstance(exc, OSError):
-        text = f"cannot connect to {target}: {exc.strerror or exc}"
+        text = f"cannot connect to {target}: {_os_reason(exc)}"
     elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
         text = f"lost the connection to {target}"
     else:
@@ -193,6 +193,19 @@ def _describe_close(exc: ConnectionClosed) -> str:
     if reason.code == 1006:
         return "the connection dropped (close code 1006)"
     return f"closed with code {reason.code} {reason.name}{detail}"
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a connect failed: trio says "all attempts … failed" and keeps the
+    reasons (Connection refused, …) in the group it chains; show the first."""
+    if exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.strerror:
+                return f"{inner.strerror} ({exc})"
+    return str(exc)
 
 
 @contextmanager
