@@ -115,8 +115,8 @@ import re
 import secrets
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
@@ -126,16 +126,21 @@ import trio
 from pydantic import ValidationError
 from trio_websocket import (
     ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
     WebSocketConnection,
-    wrap_client_stream,
 )
 
 from trismtp import __version__
 from trismtp.jobs.model import Job
-from trismtp.jobs.rpc import JobsUnavailable
+from trismtp.jobs.websocket import (
+    JobsUnavailable,
+    PeerProtocolError,
+    Stream,
+    Target,
+    collapse,
+    map_exceptions,
+    open_websocket,
+    unavailable,
+)
 
 __all__ = [
     "MSG_ID_HEADER",
@@ -189,7 +194,6 @@ DEFAULT_API_TIMEOUT: Final = 5.0
 # One WebSocket message from the server: the parser bounds each operation in
 # it; this bounds the message trio-websocket assembles before we see it.
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
-RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 CLOSE_TIMEOUT: Final = 2.0
 PONG_TIMEOUT: Final = 10.0
 """Seconds the reader may spend sending one PONG before it gives up the connection."""
@@ -207,15 +211,15 @@ _FORBIDDEN_IN_SUBJECT: Final = re.compile(r"[\s\x00]")
 _STREAM_NAME_FORBIDDEN: Final = re.compile(r"[\s.*>/\\\x00]")
 _INBOX_SID: Final = "1"
 
-_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
-
 
 # -- errors -------------------------------------------------------------------
 
 
-class NatsProtocolError(Exception):
+class NatsProtocolError(PeerProtocolError):
     """The server sent something that is not the NATS client protocol, or more
     of it than the parser's bounds allow."""
+
+    protocol = "NATS"
 
 
 class NatsAuthorizationError(JobsUnavailable):
@@ -623,100 +627,11 @@ class PubAck:
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """Where a client connects, parsed once; ``str()`` is safe to log."""
-
-    host: str  # for the TCP connection: IPv6 without brackets
-    port: int
-    host_header: str
-    resource: str  # path and query
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> _Target:
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
-            # Not echoed: the URL holds a secret.
-            raise ValueError(
-                "a NATS URL must not carry credentials: give user and password, or token"
-            )
-        if parts.scheme not in ("nats+ws", "nats+wss"):
-            raise ValueError(f"NATS URL {url!r} must start with nats+ws:// or nats+wss://")
-        host = parts.hostname
-        if not host:
-            raise ValueError(f"NATS URL {url!r} has no host")
-        tls = parts.scheme == "nats+wss"
-        default_port = 443 if tls else 80
-        try:
-            port = parts.port or default_port
-        except ValueError:
-            raise ValueError(f"NATS URL {url!r} has an invalid port") from None
-        bracketed = f"[{host}]" if ":" in host else host
-        host_header = bracketed if port == default_port else f"{bracketed}:{port}"
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(host, port, host_header, resource, tls)
-
-    def __str__(self) -> str:
-        scheme = "nats+wss" if self.tls else "nats+ws"
-        return f"{scheme}://{self.host_header}{self.resource.partition('?')[0]}"
-
-
-def _unavailable(exc: BaseException, target: _Target) -> JobsUnavailable | None:
-    """The :class:`JobsUnavailable` that *exc* means, or None if it is no
-    connection problem. The one place backend exceptions are translated."""
-    if isinstance(exc, JobsUnavailable):
-        return exc
-    close_code = None
-    if isinstance(exc, ConnectionRejected):
-        text = f"{target} rejected the WebSocket handshake with HTTP {exc.status_code}"
-    elif isinstance(exc, ConnectionTimeout | trio.TooSlowError):
-        text = f"timed out connecting to {target}"
-    elif isinstance(exc, HandshakeError):
-        text = f"cannot connect to {target}: {exc.__cause__ or exc!r}"
-    elif isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        close_code = reason.code if reason is not None else None
-        how = "the connection dropped" if close_code in (None, 1006) else f"close code {close_code}"
-        text = f"lost the connection to {target} ({how})"
-    elif isinstance(exc, NatsProtocolError):
-        text = f"{target} broke the NATS protocol: {exc}"
-    elif isinstance(exc, OSError):
-        text = f"cannot connect to {target}: {exc.strerror or exc}"
-    elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
-        text = f"lost the connection to {target}"
-    else:
-        return None
-    error = JobsUnavailable(text, close_code=close_code)
-    error.__cause__ = exc
-    return error
-
-
-@contextmanager
-def _map_exceptions(target: _Target) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:  # Cancelled is a BaseException and passes untouched
-        mapped = _unavailable(exc, target)
-        if mapped is None or mapped is exc:
-            raise
-        raise mapped from exc
-
-
-def _collapse(
-    group: BaseExceptionGroup[BaseException], *, body_error: BaseException | None, target: _Target
-) -> BaseException:
-    """The one exception a caller of :meth:`NatsClient.connect` should see:
-    theirs unchanged, ours translated; several real errors stay grouped."""
-    errors = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
-    if not errors:
-        return group.exceptions[0]
-    if len(errors) > 1:
-        return group
-    (error,) = errors
-    if error is body_error:
-        return error
-    return _unavailable(error, target) or error
+def _parse_target(url: str) -> Target:
+    if "@" in urlsplit(url).netloc:
+        # Not echoed: the URL holds a secret.
+        raise ValueError("a NATS URL must not carry credentials: give user and password, or token")
+    return Target.parse(url, schemes=("nats+ws", "nats+wss"), what="NATS URL")
 
 
 class _Waiter:
@@ -772,36 +687,6 @@ class _Collector(_Waiter):
         return not self.done.is_set()
 
 
-async def _open_websocket(
-    nursery: trio.Nursery, target: _Target, ssl_context: ssl.SSLContext | None
-) -> tuple[WebSocketConnection, _Stream]:
-    # As in rpc.py: we open and close the stream ourselves, since
-    # trio-websocket leaves it open when the handshake fails.
-    stream: _Stream
-    if target.tls:
-        stream = await trio.open_ssl_over_tcp_stream(
-            target.host,
-            target.port,
-            ssl_context=ssl_context or ssl.create_default_context(),
-            https_compatible=True,
-        )
-    else:
-        stream = await trio.open_tcp_stream(target.host, target.port)
-    try:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            target.host_header,
-            target.resource,
-            max_message_size=MAX_WEBSOCKET_MESSAGE,
-            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-        )
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
-    return ws, stream
-
-
 def _as_bytes(message: str | bytes) -> bytes:
     # nats-server sends binary frames; a text frame is the same bytes in UTF-8.
     return message.encode() if isinstance(message, str) else message
@@ -815,7 +700,7 @@ class _Handshake(NamedTuple):
 
 async def _handshake(
     ws: WebSocketConnection,
-    target: _Target,
+    target: Target,
     inbox: str,
     *,
     user: str,
@@ -863,7 +748,7 @@ def _apply_info(parser: Parser, info: Mapping[str, Any]) -> None:
 
 
 def _refusal(
-    message: str, target: _Target, *, user: str, password: str, token: str
+    message: str, target: Target, *, user: str, password: str, token: str
 ) -> JobsUnavailable:
     """The error for an ``-ERR`` during the handshake, with no secret in it."""
     for secret in (password, token):
@@ -895,8 +780,8 @@ class NatsClient:
     def __init__(
         self,
         ws: WebSocketConnection,
-        stream: _Stream,
-        target: _Target,
+        stream: Stream,
+        target: Target,
         handshake: _Handshake,
         inbox: str,
     ) -> None:
@@ -940,7 +825,7 @@ class NatsClient:
         that is not one of the above. Leaving the block closes the connection;
         calls still waiting then raise JobsUnavailable.
         """
-        target = _Target.parse(url)
+        target = _parse_target(url)
         if token and (user or password):
             raise ValueError("give either a token or a user and password, not both")
         inbox = f"_INBOX.{secrets.token_hex(11)}."
@@ -948,8 +833,13 @@ class NatsClient:
         error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                with _map_exceptions(target), trio.fail_after(timeout):
-                    ws, stream = await _open_websocket(nursery, target, ssl_context)
+                with map_exceptions(target), trio.fail_after(timeout):
+                    ws, stream = await open_websocket(
+                        nursery,
+                        target,
+                        max_message_size=MAX_WEBSOCKET_MESSAGE,
+                        ssl_context=ssl_context,
+                    )
                     try:
                         handshake = await _handshake(
                             ws, target, inbox, user=user, password=password, token=token
@@ -969,7 +859,7 @@ class NatsClient:
                     await client._aclose()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            error = _collapse(group, body_error=body_error, target=target)
+            error = collapse(group, body_error=body_error, target=target)
         if error is not None:
             # Raised outside the except clause, so the group is not its context.
             raise error
@@ -1233,7 +1123,7 @@ class NatsClient:
         self._pending.clear()
 
     def _lost(self, exc: BaseException) -> JobsUnavailable:
-        mapped = _unavailable(exc, self._target)
+        mapped = unavailable(exc, self._target)
         assert mapped is not None, exc
         return mapped
 

@@ -38,22 +38,39 @@ from __future__ import annotations
 import json
 import logging
 import math
-import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from trismtp.jobs.websocket import (
+    JobsUnavailable,
+    Stream,
+    Target,
+    collapse,
+    map_exceptions,
+    open_websocket,
+    unavailable,
 )
+
+__all__ = [
+    "BATCH_EXPIRED",
+    "CLOSE_TIMEOUT",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "NO_SUCH_PIPELINE",
+    "PARSE_ERROR",
+    "STORAGE_UNAVAILABLE",
+    "TOO_LARGE",
+    "JobsClient",
+    "JobsUnavailable",
+    "RpcError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,31 +87,9 @@ TOO_LARGE: Final = -32004
 BATCH_EXPIRED: Final = -32005
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
-# trio-websocket reads 4 KiB at a time by default; batches are megabytes.
-RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 # Leaving the client waits this long for the close handshake, even when the
 # caller is being cancelled, so the service sees a clean close.
 CLOSE_TIMEOUT: Final = 2.0
-
-_CLOSE_TOO_BIG: Final = 1009
-
-_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
-
-
-class JobsUnavailable(Exception):
-    """Cannot reach the jobs service, or lost it before the reply.
-
-    Raised when the connection is refused or fails, the handshake is rejected
-    (HTTP 401: the message says the token was refused or missing), or the
-    connection is lost while calls wait. Whether the request took effect is
-    unknown; requests keyed by job id are safe to repeat on a new connection.
-    """
-
-    def __init__(self, message: str, *, close_code: int | None = None) -> None:
-        super().__init__(message)
-        #: The WebSocket close code when the connection was closed, else None
-        #: (1009: a message was larger than the receiver accepts).
-        self.close_code = close_code
 
 
 class RpcError(Exception):
@@ -114,131 +109,6 @@ class _BadReply(Exception):
     """The service sent something that is not a JSON-RPC 2.0 response."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """Where a client connects, parsed once; ``str()`` is safe to log."""
-
-    host: str  # for the TCP connection: IPv6 without brackets
-    port: int
-    host_header: str  # for the Host header: IPv6 in brackets, port unless default
-    resource: str  # path and query
-    tls: bool
-    token_sent: bool
-
-    @classmethod
-    def parse(cls, url: str, *, token_sent: bool) -> _Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss"):
-            raise ValueError(f"jobs URL {url!r} must start with ws:// or wss://")
-        host = parts.hostname
-        if not host:
-            raise ValueError(f"jobs URL {url!r} has no host")
-        tls = parts.scheme == "wss"
-        default_port = 443 if tls else 80
-        try:
-            port = parts.port or default_port
-        except ValueError:
-            raise ValueError(f"jobs URL {url!r} has an invalid port") from None
-        bracketed = f"[{host}]" if ":" in host else host
-        host_header = bracketed if port == default_port else f"{bracketed}:{port}"
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(host, port, host_header, resource, tls, token_sent)
-
-    def __str__(self) -> str:
-        # No user info and no query string: either may hold a secret.
-        scheme = "wss" if self.tls else "ws"
-        return f"{scheme}://{self.host_header}{self.resource.partition('?')[0]}"
-
-
-def _unavailable(exc: BaseException, target: _Target) -> JobsUnavailable | None:
-    """The :class:`JobsUnavailable` that *exc* means, or None if it is no
-    connection problem. The one place backend exceptions are translated."""
-    close_code = None
-    if isinstance(exc, JobsUnavailable):
-        return exc
-    if isinstance(exc, ConnectionRejected):
-        if exc.status_code == 401 and target.token_sent:
-            text = f"{target} refused the token (HTTP 401)"
-        elif exc.status_code == 401:
-            text = f"{target} requires a token (HTTP 401) and none was given"
-        else:
-            text = f"{target} rejected the WebSocket handshake with HTTP {exc.status_code}"
-    elif isinstance(exc, ConnectionTimeout | trio.TooSlowError):
-        text = f"timed out connecting to {target}"
-    elif isinstance(exc, HandshakeError):
-        text = f"cannot connect to {target}: {exc.__cause__ or exc!r}"
-    elif isinstance(exc, ConnectionClosed):
-        close_code = exc.reason.code if exc.reason is not None else None
-        text = f"lost the connection to {target}: {_describe_close(exc)}"
-    elif isinstance(exc, OSError):
-        text = f"cannot connect to {target}: {_os_reason(exc)}"
-    elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
-        text = f"lost the connection to {target}"
-    else:
-        return None
-    error = JobsUnavailable(text, close_code=close_code)
-    error.__cause__ = exc
-    return error
-
-
-def _describe_close(exc: ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "the connection is closed"
-    detail = f": {reason.reason}" if reason.reason else ""
-    if reason.code == _CLOSE_TOO_BIG:
-        return f"a message was larger than the receiver accepts (close code 1009{detail})"
-    if reason.code == 1001:
-        return "the jobs service is going away (close code 1001)"
-    if reason.code == 1006:
-        return "the connection dropped (close code 1006)"
-    return f"closed with code {reason.code} {reason.name}{detail}"
-
-
-def _os_reason(exc: OSError) -> str:
-    """Why a connect failed: trio says "all attempts … failed" and keeps the
-    reasons (Connection refused, …) in the group it chains; show the first."""
-    if exc.strerror:
-        return exc.strerror
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        for inner in cause.exceptions:
-            if isinstance(inner, OSError) and inner.strerror:
-                return f"{inner.strerror} ({exc})"
-    return str(exc)
-
-
-@contextmanager
-def _map_exceptions(target: _Target) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:  # Cancelled is a BaseException and passes untouched
-        mapped = _unavailable(exc, target)
-        if mapped is None or mapped is exc:
-            raise
-        raise mapped from exc
-
-
-def _collapse(
-    group: BaseExceptionGroup[BaseException], *, body_error: BaseException | None, target: _Target
-) -> BaseException:
-    """The one exception a caller of :meth:`JobsClient.connect` should see.
-
-    The client's nursery wraps everything in a group; callers want the error
-    itself: theirs unchanged, ours translated. Several real errors at once
-    mean a bug, and stay grouped.
-    """
-    errors = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
-    if not errors:
-        return group.exceptions[0]
-    if len(errors) > 1:
-        return group
-    (error,) = errors
-    if error is body_error:
-        return error
-    return _unavailable(error, target) or error
-
-
 class _Slot:
     """Where the reader leaves the reply for one waiting call."""
 
@@ -255,44 +125,6 @@ class _Slot:
             self.done.set()
 
 
-async def _handshake(
-    nursery: trio.Nursery,
-    target: _Target,
-    headers: list[tuple[bytes, bytes]],
-    max_message_size: int,
-) -> tuple[WebSocketConnection, _Stream]:
-    # We open the stream ourselves rather than through connect_websocket_url:
-    # we must close it ourselves (trio-websocket leaves it open when the
-    # handshake is refused or the peer closes first), and an IPv6 Host header
-    # needs its brackets.
-    stream: _Stream
-    if target.tls:
-        stream = await trio.open_ssl_over_tcp_stream(
-            target.host,
-            target.port,
-            ssl_context=ssl.create_default_context(),
-            https_compatible=True,
-        )
-    else:
-        stream = await trio.open_tcp_stream(target.host, target.port)
-    try:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            target.host_header,
-            target.resource,
-            extra_headers=headers,
-            max_message_size=max_message_size,
-            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-        )
-    except BaseException:
-        # A rejection arrives here as Cancelled: trio-websocket's reader task
-        # raised ConnectionRejected into the nursery.
-        await trio.aclose_forcefully(stream)
-        raise
-    return ws, stream
-
-
 class JobsClient:
     """A JSON-RPC connection to the jobs service; open it with :meth:`connect`.
 
@@ -300,7 +132,7 @@ class JobsClient:
     them by id. Once :attr:`closed`, every call raises :class:`JobsUnavailable`.
     """
 
-    def __init__(self, ws: WebSocketConnection, stream: _Stream, target: _Target) -> None:
+    def __init__(self, ws: WebSocketConnection, stream: Stream, target: Target) -> None:
         self._ws = ws
         self._stream = stream
         self._target = target
@@ -329,14 +161,16 @@ class JobsClient:
         Leaving the block closes the connection; calls still waiting then raise
         :class:`JobsUnavailable`.
         """
-        target = _Target.parse(url, token_sent=bool(token))
+        target = Target.parse(url, schemes=("ws", "wss"), what="jobs URL", token_sent=bool(token))
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         body_error: BaseException | None = None
         error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                with _map_exceptions(target), trio.fail_after(connect_timeout):
-                    ws, stream = await _handshake(nursery, target, headers, max_message_size)
+                with map_exceptions(target), trio.fail_after(connect_timeout):
+                    ws, stream = await open_websocket(
+                        nursery, target, max_message_size=max_message_size, extra_headers=headers
+                    )
                 client = cls(ws, stream, target)
                 nursery.start_soon(client._read_loop)
                 nursery.start_soon(client._write_loop)
@@ -349,7 +183,7 @@ class JobsClient:
                     await client._aclose()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            error = _collapse(group, body_error=body_error, target=target)
+            error = collapse(group, body_error=body_error, target=target)
         if error is not None:
             # Raised here, outside the except clause, so that the group does
             # not become the error's __context__.
@@ -455,7 +289,7 @@ class JobsClient:
                 await self._ws.aclose(1002, "invalid JSON-RPC reply")
 
     def _lost(self, exc: BaseException) -> JobsUnavailable:
-        mapped = _unavailable(exc, self._target)
+        mapped = unavailable(exc, self._target)
         assert mapped is not None, exc
         return mapped
 

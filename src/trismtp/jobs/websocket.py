@@ -1,0 +1,241 @@
+"""The client side of a WebSocket connection, shared by the jobs RPC and NATS clients.
+
+Both clients (:mod:`trismtp.jobs.rpc`, :mod:`trismtp.jobs.nats`) open a
+WebSocket the same way and must report its failures the same way: every
+transport problem becomes one :class:`JobsUnavailable` whose message names
+the server (never a secret from the URL) and says what went wrong. This
+module is that one place: the parsed target, the opening of the stream and
+handshake, and the translation of trio, trio-websocket and OS errors.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+__all__ = [
+    "RECEIVE_BUFFER_SIZE",
+    "JobsUnavailable",
+    "PeerProtocolError",
+    "Stream",
+    "Target",
+    "collapse",
+    "map_exceptions",
+    "open_websocket",
+    "unavailable",
+]
+
+# trio-websocket reads 4 KiB at a time by default; batches are megabytes.
+RECEIVE_BUFFER_SIZE: Final = 64 * 1024
+
+_CLOSE_TOO_BIG: Final = 1009
+
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class JobsUnavailable(Exception):
+    """Cannot reach where jobs go, or lost it before the reply.
+
+    Raised when the connection is refused or fails, the handshake is rejected
+    (HTTP 401: the message says the token was refused or missing), or the
+    connection is lost while calls wait. Whether the request took effect is
+    unknown; requests keyed by job id are safe to repeat on a new connection.
+    """
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        #: The WebSocket close code when the connection was closed, else None
+        #: (1009: a message was larger than the receiver accepts).
+        self.close_code = close_code
+
+
+class PeerProtocolError(Exception):
+    """The server sent something its protocol does not allow."""
+
+    protocol = "its"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a client connects, parsed once; ``str()`` is safe to log."""
+
+    scheme: str
+    host: str  # for the TCP connection: IPv6 without brackets
+    port: int
+    host_header: str  # for the Host header: IPv6 in brackets, port unless default
+    resource: str  # path and query
+    tls: bool
+    token_sent: bool = False
+
+    @classmethod
+    def parse(
+        cls, url: str, *, schemes: tuple[str, str], what: str, token_sent: bool = False
+    ) -> Target:
+        """Parse ``url``, whose scheme must be ``schemes`` (plain, TLS)."""
+        parts = urlsplit(url)
+        if parts.scheme not in schemes:
+            raise ValueError(f"{what} {url!r} must start with {schemes[0]}:// or {schemes[1]}://")
+        host = parts.hostname
+        if not host:
+            raise ValueError(f"{what} {url!r} has no host")
+        tls = parts.scheme == schemes[1]
+        default_port = 443 if tls else 80
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise ValueError(f"{what} {url!r} has an invalid port") from None
+        bracketed = f"[{host}]" if ":" in host else host
+        host_header = bracketed if port == default_port else f"{bracketed}:{port}"
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.scheme, host, port, host_header, resource, tls, token_sent)
+
+    def __str__(self) -> str:
+        # No user info and no query string: either may hold a secret.
+        return f"{self.scheme}://{self.host_header}{self.resource.partition('?')[0]}"
+
+
+async def open_websocket(
+    nursery: trio.Nursery,
+    target: Target,
+    *,
+    max_message_size: int,
+    ssl_context: ssl.SSLContext | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+) -> tuple[WebSocketConnection, Stream]:
+    """The stream and the WebSocket over it; ``ssl_context`` for ``tls`` targets."""
+    # We open the stream ourselves rather than through connect_websocket_url:
+    # we must close it ourselves (trio-websocket leaves it open when the
+    # handshake is refused or the peer closes first), and an IPv6 Host header
+    # needs its brackets.
+    stream: Stream
+    if target.tls:
+        stream = await trio.open_ssl_over_tcp_stream(
+            target.host,
+            target.port,
+            ssl_context=ssl_context or ssl.create_default_context(),
+            https_compatible=True,
+        )
+    else:
+        stream = await trio.open_tcp_stream(target.host, target.port)
+    try:
+        ws = await wrap_client_stream(
+            nursery,
+            stream,
+            target.host_header,
+            target.resource,
+            extra_headers=list(extra_headers),
+            max_message_size=max_message_size,
+            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+        )
+    except BaseException:
+        # A rejection arrives here as Cancelled: trio-websocket's reader task
+        # raised ConnectionRejected into the nursery.
+        await trio.aclose_forcefully(stream)
+        raise
+    return ws, stream
+
+
+def unavailable(exc: BaseException, target: Target) -> JobsUnavailable | None:
+    """The :class:`JobsUnavailable` that *exc* means, or None if it is no
+    connection problem. The one place backend exceptions are translated."""
+    close_code = None
+    if isinstance(exc, JobsUnavailable):
+        return exc
+    if isinstance(exc, ConnectionRejected):
+        if exc.status_code == 401 and target.token_sent:
+            text = f"{target} refused the token (HTTP 401)"
+        elif exc.status_code == 401:
+            text = f"{target} requires a token (HTTP 401) and none was given"
+        else:
+            text = f"{target} rejected the WebSocket handshake with HTTP {exc.status_code}"
+    elif isinstance(exc, ConnectionTimeout | trio.TooSlowError):
+        text = f"timed out connecting to {target}"
+    elif isinstance(exc, HandshakeError):
+        text = f"cannot connect to {target}: {exc.__cause__ or exc!r}"
+    elif isinstance(exc, ConnectionClosed):
+        close_code = exc.reason.code if exc.reason is not None else None
+        text = f"lost the connection to {target}: {_describe_close(exc)}"
+    elif isinstance(exc, PeerProtocolError):
+        text = f"{target} broke the {exc.protocol} protocol: {exc}"
+    elif isinstance(exc, OSError):
+        text = f"cannot connect to {target}: {_os_reason(exc)}"
+    elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+        text = f"lost the connection to {target}"
+    else:
+        return None
+    error = JobsUnavailable(text, close_code=close_code)
+    error.__cause__ = exc
+    return error
+
+
+def _describe_close(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "the connection is closed"
+    detail = f": {reason.reason}" if reason.reason else ""
+    if reason.code == _CLOSE_TOO_BIG:
+        return f"a message was larger than the receiver accepts (close code 1009{detail})"
+    if reason.code == 1001:
+        return "the server is going away (close code 1001)"
+    if reason.code == 1006:
+        return "the connection dropped (close code 1006)"
+    return f"closed with code {reason.code} {reason.name}{detail}"
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a connect failed: trio says "all attempts … failed" and keeps the
+    reasons (Connection refused, …) in the group it chains; show the first."""
+    if exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.strerror:
+                return f"{inner.strerror} ({exc})"
+    return str(exc)
+
+
+@contextmanager
+def map_exceptions(target: Target) -> Iterator[None]:
+    """Raise the :class:`JobsUnavailable` that an exception inside means."""
+    try:
+        yield
+    except Exception as exc:  # Cancelled is a BaseException and passes untouched
+        mapped = unavailable(exc, target)
+        if mapped is None or mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def collapse(
+    group: BaseExceptionGroup[BaseException], *, body_error: BaseException | None, target: Target
+) -> BaseException:
+    """The one exception a caller of a client's ``connect()`` should see.
+
+    The client's nursery wraps everything in a group; callers want the error
+    itself: theirs unchanged, ours translated. Several real errors at once
+    mean a bug, and stay grouped.
+    """
+    errors = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
+    if not errors:
+        return group.exceptions[0]
+    if len(errors) > 1:
+        return group
+    (error,) = errors
+    if error is body_error:
+        return error
+    return unavailable(error, target) or error
