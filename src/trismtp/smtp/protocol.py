@@ -238,6 +238,7 @@ _OK = Reply(250, "2.0.0", "OK")
 _BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 _LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 _NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+_TOO_LARGE = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 
 _TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _NOT_HTTP = Reply(421, "4.7.0", "This is an SMTP server, not HTTP; closing connection")
@@ -530,9 +531,7 @@ class ServerConnection:
                 if value is None or not (value.isascii() and value.isdigit()):
                     return Command(verb, argument, Reply(501, "5.5.4", "Syntax: SIZE=<number>"))
                 if int(value) > self.config.max_message_size:
-                    return Command(
-                        verb, argument, Reply(552, "5.3.4", "Message size exceeds fixed limit")
-                    )
+                    return Command(verb, argument, _TOO_LARGE)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return Command(
@@ -706,7 +705,7 @@ class ServerConnection:
             elif end < 0 and self._body_size > self.config.max_message_size + len(_TERMINATOR):
                 # Only while the terminator is missing: once it is found,
                 # _body_size also counts the pipelined commands after it.
-                self._body_error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+                self._body_error = _TOO_LARGE
         if end < 0:
             self._scanned = len(body)
             last_lf = body.rfind(b"\n", self._line_start)
@@ -734,7 +733,7 @@ class ServerConnection:
         self._body = bytearray()
         error = self._body_error
         if received > self.config.max_message_size:
-            error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+            error = _TOO_LARGE
         crlf = data.count(b"\r\n")
         if error is None and (data.count(b"\n") != crlf or data.count(b"\r") != crlf):
             if self.config.bare_newlines == "reject":
@@ -744,7 +743,7 @@ class ServerConnection:
                 if len(data) > self.config.max_message_size:
                     # Each bare CR or LF became two octets: the stored
                     # message must still fit the limit.
-                    error = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+                    error = _TOO_LARGE
         size = len(data) if error is None else received
         return MessageReceived(
             helo=self.helo,
