@@ -31,11 +31,11 @@ from .trismtp_e2e import (
     free_port,
     launcher,
     message,
+    one_line_error,
     queued_id,
     require_swaks_tls,
-    run_cli,
+    serve_with_smtp,
     starttls,
-    write_settings,
     write_tls_files,
 )
 
@@ -434,22 +434,10 @@ def test_command_timeout_starts_at_the_535_not_at_the_auth_command(
 
 def test_missing_users_file_at_start_exits_2_naming_the_key(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-users.passwd"
-    config = write_settings(
-        tmp_path / "settings.toml",
-        {
-            "smtp": {
-                "listen": [f"127.0.0.1:{free_port()}"],
-                "auth": {"users_file": str(missing), "allow_without_tls": True},
-            },
-            "jobs_service": {
-                "listen": f"127.0.0.1:{free_port()}",
-                "database": str(tmp_path / "jobs.sqlite3"),
-            },
-        },
+    result = serve_with_smtp(
+        tmp_path, {"auth": {"users_file": str(missing), "allow_without_tls": True}}
     )
-    result = run_cli("serve", "--config", str(config), cwd=tmp_path, timeout=20)
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "smtp.auth.users_file" in lines[0], lines[0]
-    assert str(missing) in lines[0], lines[0]
+    line = one_line_error(result)
+    assert "smtp.auth.users_file" in line, line
+    assert str(missing) in line, line

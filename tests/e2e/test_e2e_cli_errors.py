@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,18 +10,9 @@ import pytest
 
 import trismtp
 
-from .trismtp_e2e import HOST, free_port, run_cli, write_settings
+from .trismtp_e2e import HOST, free_port, one_line_error, run_cli, write_settings
 
 pytestmark = pytest.mark.e2e
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The command's single stderr line; fails on a traceback or more lines."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("trismtp: "), lines[0]
-    return lines[0]
 
 
 def test_version(tmp_path: Path) -> None:

@@ -27,13 +27,13 @@ from .trismtp_e2e import (
     free_port,
     launcher,
     message,
+    one_line_error,
     queued_id,
     require_swaks_tls,
     require_tool,
-    run_cli,
+    serve_with_smtp,
     starttls,
     wrap_tls,
-    write_settings,
     write_tls_files,
 )
 
@@ -318,25 +318,11 @@ def test_missing_tls_file_at_start_exits_2_naming_the_key(tmp_path: Path, missin
     cert, key = write_tls_files(ca, tmp_path)
     paths = {"certificate": cert, "key": key}
     paths[missing] = tmp_path / f"missing-{missing}.pem"
-    config = write_settings(
-        tmp_path / "settings.toml",
-        {
-            "smtp": {
-                "listen": [f"127.0.0.1:{free_port()}"],
-                "tls": {name: str(path) for name, path in paths.items()},
-            },
-            "jobs_service": {
-                "listen": f"127.0.0.1:{free_port()}",
-                "database": str(tmp_path / "jobs.sqlite3"),
-            },
-        },
-    )
-    result = run_cli("serve", "--config", str(config), cwd=tmp_path, timeout=20)
+    result = serve_with_smtp(tmp_path, {"tls": {name: str(p) for name, p in paths.items()}})
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert f"smtp.tls.{missing}" in lines[0], lines[0]
-    assert str(paths[missing]) in lines[0], lines[0]
+    line = one_line_error(result)
+    assert f"smtp.tls.{missing}" in line, line
+    assert str(paths[missing]) in line, line
 
 
 def test_starttls_false_offers_implicit_tls_only(launch: Launcher, tmp_path: Path) -> None:

@@ -163,6 +163,31 @@ def run_cli(
     return result
 
 
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's single stderr line; fails on a traceback or more lines."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("trismtp: "), lines[0]
+    return lines[0]
+
+
+def serve_with_smtp(workdir: Path, smtp: Mapping[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Run ``trismtp serve`` with these ``[smtp]`` settings (free ports), expecting it
+    to stop by itself: for settings it must refuse at start."""
+    config = write_settings(
+        workdir / "settings.toml",
+        {
+            "smtp": {"listen": [f"{HOST}:{free_port()}"], **smtp},
+            "jobs_service": {
+                "listen": f"{HOST}:{free_port()}",
+                "database": str(workdir / "jobs.sqlite3"),
+            },
+        },
+    )
+    return run_cli("serve", "--config", str(config), cwd=workdir, timeout=20)
+
+
 # -- settings -----------------------------------------------------------------
 
 
