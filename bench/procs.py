@@ -33,6 +33,7 @@ __all__ = [
     "proc_status_kib",
     "raise_nofile",
     "read_line",
+    "wait_for_port",
     "wait_for_smtp",
 ]
 
@@ -216,6 +217,15 @@ class Children:
 
 def wait_for_smtp(port: int, child: Child, timeout: float = 30.0) -> None:
     """Poll until the server on *port* greets with 220 (then QUIT); fail if it exits."""
+    _wait_until_up(port, child, timeout, smtp=True)
+
+
+def wait_for_port(port: int, child: Child, timeout: float) -> None:
+    """Poll until *port* accepts a TCP connection; fail if *child* exits or time runs out."""
+    _wait_until_up(port, child, timeout, smtp=False)
+
+
+def _wait_until_up(port: int, child: Child, timeout: float, *, smtp: bool) -> None:
     deadline = time.monotonic() + timeout
     last_error = "no attempt"
     while time.monotonic() < deadline:
@@ -226,6 +236,8 @@ def wait_for_smtp(port: int, child: Child, timeout: float = 30.0) -> None:
             )
         try:
             with socket.create_connection((HOST, port), timeout=2.0) as sock:
+                if not smtp:
+                    return
                 greeting = sock.recv(1024)
                 if greeting.startswith(b"220"):
                     sock.sendall(b"QUIT\r\n")
@@ -236,7 +248,8 @@ def wait_for_smtp(port: int, child: Child, timeout: float = 30.0) -> None:
         except OSError as exc:
             last_error = str(exc)
         time.sleep(POLL)
-    raise RuntimeError(f"{child.name} did not greet on port {port} in {timeout:g} s: {last_error}")
+    what = "greet" if smtp else "listen"
+    raise RuntimeError(f"{child.name} did not {what} on port {port} in {timeout:g} s: {last_error}")
 
 
 def read_line(stream: IO[bytes], timeout: float) -> bytes:

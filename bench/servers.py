@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import (
     HOST,
-    POLL,
     Child,
     Children,
     clean_env,
     free_port,
     proc_cpu_seconds,
     proc_status_kib,
+    wait_for_port,
     wait_for_smtp,
 )
 
@@ -193,25 +191,6 @@ def _nats_config(workdir: Path, port: int, ws_port: int) -> Path:
     return config
 
 
-def _wait_for_port(port: int, child: Child, timeout: float) -> None:
-    """Poll until *port* accepts a TCP connection; fail if *child* exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    last_error = "no attempt"
-    while time.monotonic() < deadline:
-        if not child.alive:
-            raise RuntimeError(
-                f"{child.name} exited ({child.popen.returncode}) before it listened:\n"
-                f"{child.log_tail()}"
-            )
-        try:
-            with socket.create_connection((HOST, port), timeout=2.0):
-                return
-        except OSError as exc:
-            last_error = str(exc)
-        time.sleep(POLL)
-    raise RuntimeError(f"{child.name} did not listen on port {port} in {timeout:g} s: {last_error}")
-
-
 def _start_trismtp_nats(
     children: Children, workdir: Path, nats_server: str | None, max_connections: int
 ) -> RunningServer:
@@ -224,7 +203,7 @@ def _start_trismtp_nats(
         f"nats-server-{workdir.name}", [nats_server, "-c", str(config)], cwd=workdir
     )
     try:
-        _wait_for_port(ws_port, nats, NATS_START_TIMEOUT)
+        wait_for_port(ws_port, nats, NATS_START_TIMEOUT)
         server = _start_trismtp(children, workdir, max_connections, f"nats+ws://{HOST}:{ws_port}")
     except BaseException:
         children.stop(nats)
