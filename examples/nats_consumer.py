@@ -10,7 +10,7 @@ payload JSON (docs/payload.md) in base64, and the job's headers (``uuid``,
 This worker:
 
 1. connects to the NATS server's WebSocket listener with trismtp's own client
-   (:class:`trismtp.jobs.nats.NatsClient`, the one ``trismtp serve`` uses);
+   (:class:`trismtp.nats.NatsClient`, the one ``trismtp serve`` uses);
 2. creates the durable pull consumer ``--durable`` on ``--stream`` if it does
    not exist yet, with explicit acknowledgements: a message that is not
    acknowledged within ``--ack-wait`` seconds is delivered again;
@@ -61,8 +61,8 @@ from typing import Any
 
 import trio
 
-from trismtp.jobs.nats import JetStreamError, Msg, NatsClient
 from trismtp.jobs.rpc import JobsUnavailable
+from trismtp.nats import JetStreamError, Msg, NatsClient
 
 API_TIMEOUT = 5.0
 """Seconds to wait for each JetStream API reply (and for each acknowledgement)."""

@@ -37,10 +37,10 @@ from trismtp.auth import (
     hash_password,
     read_users_text,
 )
-from trismtp.jobs.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.jobs.sinks import connect_nats, is_nats_url
 from trismtp.log import setup_logging
+from trismtp.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.settings import ConfigError, HostPort, Settings, load_settings, section_names
 
 __all__ = ["main"]

@@ -7,7 +7,7 @@ stream; ``examples/nats_consumer.py`` consumes it; a server that is down or
 refuses the credentials gives ``451 4.3.0``.
 
 nats-server (JetStream, WebSocket listener on 127.0.0.1) is started by
-:class:`tests.jobs.nats_server.NatsServer`: skipped without it, a failure
+:class:`tests.nats.nats_server.NatsServer`: skipped without it, a failure
 when CI=true. The stream is read back with trismtp's own NATS client
 (``STREAM.MSG.GET``, which neither consumes nor acknowledges).
 """
@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from trismtp.jobs.nats import NatsClient, StoredMessage, first_messages, stream_info
+from trismtp.nats import NatsClient, StoredMessage, first_messages, stream_info
 
-from ..jobs.nats_server import NatsServer
+from ..nats.nats_server import NatsServer
 from .trismtp_e2e import (
     CLI_TIMEOUT,
     UUID4_RE,

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from trismtp.jobs.nats import MSG_ID_HEADER, NatsClient, StoredMessage, first_messages
+from trismtp.nats import MSG_ID_HEADER, NatsClient, StoredMessage, first_messages
 
 from ..e2e.trismtp_e2e import Launcher
-from ..jobs.nats_server import NatsServer
+from ..nats.nats_server import NatsServer
 from .harness import (
     assert_invariant,
     check_store,

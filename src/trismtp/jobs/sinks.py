@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from trismtp.jobs.nats import (
+from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.nats import (
     JetStreamError,
     NatsClient,
     NatsMessage,
@@ -34,7 +35,6 @@ from trismtp.jobs.nats import (
     roadrunner_message,
     wire_size,
 )
-from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.settings import JobsSettings, NatsSettings
 
 __all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "connect_nats", "is_nats_url", "open_sink"]

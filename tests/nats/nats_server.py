@@ -47,7 +47,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        """What :meth:`trismtp.jobs.nats.NatsClient.connect` takes."""
+        """What :meth:`trismtp.nats.NatsClient.connect` takes."""
         return f"nats+ws://{HOST}:{self.ws_port}"
 
     @property

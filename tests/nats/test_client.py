@@ -19,13 +19,9 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trismtp.jobs.model import Job, JobOptions
-from trismtp.jobs.nats import (
+from trismtp.jobs.rpc import JobsUnavailable
+from trismtp.nats import (
     MSG_ID_HEADER,
-    PING,
-    PONG,
-    Err,
-    Event,
-    Info,
     JetStreamError,
     MessageTooLarge,
     Msg,
@@ -33,6 +29,18 @@ from trismtp.jobs.nats import (
     NatsClient,
     NatsMessage,
     NatsProtocolError,
+    ensure_stream,
+    first_messages,
+    get_message,
+    roadrunner_message,
+    stream_info,
+)
+from trismtp.nats.protocol import (
+    PING,
+    PONG,
+    Err,
+    Event,
+    Info,
     Ok,
     Parser,
     Ping,
@@ -43,14 +51,8 @@ from trismtp.jobs.nats import (
     encode_pub,
     encode_sub,
     encode_unsub,
-    ensure_stream,
-    first_messages,
-    get_message,
     parse_headers,
-    roadrunner_message,
-    stream_info,
 )
-from trismtp.jobs.rpc import JobsUnavailable
 
 from ..e2e.trismtp_e2e import free_port
 from .nats_server import NatsServer
