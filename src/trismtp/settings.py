@@ -247,7 +247,7 @@ class NatsSettings(_Section):
     stream: str = Field(default="trismtp", min_length=1)
     subject: str = Field(default="trismtp.jobs", min_length=1)
     create_stream: bool = True
-    retention: Literal["workqueue", "limits", "interest"] = "workqueue"
+    retention: Literal["workqueue", "limits", "interest"] = "limits"
     duplicate_window: PositiveSeconds = 120.0
     replicas: int = Field(default=1, ge=1, le=5)
     user: str = ""

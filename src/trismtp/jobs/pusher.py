@@ -64,7 +64,14 @@ from dataclasses import dataclass, field
 import trio
 
 from trismtp.jobs.rpc import BATCH_EXPIRED, JobsUnavailable, RpcError
-from trismtp.jobs.sinks import JobsTooLarge, Sink, open_sink
+from trismtp.jobs.sinks import (
+    JobsTooLarge,
+    JobsUncertain,
+    Sink,
+    expected_message_size,
+    is_nats_url,
+    open_sink,
+)
 from trismtp.metrics import Metrics
 from trismtp.settings import JobsSettings
 
@@ -159,6 +166,8 @@ class Pusher:
         self._failures = 0
         self._connections = 0
         self._last_error = ""
+        self._size_limit = expected_message_size(url)
+        self._destination = f"NATS at {url}" if is_nats_url(url) else "the jobs service"
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
@@ -198,6 +207,14 @@ class Pusher:
     def queued(self) -> int:
         """Jobs waiting in the channel."""
         return self._receive.statistics().current_buffer_used
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest email whose job the destination always takes, if it has a
+        limit (NATS: from the server's ``max_payload``); SMTP advertises no more."""
+        if self._client is not None:
+            self._size_limit = self._client.max_message_size
+        return self._size_limit
 
     @property
     def connected(self) -> bool:
@@ -292,8 +309,10 @@ class Pusher:
                 error = await self._attempt(live)
                 if error is None:
                     now = trio.current_time()
-                    self._metrics.batch_acked(len(live))
-                    for p in live:
+                    # Jobs _attempt already answered (too large, fate unknown) are not acked.
+                    acked = [p for p in live if not p.done.is_set()]
+                    self._metrics.batch_acked(len(acked))
+                    for p in acked:
                         p.resolve(None)
                         self._metrics.job_acked(now - p.queued_at)
                         log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
@@ -363,6 +382,26 @@ class Pusher:
                 if p.job_id in too_large:
                     p.resolve(str(exc), permanent=True)
             log.error("%s: %s", ", ".join(exc.ids), exc)
+        except JobsUncertain as exc:
+            # Sending these again could store them twice, and JetStream's
+            # Nats-Msg-Id cannot be used to stop that (sinks.py says why):
+            # their clients get 451 and send them again as new jobs.
+            self._drop_client()
+            self._last_error = str(exc)
+            unknown = set(exc.unknown)
+            for p in live:
+                if p.job_id in unknown:
+                    p.resolve("the connection was lost before the destination acknowledged the job")
+            log.warning(
+                "connection to %s lost with %d jobs in flight: %d were acknowledged, "
+                "%d may or may not be stored and get 451 without being sent again (%s): %s",
+                self._destination,
+                len(live),
+                len(exc.stored),
+                len(exc.unknown),
+                ", ".join(exc.unknown),
+                exc,
+            )
         except RpcError as exc:
             return exc
         except JobsUnavailable as exc:

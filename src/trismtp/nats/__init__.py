@@ -13,7 +13,13 @@ configuration) with trio-websocket, so it needs no NATS library. The rooms:
   jobs driver reads.
 """
 
-from trismtp.nats.client import NatsAuthorizationError, NatsClient, NatsMessage, wire_size
+from trismtp.nats.client import (
+    NatsAuthorizationError,
+    NatsClient,
+    NatsMessage,
+    PublishIncomplete,
+    wire_size,
+)
 from trismtp.nats.jetstream import (
     StoredMessage,
     ensure_stream,
@@ -41,6 +47,7 @@ __all__ = [
     "NatsMessage",
     "NatsProtocolError",
     "PubAck",
+    "PublishIncomplete",
     "StoredMessage",
     "ensure_stream",
     "first_messages",

@@ -106,11 +106,29 @@ class NatsAuthorizationError(JobsUnavailable):
 
 @dataclass(frozen=True, slots=True)
 class NatsMessage:
-    """One message to publish to JetStream: its dedup id, body and headers."""
+    """One message to publish to JetStream.
+
+    *msg_id*, when not empty, goes out as ``Nats-Msg-Id``: JetStream then
+    stores one message per id within the stream's duplicate window. trismtp's
+    own jobs carry none (see :mod:`trismtp.jobs.sinks` for why).
+    """
 
     msg_id: str
     data: bytes
     headers: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+class PublishIncomplete(JobsUnavailable):
+    """The connection failed, or time ran out, before every PubAck of a batch came.
+
+    :attr:`acks` holds, in the batch's order, the PubAck of each message that
+    got one (it is stored) and None for the others, whose fate is unknown:
+    they may be stored or not.
+    """
+
+    def __init__(self, message: str, acks: Sequence[PubAck | None]) -> None:
+        super().__init__(message)
+        self.acks = list(acks)
 
 
 def _parse_target(url: str) -> Target:
@@ -373,21 +391,24 @@ class NatsClient:
     ) -> list[PubAck]:
         """Publish *messages* to JetStream on *subject*; return their PubAcks in order.
 
-        All messages go out in one WebSocket message, each with the header
-        ``Nats-Msg-Id: <msg_id>`` besides its own headers, then the call waits
-        for every acknowledgement, *timeout* seconds at most for the whole.
+        All messages go out in one WebSocket message, each with its headers
+        (and ``Nats-Msg-Id: <msg_id>`` where the message has a msg_id), then
+        the call waits for every acknowledgement, *timeout* seconds at most for
+        the whole.
 
         Raises:
 
         * :class:`JetStreamError` if JetStream refused any message, or no stream
           covers *subject* (code 503), once every reply is in or the time is
-          up. The other messages may have been stored: publish the batch again
-          (duplicates are acknowledged, not stored twice).
+          up. The other messages may have been stored.
         * :class:`MessageTooLarge` (a JetStreamError) before sending anything,
           if a message exceeds the server's ``max_payload``.
-        * :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
-          or some PubAck has not come within *timeout*; whether those messages
-          were stored is unknown.
+        * :class:`PublishIncomplete` (a JobsUnavailable) if the connection is
+          lost or some PubAck has not come within *timeout*: it tells which
+          messages are stored (those with a PubAck); the others may or may
+          not be.
+        * :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection had
+          already failed: nothing was sent.
         * ValueError for an invalid subject or header, or a message whose
           headers already name ``Nats-Msg-Id``.
         """
@@ -398,8 +419,6 @@ class NatsClient:
         frames: list[bytes] = []
         replies: list[str] = []
         for message in messages:
-            if not message.msg_id:
-                raise ValueError("a message needs a msg_id: JetStream deduplicates on it")
             if any(name.lower() == MSG_ID_HEADER.lower() for name in message.headers):
                 raise ValueError(f"give the {MSG_ID_HEADER} as msg_id, not as a header")
             block = _header_block(message)
@@ -409,7 +428,11 @@ class NatsClient:
             reply = self._new_reply()
             frames.append(encode_hpub_block(subject, reply, block, message.data))
             replies.append(reply)
-        waiter = await self._call(subject, replies, b"".join(frames), timeout)
+        try:
+            waiter = await self._call(subject, replies, b"".join(frames), timeout)
+        except JobsUnavailable as exc:
+            # The send began: some of the batch may have reached the server.
+            raise PublishIncomplete(str(exc), [None] * len(messages)) from exc
         return self._pub_acks(subject, waiter, timeout)
 
     async def request(
@@ -537,14 +560,16 @@ class NatsClient:
         return waiter
 
     def _pub_acks(self, subject: str, waiter: _Waiter, timeout: float) -> list[PubAck]:
-        acks: list[PubAck] = []
+        acks: list[PubAck | None] = []
         refused: list[JetStreamError] = []
         for reply in waiter.replies:
             if reply is None:
+                acks.append(None)
                 continue
             try:
                 acks.append(parse_pub_ack(subject, reply))
             except JetStreamError as exc:
+                acks.append(None)
                 refused.append(exc)
         if refused:
             first = refused[0]
@@ -556,14 +581,17 @@ class NatsClient:
                     f"{first.description} ({len(refused)} of {total} messages refused)",
                 )
             raise first
-        if waiter.error is not None:
+        if isinstance(waiter.error, JetStreamError):
             raise waiter.error
+        if waiter.error is not None:
+            raise PublishIncomplete(str(waiter.error), acks) from waiter.error
         if waiter.remaining:
-            raise JobsUnavailable(
+            raise PublishIncomplete(
                 f"no PubAck from {self._target} within {timeout:g} s for "
-                f"{waiter.remaining} of {len(waiter.replies)} messages"
+                f"{waiter.remaining} of {len(waiter.replies)} messages",
+                acks,
             )
-        return acks
+        return [ack for ack in acks if ack is not None]
 
     async def _send(self, data: bytes, *, deadline: float | None = None) -> None:
         """Send *data* as one WebSocket message, never cut half-way.
@@ -682,6 +710,8 @@ class NatsClient:
 
 
 def _header_block(message: NatsMessage) -> bytes:
+    if not message.msg_id:
+        return encode_headers(message.headers)
     return encode_headers({MSG_ID_HEADER: [message.msg_id], **message.headers})
 
 

@@ -96,7 +96,7 @@ async def ensure_stream(
     stream: str,
     subjects: list[str],
     *,
-    retention: str = "workqueue",
+    retention: str = "limits",
     duplicate_window: float = 120,
     storage: str = "file",
     replicas: int = 1,
