@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -37,7 +37,7 @@ import trio
 
 from trismtp.nats import NatsClient, StoredMessage, first_messages, stream_info
 
-from ..nats.nats_server import NatsServer
+from ..nats.nats_server import NatsServer, NatsServers
 from .trismtp_e2e import (
     CLI_TIMEOUT,
     UUID4_RE,
@@ -63,36 +63,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nats_consumer.py"
 
 
 # -- helpers --------------------------------------------------------------------
-
-
-class NatsServers:
-    """nats-servers made for one test (not started), all stopped by PID afterwards."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.servers: list[NatsServer] = []
-
-    def new(self, **kwargs: Any) -> NatsServer:
-        workdir = self.workdir / f"nats{len(self.servers) + 1}"
-        workdir.mkdir()
-        server = NatsServer(workdir, **kwargs)
-        self.servers.append(server)
-        return server
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-            print(f"----- nats-server {server.workdir.name} -----\n{server.log_tail()}")
-
-
-@pytest.fixture
-def nats_servers(tmp_path: Path) -> Iterator[NatsServers]:
-    """Request it before ``launch``: the daemons are then stopped first."""
-    servers = NatsServers(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def nats_daemon(
