@@ -130,7 +130,7 @@ class _Pending:
 
 def _still_waiting(batch: list[_Pending], margin: float = 0.0) -> list[_Pending]:
     now = trio.current_time() + margin
-    return [p for p in batch if not p.abandoned and p.deadline > now]
+    return [p for p in batch if not p.abandoned and not p.done.is_set() and p.deadline > now]
 
 
 class Pusher:
@@ -308,14 +308,8 @@ class Pusher:
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
-                    now = trio.current_time()
-                    # Jobs _attempt already answered (too large, fate unknown) are not acked.
-                    acked = [p for p in live if not p.done.is_set()]
-                    self._metrics.batch_acked(len(acked))
-                    for p in acked:
-                        p.resolve(None)
-                        self._metrics.job_acked(now - p.queued_at)
-                        log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
+                    # Jobs _attempt already answered (too large) are not acked.
+                    self._acked([p for p in live if not p.done.is_set()])
                     return
                 if isinstance(error, RpcError) and error.code == BATCH_EXPIRED:
                     # A session in the batch gave up before the batch reached
@@ -388,7 +382,8 @@ class Pusher:
             # their clients get 451 and send them again as new jobs.
             self._drop_client()
             self._last_error = str(exc)
-            unknown = set(exc.unknown)
+            stored, unknown = set(exc.stored), set(exc.unknown)
+            self._acked([p for p in live if p.job_id in stored])
             for p in live:
                 if p.job_id in unknown:
                     p.resolve("the connection was lost before the destination acknowledged the job")
@@ -402,6 +397,8 @@ class Pusher:
                 ", ".join(exc.unknown),
                 exc,
             )
+            if any(not p.done.is_set() for p in live):
+                return exc  # never sent: the next attempt sends them
         except RpcError as exc:
             return exc
         except JobsUnavailable as exc:
@@ -411,6 +408,17 @@ class Pusher:
             return exc
         self._failures = 0
         return None
+
+    def _acked(self, jobs: list[_Pending]) -> None:
+        """These jobs are durable: their sessions answer 250."""
+        if not jobs:
+            return
+        now = trio.current_time()
+        self._metrics.batch_acked(len(jobs))
+        for p in jobs:
+            p.resolve(None)
+            self._metrics.job_acked(now - p.queued_at)
+            log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
 
     async def _ensure_client(self) -> Sink | None:
         if self._client is not None:
