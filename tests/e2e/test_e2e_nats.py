@@ -541,6 +541,6 @@ def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
     pusher_lines = [
         line
         for line in daemon.log_text().splitlines()
-        if "trismtp.pusher" in line and "max_payload" in line
+        if "trismtp.pusher" in line and "larger than the NATS server's max_payload" in line
     ]
     assert len(pusher_lines) == 1, pusher_lines

@@ -43,7 +43,7 @@ from trismtp.nats.jetstream import ERR_NO_MESSAGE
 
 from ..nats.nats_server import NatsServer, NatsServers
 from .test_e2e_nats import STREAM, SUBJECT, nats_daemon, send, stream_messages
-from .trismtp_e2e import Launcher, queued_id
+from .trismtp_e2e import Launcher, queued_id, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -405,3 +405,40 @@ def test_mail_just_under_the_advertised_size_is_accepted_by_default_nats(
     (attachment,) = payload["attachments"]
     assert attachment["filename"] == "r.pdf"
     assert Counter(m.headers["uuid"][0] for m in [stored]) == {accepted: 1}
+
+
+def test_partitions_spread_jobs_over_roadrunner_instances_each_once(
+    nats_servers: NatsServers, launch: Launcher
+) -> None:
+    """The way trismtp offers to share work between RoadRunner instances: with
+    ``partitions = 2`` each job goes to one of two streams, and each instance
+    declares and consumes its own (stream ``trismtp-K``, subject ``trismtp.jobs.K``)."""
+    nats = nats_servers.new().start()
+    daemon = nats_daemon(launch, nats, {"partitions": 2})
+    sent = send_many(daemon.smtp_port, 24, "partitioned")
+
+    async def two_instances(client: NatsClient) -> list[list[str]]:
+        instances = [
+            RoadRunnerPipeline(client, stream=f"{STREAM}-{k}", subject=f"{SUBJECT}.{k}")
+            for k in range(2)
+        ]
+        for pipeline in instances:
+            declared = await pipeline.declare()
+            assert declared["config"]["subjects"] == [pipeline.subject]
+            await pipeline.run()
+        return [[job_id(m) for m in await pipeline.consume()] for pipeline in instances]
+
+    first, second = run(nats, two_instances)
+    assert first, "the first instance got work"
+    assert second, "the second instance got work"
+    assert not set(first) & set(second)
+    assert sorted(first + second) == sorted(sent)
+
+    # Mail still flows after both instances rewrote their streams' config,
+    # and `trismtp jobs stat` shows a row per partition.
+    (late,) = send_many(daemon.smtp_port, 1, "late")
+    result = run_cli("jobs", "stat", "--config", str(daemon.config), cwd=daemon.workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"{STREAM}-0" in result.stdout
+    assert f"{STREAM}-1" in result.stdout
+    assert late

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
@@ -174,6 +175,14 @@ class NatsSink:
         self._client = client
         self._settings = settings
         self._timeout = timeout
+        self._subjects = [subject for _, subject in settings.targets()]
+
+    def _subject(self, job_id: str) -> str:
+        # A job's partition follows from its id alone: the same everywhere,
+        # spread evenly over the partitions.
+        if len(self._subjects) == 1:
+            return ""
+        return self._subjects[zlib.crc32(job_id.encode()) % len(self._subjects)]
 
     @property
     def closed(self) -> bool:
@@ -208,7 +217,7 @@ class NatsSink:
                     ", ".join(fitted.omitted),
                 )
             # No Nats-Msg-Id: see the module docstring.
-            messages.append(NatsMessage("", fitted.data, fitted.headers))
+            messages.append(NatsMessage("", fitted.data, fitted.headers, self._subject(job_id)))
             ids.append(job_id)
         if messages:
             try:
@@ -245,19 +254,20 @@ async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink
     nats = settings.nats
     async with connect_nats(url, nats, timeout=min(5.0, settings.push_timeout)) as client:
         if nats.create_stream:
-            try:
-                await ensure_stream(
-                    client,
-                    nats.stream,
-                    [nats.subject],
-                    retention=nats.retention,
-                    duplicate_window=nats.duplicate_window,
-                    replicas=nats.replicas,
-                )
-            except JetStreamError as exc:
-                raise JobsUnavailable(
-                    f"cannot create JetStream stream {nats.stream!r}: {exc}"
-                ) from None
+            for stream, subject in nats.targets():
+                try:
+                    await ensure_stream(
+                        client,
+                        stream,
+                        [subject],
+                        retention=nats.retention,
+                        duplicate_window=nats.duplicate_window,
+                        replicas=nats.replicas,
+                    )
+                except JetStreamError as exc:
+                    raise JobsUnavailable(
+                        f"cannot create JetStream stream {stream!r}: {exc}"
+                    ) from None
         log.debug(
             "NATS max_payload is %d bytes: SMTP advertises a SIZE of at most %d",
             client.max_payload,

@@ -106,7 +106,7 @@ class NatsAuthorizationError(JobsUnavailable):
 
 @dataclass(frozen=True, slots=True)
 class NatsMessage:
-    """One message to publish to JetStream.
+    """One message to publish to JetStream (on its own *subject*, if it has one).
 
     *msg_id*, when not empty, goes out as ``Nats-Msg-Id``: JetStream then
     stores one message per id within the stream's duplicate window. trismtp's
@@ -116,6 +116,8 @@ class NatsMessage:
     msg_id: str
     data: bytes
     headers: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    subject: str = ""
+    """Where to publish it, when not the batch's subject."""
 
 
 class PublishIncomplete(JobsUnavailable):
@@ -425,8 +427,11 @@ class NatsClient:
             size = len(block) + len(message.data)
             if size > self.max_payload:
                 raise MessageTooLarge(size, self.max_payload)
+            target = subject
+            if message.subject:
+                target = check_subject(message.subject, "subject", wildcards=False)
             reply = self._new_reply()
-            frames.append(encode_hpub_block(subject, reply, block, message.data))
+            frames.append(encode_hpub_block(target, reply, block, message.data))
             replies.append(reply)
         try:
             waiter = await self._call(subject, replies, b"".join(frames), timeout)
