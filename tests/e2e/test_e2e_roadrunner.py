@@ -442,3 +442,25 @@ def test_partitions_spread_jobs_over_roadrunner_instances_each_once(
     assert f"{STREAM}-0" in result.stdout
     assert f"{STREAM}-1" in result.stdout
     assert late
+
+
+def test_a_stream_roadrunner_declared_with_fewer_replicas_is_reported(
+    nats_servers: NatsServers, launch: Launcher
+) -> None:
+    """RoadRunner declares with num_replicas 0 (read as 1): a daemon that asks
+    for R3 says so in its log, and mail still flows."""
+    nats = nats_servers.new().start()
+
+    async def declare(client: NatsClient) -> None:
+        await RoadRunnerPipeline(client).declare()
+
+    run(nats, declare)
+    daemon = nats_daemon(launch, nats, {"replicas": 3})
+    send_many(daemon.smtp_port, 1, "after RoadRunner declared")
+    warnings = [
+        line
+        for line in daemon.log_text().splitlines()
+        if "WARNING" in line and "has 1 replica(s)" in line
+    ]
+    assert warnings, daemon.log_tail()
+    assert f"nats stream edit {STREAM} --replicas 3" in warnings[0]

@@ -40,7 +40,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.nats import (
@@ -256,7 +256,7 @@ async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink
         if nats.create_stream:
             for stream, subject in nats.targets():
                 try:
-                    await ensure_stream(
+                    info = await ensure_stream(
                         client,
                         stream,
                         [subject],
@@ -268,9 +268,28 @@ async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink
                     raise JobsUnavailable(
                         f"cannot create JetStream stream {stream!r}: {exc}"
                     ) from None
+                _warn_if_fewer_replicas(stream, info, nats.replicas)
         log.debug(
             "NATS max_payload is %d bytes: SMTP advertises a SIZE of at most %d",
             client.max_payload,
             accepted_message_size(client.max_payload),
         )
         yield NatsSink(client, nats, settings.push_timeout)
+
+
+def _warn_if_fewer_replicas(stream: str, info: dict[str, Any], wanted: int) -> None:
+    # RoadRunner's pipeline declaration rewrites the stream's config with
+    # num_replicas 0 (read as 1): on a cluster that quietly drops R3 to R1.
+    config = info.get("config")
+    have = config.get("num_replicas") if isinstance(config, dict) else None
+    if isinstance(have, int) and have < wanted:
+        log.warning(
+            "JetStream stream %s has %d replica(s), [jobs.nats] replicas asks for %d: "
+            "a RoadRunner pipeline declaration resets it (docs/scaling.md); "
+            "nats stream edit %s --replicas %d",
+            stream,
+            max(have, 1),
+            wanted,
+            stream,
+            wanted,
+        )
