@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from trismtp.message import Envelope, build_payload
 
 from . import spec5
+from .payload_cases import CASES
 from .spec5 import check_payload
 
 ENVELOPE = Envelope(
@@ -1033,6 +1034,9 @@ def test_encoded_word_subjects_and_names_come_back(text: str, cut: int, q: bool)
     # Surrounding whitespace is not part of a header value.
     assert result["message"]["subject"] == text.strip(" \t")
     assert result["envelope"]["from"][0]["email"] == "who@example.com"
+    # Adjacent encoded words join with no space between (RFC 2047 §6.2),
+    # whatever CPython's address parser does with them (gh-128110).
+    assert result["envelope"]["from"][0]["name"] == text.strip(" \t")
 
 
 @PROPERTY_SETTINGS
@@ -1074,3 +1078,12 @@ def test_plain_address_headers_read_the_same_as_with_the_modern_parser(value: st
     expected = [{"email": a.addr_spec, "name": a.display_name} for a in modern.addresses]
     result = payload(b"To: " + value.encode() + b"\r\nSubject: x\r\n\r\nbody\r\n")
     assert result["envelope"]["to"] == expected
+
+
+# --- cases of issues 11 and 14 (also sent through the daemon, tests/e2e) ---------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_payload_case(name: str) -> None:
+    case = CASES[name]
+    case.check(payload(case.raw))

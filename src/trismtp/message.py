@@ -428,7 +428,12 @@ def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[
     try:
         header = factory(name, text)
         for address in header.addresses:
-            found.append({"email": _clean(address.addr_spec), "name": _clean(address.display_name)})
+            found.append(
+                {
+                    "email": _clean(address.addr_spec),
+                    "name": _clean(address.display_name).strip(" \t"),
+                }
+            )
     except Exception:
         # The modern address parser gave up (or a mailbox failed validation):
         # the legacy one is cruder but does not raise.
@@ -639,7 +644,9 @@ def _with_semicolon(part: Message) -> Message | None:
             return None
         value = _unfold(value).strip()
         match = _MISSING_SEMICOLON.match(value)
-        payload = part.get_payload()
+        # The payload as parsed: get_payload() would decode 8-bit bytes
+        # with "replace" in the charset it cannot read either.
+        payload = getattr(part, "_payload", None)
         if match is None or not isinstance(payload, str):
             return None
         fixed = f"{match.group(1)};{value[match.end(1) :]}"
