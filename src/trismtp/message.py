@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import datetime
 import email.policy
 import email.utils
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -159,10 +161,8 @@ _TYPE_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MISSING_SEMICOLON = re.compile(rf"({_TYPE_TOKEN}/{_TYPE_TOKEN})[ \t]+(?={_TYPE_TOKEN}\*?[ \t]*=)")
 
 # A uuencoded file in a plain body: "begin <mode> <name>", lines, "end".
-_UUENCODED = re.compile(
-    r"^begin[ \t]+[0-7]{3,4}[ \t]+(?P<name>[^\r\n]+)\r?\n(?P<data>.*?)^end[ \t]*(?:\r?\n|\Z)",
-    re.MULTILINE | re.DOTALL,
-)
+_UU_BEGIN = re.compile(r"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]+)\r?(?:\n|\Z)", re.MULTILINE)
+_UU_END = re.compile(r"^end[ \t]*\r?(?:\n|\Z)", re.MULTILINE)
 
 # A header line with white space before its colon (RFC 5322 §4.5 obsolete
 # syntax, "Subject :hi"), which the standard library takes for the body.
@@ -333,12 +333,16 @@ def _repair_header_block(raw: bytes) -> bytes:
     """
     if raw.startswith((b"\r\n", b"\n")):
         return raw  # no header block at all
-    ends = [at for at in (raw.find(b"\n\r\n"), raw.find(b"\n\n")) if at >= 0]
-    end = min(ends) + 1 if ends else len(raw)
-    head = raw[:end]
-    if not _OBSOLETE_COLON.search(head):
+    # The block ends at the first empty line, CRLF or bare LF; searched
+    # only as far as needed, since a message may be 25 MB of CRLF lines.
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    if not _OBSOLETE_COLON.search(raw, 0, end):
         return raw
-    return _OBSOLETE_COLON.sub(rb"\1:", head) + raw[end:]
+    return _OBSOLETE_COLON.sub(rb"\1:", raw[:end]) + raw[end:]
 
 
 def _headers(
@@ -368,6 +372,10 @@ def _headers(
     return headers
 
 
+# Mail uses a few dozen header names; remembering them makes the key a
+# dictionary lookup. Bounded, so a message of 10,000 made-up names costs
+# only their own computation.
+@functools.lru_cache(maxsize=1024)
 def canonical_header_key(name: str) -> str:
     """``name`` as Go's ``textproto.CanonicalMIMEHeaderKey`` writes it.
 
@@ -460,14 +468,31 @@ def _legacy_addresses(text: str) -> list[dict[str, str]]:
 class _Fragment:
     """A text part that may become (part of) ``body`` or ``html_body``."""
 
-    __slots__ = ("attachment", "kind", "level", "text")
+    __slots__ = ("ctype", "kind", "level", "part", "shown", "text")
 
-    def __init__(self, kind: str, level: int, text: str, attachment: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        level: int,
+        text: str,
+        part: Message | None,
+        ctype: str,
+        shown: str | None,
+    ) -> None:
         self.kind = kind  # "text/plain" or "text/html"
         self.level = level  # embedded messages walked into to reach it
         self.text = text
-        # What it is in the payload if it does not become a body.
-        self.attachment = attachment
+        # Where its bytes are (None: they are the text), and what else an
+        # attachment needs. The attachment is built only if it is one: most
+        # fragments are bodies, and a body's bytes need no base64 copy.
+        self.part = part
+        self.ctype = ctype
+        self.shown = shown
+
+    def attachment(self) -> dict[str, Any]:
+        """The fragment as an entry of ``attachments``."""
+        data = self.text.encode("utf-8") if self.part is None else _leaf_bytes(self.part)
+        return _attachment(data, self.ctype, None, None, self.shown)
 
 
 # One entry of the walk's stack: (part, depth, parent is multipart/related,
@@ -519,7 +544,7 @@ class _Walk:
             if not isinstance(item, _Fragment):
                 self.attachments.append(item)
             elif item.level != level:
-                self.attachments.append(item.attachment)
+                self.attachments.append(item.attachment())
             else:
                 (plain if item.kind == "text/plain" else html).append(item.text)
         self._items = []
@@ -580,13 +605,13 @@ class _Walk:
         if filename is None and not attached and as_text in ("text/plain", "text/html"):
             text = _text(part, data)
             found: list[tuple[str, bytes]] = []
+            source: Message | None = part
             if depth == 0 and as_text == "text/plain" and "begin " in text:
                 text, found = _split_uuencoded(text)
                 if found:
-                    data = text.encode("utf-8")
+                    source = None  # its bytes are now the text that is left
             if text:
-                attachment = _attachment(data, ctype, None, None, shown)
-                self._items.append(_Fragment(as_text, level, text, attachment))
+                self._items.append(_Fragment(as_text, level, text, source, ctype, shown))
             for name, file in found:
                 self._items.append(_attachment(file, _type_of(name), name, None, "attachment"))
             # An empty unnamed text part carries nothing a consumer could use.
@@ -670,14 +695,26 @@ def _split_uuencoded(text: str) -> tuple[str, list[tuple[str, bytes]]]:
     """
     files: list[tuple[str, bytes]] = []
     kept: list[str] = []
-    pos = 0
-    for block in _UUENCODED.finditer(text):
-        data = _uudecode(block.group("data"))
-        name = _clean(block.group("name").strip())
-        if data is None or not name:
+    # Each "begin" pairs with the first "end" after it, found by bisection,
+    # and no "begin" inside a block is tried again, decoded or not: every
+    # line is looked at once, however many "begin" lines a hostile body has.
+    ends = [end for end in _UU_END.finditer(text)]
+    starts = [end.start() for end in ends]
+    pos = done = 0
+    for begin in _UU_BEGIN.finditer(text):
+        if begin.start() < done:
             continue
-        kept.append(text[pos : block.start()])
-        pos = block.end()
+        index = bisect.bisect_left(starts, begin.end())
+        if index == len(ends):
+            break
+        end = ends[index]
+        done = end.end()
+        data = _uudecode(text[begin.end() : end.start()])
+        name = _clean(begin.group(1).strip())
+        if data is None or not name:
+            continue  # not uuencode after all: the block stays text
+        kept.append(text[pos : begin.start()])
+        pos = end.end()
         files.append((name, data))
     if not files:
         return text, []

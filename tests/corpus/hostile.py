@@ -744,3 +744,20 @@ def _many_encoded_words() -> bytes:
 def _many_non_ascii_names() -> bytes:
     names = ",\n ".join(f'"Nämé {i}" <a{i}@example.org>' for i in range(20_000))
     return crlf("From: a@example.org\nTo: " + names + "\nSubject: many names\n\nbody\n")
+
+
+# Uuencoded files in a plain body become attachments (message.py,
+# _split_uuencoded). Pairing each "begin" with the next "end" by a lazy
+# regex took time quadratic in the number of "begin" lines: 8,000 of them
+# took 7 s before the pairing became one pass.
+
+
+@hostile("uuencode-begin-lines-without-end")
+def _uuencode_begins() -> bytes:
+    return crlf(HEAD + "Subject: begin, begin, begin\n\n" + "begin 644 a\n" * 150_000)
+
+
+@hostile("uuencode-block-of-begin-lines")
+def _uuencode_nested_begins() -> bytes:
+    lines = "begin 644 a\nM" + "!" * 60 + "\n"
+    return crlf(HEAD + "Subject: one long block\n\n" + lines * 60_000 + "end\n")
