@@ -212,7 +212,7 @@ def build_payload(
         msg, whole = parsed
         headers = _headers(msg, factory, addresses)
         if whole:
-            walk = _Walk()
+            walk = _Walk(reparse_budget=2 * len(raw))
             walk.run(msg)
             body = walk.body or ""
             html_body = walk.html_body or ""
@@ -510,12 +510,18 @@ class _Walk:
     anything becomes an attachment, in document order.
     """
 
-    __slots__ = ("_items", "attachments", "body", "html_body")
+    __slots__ = ("_items", "_reparse_budget", "attachments", "body", "html_body")
 
-    def __init__(self) -> None:
+    def __init__(self, *, reparse_budget: int) -> None:
         self.body: str | None = None
         self.html_body: str | None = None
         self.attachments: list[dict[str, Any]] = []
+        # Characters that parts with a missing ";" may still have parsed
+        # again. Each level of nested broken parts would parse its whole
+        # content once more: 50 levels of a 25 MB message, 50 parses.
+        # Twice the message covers a broken top level and one broken part
+        # as large as the rest.
+        self._reparse_budget = reparse_budget
         self._items: list[dict[str, Any] | _Fragment] = []
 
     def run(self, root: Message) -> None:
@@ -565,9 +571,11 @@ class _Walk:
         if " " in ctype or "\t" in ctype:
             # The subtype swallowed the parameters: a ";" is missing
             # ("multipart/mixed boundary=b"). Read the part again with it.
-            repaired = _with_semicolon(part)
+            repaired = _with_semicolon(part, self._reparse_budget)
             if repaired is not None:
-                part, ctype = repaired, _content_type(repaired)
+                part, cost = repaired
+                ctype = _content_type(part)
+                self._reparse_budget -= cost
         if part.is_multipart() and not ctype.startswith("message/"):
             self._descend(part, ctype, depth, level, stack)
             return
@@ -655,13 +663,14 @@ def _attachment(
     }
 
 
-def _with_semicolon(part: Message) -> Message | None:
-    """``part`` parsed again with the ``;`` its Content-Type lacks, or None.
+def _with_semicolon(part: Message, budget: int) -> tuple[Message, int] | None:
+    """``part`` read again with the ``;`` its Content-Type lacks, and its size; or None.
 
     ``multipart/mixed boundary="b"`` is read by the standard library as the
     subtype ``mixed boundary="b"`` with no boundary, so the parts are lost;
     Stalwart and zbateson read the parameter. Only the part's own bytes are
-    parsed again, and only for such a header.
+    parsed again, only for such a header, and only while the payload fits
+    ``budget`` characters.
     """
     try:
         value = next((v for n, v in part.raw_items() if n.lower() == "content-type"), None)
@@ -672,7 +681,7 @@ def _with_semicolon(part: Message) -> Message | None:
         # The payload as parsed: get_payload() would decode 8-bit bytes
         # with "replace" in the charset it cannot read either.
         payload = getattr(part, "_payload", None)
-        if match is None or not isinstance(payload, str):
+        if match is None or not isinstance(payload, str) or len(payload) > budget:
             return None
         fixed = f"{match.group(1)};{value[match.end(1) :]}"
         head = "".join(
@@ -683,7 +692,7 @@ def _with_semicolon(part: Message) -> Message | None:
         reparsed: Message = BytesParser(policy=part.policy).parsebytes(source)
     except Exception:  # the original reading stands
         return None
-    return reparsed
+    return reparsed, len(payload)
 
 
 def _split_uuencoded(text: str) -> tuple[str, list[tuple[str, bytes]]]:

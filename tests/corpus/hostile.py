@@ -761,3 +761,16 @@ def _uuencode_begins() -> bytes:
 def _uuencode_nested_begins() -> bytes:
     lines = "begin 644 a\nM" + "!" * 60 + "\n"
     return crlf(HEAD + "Subject: one long block\n\n" + lines * 60_000 + "end\n")
+
+
+@hostile("nested-multiparts-without-semicolons")
+def _nested_missing_semicolons() -> bytes:
+    # Every level lacks the ";" before its boundary, so each would be parsed
+    # again with its whole content (message.py, _with_semicolon): 50 parses
+    # of 3 MB. A budget of twice the message bounds that work.
+    part = "Content-Type: text/plain\n\n" + ("x" * 76 + "\n") * 40_000
+    for level in range(49, -1, -1):
+        part = (
+            f"Content-Type: multipart/mixed boundary=b{level}\n\n--b{level}\n{part}\n--b{level}--\n"
+        )
+    return crlf(HEAD + "Subject: deep\n" + part)
