@@ -550,7 +550,10 @@ class _Walk:
             if not isinstance(item, _Fragment):
                 self.attachments.append(item)
             elif item.level != level:
-                self.attachments.append(item.attachment())
+                try:
+                    self.attachments.append(item.attachment())
+                except Exception:  # a bad part loses only itself
+                    continue
             else:
                 (plain if item.kind == "text/plain" else html).append(item.text)
         self._items = []
