@@ -14,6 +14,7 @@ documentation, rather than imported from the code under test.
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 __all__ = ["check_payload", "go_canonical_key", "raw_of"]
@@ -74,6 +75,7 @@ def check_payload(
     assert payload["event"] == "EMAIL_RECEIVED"
     for key in ("uuid", "remote_addr", "received_at"):
         assert isinstance(payload[key], str), key
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", payload["received_at"])
     assert isinstance(payload["size"], int)
     assert payload["authentication"] is None or set(payload["authentication"]) == {
         "mechanism",
