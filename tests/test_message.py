@@ -1035,8 +1035,10 @@ def test_encoded_word_subjects_and_names_come_back(text: str, cut: int, q: bool)
     assert result["message"]["subject"] == text.strip(" \t")
     assert result["envelope"]["from"][0]["email"] == "who@example.com"
     # Adjacent encoded words join with no space between (RFC 2047 §6.2),
-    # whatever CPython's address parser does with them (gh-128110).
-    assert result["envelope"]["from"][0]["name"] == text.strip(" \t")
+    # whatever CPython's address parser does with them (gh-128110). A
+    # display name's own runs of white space may be normalised.
+    name = result["envelope"]["from"][0]["name"]
+    assert name.split() == text.split()
 
 
 @PROPERTY_SETTINGS
