@@ -210,6 +210,9 @@ class SmtpSettings(_Section):
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    # RFC 5321's 1000 (CRLF included) is the floor: fewer would refuse
+    # standard mail.
+    max_line_length: int = Field(default=1000, ge=1000)
     recipient_domains: list[str] = Field(default_factory=list)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

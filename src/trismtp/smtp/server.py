@@ -197,6 +197,7 @@ class SmtpServer:
             auth_without_tls=settings.auth.allow_without_tls,
             require_auth=settings.auth.required,
             bare_newlines=settings.bare_newlines,
+            max_line_length=settings.max_line_length,
             recipient_domains=frozenset(settings.recipient_domains),
         )
         limits = settings.limits
