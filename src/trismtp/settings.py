@@ -209,7 +209,7 @@ class SmtpSettings(_Section):
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
-    bare_newlines: Literal["reject", "normalize"] = "reject"
+    bare_newlines: Literal["reject", "normalize"] = "normalize"
     recipient_domains: list[str] = Field(default_factory=list)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
