@@ -125,3 +125,30 @@ def test_environment_list_that_is_not_json_exits_2(tmp_path: Path) -> None:
     result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__LISTEN": "127.0.0.1:25"})
     assert result.returncode == 2
     assert "TRISMTP_SMTP__LISTEN: not valid JSON" in one_line_error(result)
+
+
+@pytest.mark.parametrize("with_file", [False, True], ids=["no file", "file sets it too"])
+def test_bad_environment_value_names_the_variable_not_the_file(
+    tmp_path: Path, with_file: bool
+) -> None:
+    # settings.toml in the working directory is read by default; the variable
+    # wins over it, so the variable is what the user must fix.
+    (tmp_path / "settings.toml").write_text(
+        "[smtp]\nmax_message_size = 1000\n" if with_file else "[smtp]\n", encoding="utf-8"
+    )
+    result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "abc"})
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "smtp.max_message_size" in line, line
+    assert "TRISMTP_SMTP__MAX_MESSAGE_SIZE" in line, line
+    assert "settings.toml" not in line, line
+
+
+def test_bad_file_value_still_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "settings.toml").write_text("[smtp]\nmax_message_size = 'abc'\n")
+    result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__HOSTNAME": "mx"})
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "smtp.max_message_size" in line, line
+    assert "settings.toml" in line, line
+    assert "TRISMTP_" not in line, line
