@@ -62,6 +62,16 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``trismtp`` console script."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "sendmail":  # installed as a sendmail link
+            argv = ["sendmail", *argv]
+    if argv[:1] == ["sendmail"]:
+        # sendmail's own command line (-t, -oi, -fADDR, -F NAME…) is not
+        # argparse's, and its exit statuses are sysexits: see trismtp.sendmail.
+        from trismtp import sendmail
+
+        sendmail.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -186,6 +196,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--delete", action="store_true", help="remove the user from the file")
     passwd.set_defaults(run=_passwd, needs_settings=False)
+
+    # Listed for --help only: main() hands "sendmail" to trismtp.sendmail.
+    commands.add_parser(
+        "sendmail",
+        add_help=False,
+        help="submit one message from stdin to the daemon, as sendmail does "
+        "(PHP mail(), cron, mailx); see trismtp sendmail --help",
+    )
     return parser
 
 
