@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     consume = jobs_commands.add_parser(
         "consume", parents=[config_option, url_option], help="reserve jobs, print, ack them"
     )
-    consume.add_argument("--pipeline", required=True, help="pipeline to consume from")
+    consume.add_argument("--pipeline", help="pipeline to consume from (default: jobs.pipeline)")
     consume.add_argument("-n", type=_positive, default=1, help="at most N jobs (default 1)")
     consume.add_argument(
         "--no-ack", action="store_true", help="print the jobs and put them back in the queue"
@@ -314,9 +314,11 @@ def _jobs_peek(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
+    pipeline = args.pipeline or settings.jobs.pipeline
+
     async def consume(client: JobsClient) -> list[dict[str, Any]]:
         result = await client.call(
-            "jobs.Reserve", {"pipeline": args.pipeline, "max": args.n, "lease": 60}
+            "jobs.Reserve", {"pipeline": pipeline, "max": args.n, "lease": 60}
         )
         jobs: list[dict[str, Any]] = result.get("jobs", [])
         ids = [job["id"] for job in jobs]
@@ -327,7 +329,13 @@ def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
         return jobs
 
     jobs = _with_client(args, settings, consume)
-    _print_jobs(jobs, as_json=args.json, pipeline=args.pipeline)
+    _print_jobs(jobs, as_json=args.json, pipeline=pipeline)
+    if jobs:
+        # Say what happened to them: acked jobs are gone for good. With
+        # --json, stdout holds only the jobs.
+        done = "put back" if args.no_ack else "acked"
+        count = f"{len(jobs)} job" + ("s" if len(jobs) != 1 else "")
+        print(f"{done} {count} in pipeline {pipeline!r}", file=sys.stderr if args.json else None)
     return EXIT_OK
 
 
