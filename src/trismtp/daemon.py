@@ -115,6 +115,7 @@ class Daemon:
                             tls=self._tls,
                             users=self._users,
                             metrics=self.metrics,
+                            destination_down=lambda: pusher.outage,
                         )
                         async with trio.open_nursery() as smtp_nursery:
                             bound = await smtp_nursery.start(self._smtp.serve)

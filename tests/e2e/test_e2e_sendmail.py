@@ -8,6 +8,7 @@ daemon's store.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -127,6 +128,8 @@ def test_php_mail_through_sendmail_path(daemon: Daemon) -> None:
     assert "\r\n\r\nline one\r\n.\r\nline three\r\n" in raw, raw
     assert "hidden@example.com" not in raw
     assert "Bcc" not in payload["message"]["headers"]
+    assert f"queued as {job.id} (" in daemon.log_text()
+    assert re.search(rf"queued as {job.id} \(\d+ bytes, 3 recipients\)", daemon.log_text())
     assert header(payload, "Message-ID"), "added when missing"
 
 
@@ -203,6 +206,7 @@ def test_v_prints_the_job_id(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     job = new_job(daemon, before)
     assert one_line(result) == f"trismtp sendmail: 250 2.0.0 OK: queued as {job.id}"
+    assert re.search(rf"queued as {job.id} \(\d+ bytes, 1 recipient\)", daemon.log_text())
 
 
 # -- exit statuses ------------------------------------------------------------------

@@ -119,7 +119,7 @@ async def test_nats_sigkill_and_restart_loses_no_acked_message(
     await trio.to_thread.run_sync(nats.start)
     daemon = remote_daemon(launch, nats.url, {"push_timeout": PUSH_TIMEOUT})
     await start(daemon)
-    await wait_for_log(daemon, "connected to the jobs service")
+    await wait_for_log(daemon, "connected to the NATS server")
 
     load = LoadGenerator(daemon.smtp_port, clients=CLIENTS, tag="n1", reply_timeout=10)
     downtimes: list[float] = []
@@ -158,7 +158,7 @@ async def test_nats_sigkill_and_restart_loses_no_acked_message(
             max_down_s=round(max(downtimes), 2),
             stream_messages=len(messages),
             # Publishes cut by a kill: their batches went again to the next server.
-            publishes_cut=daemon.log_text().count("jobs service connection lost"),
+            publishes_cut=daemon.log_text().count("NATS server connection lost"),
         )
     )
     assert_invariant(check, report)
