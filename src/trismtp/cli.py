@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -434,7 +436,11 @@ def _run_server(run: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(run)
     except* OSError as group:
-        raise CommandError(f"cannot start: {_first(group)}") from None
+        # Our listeners raise OSError(errno, "X cannot listen on ADDR: reason"):
+        # the text alone, without "[Errno 98]".
+        exc = _first(group)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CommandError(f"cannot start: {reason}") from None
     except* StorageUnavailable as group:
         raise CommandError(f"cannot open the jobs database: {_first(group)}") from None
 
@@ -471,7 +477,9 @@ def _nats(
     try:
         return trio.run(run)
     except JobsUnavailable as exc:
-        raise CommandError(f"cannot reach the NATS server at {url}: {exc}") from None
+        server = "start nats-server (JetStream and a websocket listener)"
+        hint = f"check --url, or {server}" if args.url else f"{server}, or check jobs.url"
+        raise CommandError(_unreachable("the NATS server", url, exc, hint)) from None
     except JetStreamError as exc:
         raise CommandError(f"JetStream: {exc}") from None
 
@@ -531,9 +539,46 @@ def _with_client(
     try:
         return trio.run(run)
     except JobsUnavailable as exc:
-        raise CommandError(f"cannot reach the jobs service at {url}: {exc}") from None
+        if args.url:
+            hint = "check --url, or start the daemon (trismtp serve)"
+        elif settings.jobs.url == "embedded":
+            hint = (
+                "is the daemon running? Start it with trismtp serve and the same settings "
+                "(jobs_service.listen), or give --url"
+            )
+        else:
+            hint = "start the jobs service (trismtp jobs serve) or check jobs.url, or give --url"
+        raise CommandError(_unreachable("the jobs service", url, exc, hint)) from None
     except RpcError as exc:
         raise CommandError(f"the jobs service answered error {exc.code}: {exc.message}") from None
+
+
+def _unreachable(what: str, url: str, exc: JobsUnavailable, hint: str) -> str:
+    """One line: what could not be reached and why, named once, and what to do."""
+    if _refused(exc):
+        return f"cannot reach {what} at {url}: connection refused (nothing listens there); {hint}"
+    # The message names its target itself: keep only the reason.
+    reason = re.sub(r"^cannot connect to \S+: ", "", str(exc))
+    return f"cannot reach {what} at {url}: {reason}"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Was a connection refused somewhere in the causes of ``exc``?"""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError) or (
+            isinstance(item, OSError) and item.errno == errno.ECONNREFUSED
+        ):
+            return True
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        todo.extend(e for e in (item.__cause__, item.__context__) if e is not None)
+    return False
 
 
 def _print_jobs(jobs: list[dict[str, Any]], *, as_json: bool, pipeline: str) -> None:
