@@ -142,7 +142,10 @@ def test_jobs_service_down_refuses_before_the_upload_and_recovers(launch: Launch
         service.kill()
         daemon.wait_for_log("cannot connect to the jobs service")
         outage.during(early)
-    assert "RCPT refused with 451: no connection to the jobs service" in daemon.log_text()
+    log = daemon.log_text()
+    assert "RCPT refused with 451: no connection to the jobs service" in log
+    # The cause in words, the address once.
+    assert f"cannot connect to ws://127.0.0.1:{service.port}/rpc: Connection refused\n" in log
 
     service.start()
     took = outage.recovered()

@@ -96,3 +96,21 @@ def test_readme_quick_start_works_without_swaks(fresh_clone: tuple[Path, dict[st
         check=True,
     )
     assert again.stdout.strip() == "no jobs in pipeline 'smtp'", again.stdout
+
+
+def test_readme_command_table_lists_every_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    result = subprocess.run(
+        [*trismtp_argv(), "--help"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=True,
+    )
+    listed = result.stdout.split("commands:", 1)[1]
+    commands = re.findall(r"^    (\w+)\s", listed, re.MULTILINE)
+    assert "top" in commands, commands
+    for command in commands:
+        assert f"| `trismtp {command}" in table, f"trismtp {command} is not in the README's table"
