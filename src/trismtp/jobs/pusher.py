@@ -257,11 +257,10 @@ class Pusher:
         upload while this is set (module docstring).
         """
         if self._client is not None:
-            return (
-                f"no connection to the {self._what}: the connection was lost"
-                if (self._client.closed)
-                else None
-            )
+            # Closed is known at once; the idle loop reconnects within IDLE_CHECK.
+            if self._client.closed:
+                return f"no connection to the {self._what}: the connection was lost"
+            return None
         if self._down is None:
             return None
         return f"no connection to the {self._what}: {self._down}"
