@@ -46,7 +46,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from email.utils import formataddr, formatdate, getaddresses, make_msgid
+from email.utils import formataddr, formatdate, getaddresses, make_msgid, parseaddr
 from typing import BinaryIO, NoReturn
 
 from trismtp.settings import ConfigError, HostPort, load_settings, parse_host_port
@@ -69,7 +69,7 @@ REPLY_SLACK = 30.0
 CONNECT_TIMEOUT = 10.0
 
 # sendmail flags that take a value, attached (-fADDR) or as the next argument.
-_WITH_VALUE = frozenset("fFrBCLhNORVXpo")
+_WITH_VALUE = frozenset("fFrABCLhNORVXpo")
 # Flags without a value that only an MTA acts on; accepted and ignored.
 _IGNORED = frozenset("mnvUG")
 # A header field's first line: a name of printable characters but ":", then ":".
@@ -440,8 +440,8 @@ def run(argv: Sequence[str], stdin: BinaryIO) -> int:
     sender = options.sender
     if sender is None:
         sender = getpass.getuser()
-    elif sender.startswith("<") and sender.endswith(">"):
-        sender = sender[1:-1]  # -f "<>" is the null sender, as -f ""
+    elif "<" in sender:
+        sender = parseaddr(sender)[1]  # -f "<>" is the null sender, as -f ""
     sender = qualify(sender.strip(), hostname)
     try:
         raw = read_message(stdin, ignore_dots=options.ignore_dots)

@@ -283,3 +283,11 @@ def test_temporary_refusal_is_ex_tempfail(tmp_path: Path) -> None:
         result = sendmail(daemon, "x@example.com", stdin=b"Subject: later\n\nx\n")
     assert result.returncode == 75, result.stderr
     assert "451 4.3.0" in one_line(result)
+
+
+@pytest.mark.parametrize("null", ["<>", ""])
+def test_f_null_sender(daemon: Daemon, null: str) -> None:
+    before = job_ids(daemon)
+    result = sendmail(daemon, "-f", null, "-i", "x@example.com", stdin=b"Subject: bounce\n\nx\n")
+    assert result.returncode == 0, result.stderr
+    assert new_job(daemon, before).payload["envelope"]["mail_from"] == ""
