@@ -291,3 +291,24 @@ def test_f_null_sender(daemon: Daemon, null: str) -> None:
     result = sendmail(daemon, "-f", null, "-i", "x@example.com", stdin=b"Subject: bounce\n\nx\n")
     assert result.returncode == 0, result.stderr
     assert new_job(daemon, before).payload["envelope"]["mail_from"] == ""
+
+
+def test_linked_as_sendmail_it_is_trismtp_sendmail(daemon: Daemon, tmp_path: Path) -> None:
+    # cron and mailx run "sendmail" from PATH: a link named so is enough.
+    script = trismtp_argv()
+    if len(script) != 1:
+        pytest.skip("needs the trismtp console script (make install)")
+    link = tmp_path / "sendmail"
+    link.symlink_to(script[0])
+    before = job_ids(daemon)
+    result = subprocess.run(
+        [str(link), "--config", str(daemon.config), "-t", "-oi"],
+        cwd=daemon.workdir,
+        env=clean_env(),
+        input=b"To: linked@example.com\nSubject: via link\n\nx\n",
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert new_job(daemon, before).payload["envelope"]["allRecipients"] == ["linked@example.com"]
