@@ -84,6 +84,7 @@ class Outage:
         reply, elapsed = refused_recipient(self.daemon)
         assert reply.last.startswith("451 4.3.0 "), reply
         assert elapsed < PUSH_TIMEOUT / 2, f"RCPT answered after {elapsed:.1f} s"
+        print(f"RCPT refused with 451 in {elapsed * 1000:.1f} ms (push_timeout {PUSH_TIMEOUT:g} s)")
         self.refusals += 1
         # A transaction whose recipient was accepted before the outage:
         # DATA is refused instead of 354, so the message is not uploaded.
