@@ -146,7 +146,13 @@ class LoadReport:
 
     @property
     def replies_451(self) -> int:
+        """``451`` replies to a final dot."""
         return len(self.attempts(Outcome.TEMPFAIL))
+
+    @property
+    def deferred(self) -> int:
+        """Every ``451``: to a final dot, or to RCPT/DATA before the upload."""
+        return self.replies_451 + self.deferred_before_upload
 
     @property
     def unanswered(self) -> int:
@@ -328,8 +334,9 @@ class LoadGenerator:
 
     @property
     def tempfails(self) -> int:
-        """``451`` replies so far."""
-        return self._tempfails
+        """``451`` replies so far: to a final dot, or to RCPT/DATA before the upload
+        (the daemon knew its store was down)."""
+        return self._tempfails + self._deferred_before_upload
 
     @property
     def unanswered(self) -> int:
