@@ -242,7 +242,7 @@ def prepare(
     kept = [f for f in fields if _field_name(f) != "bcc"]
     names = {_field_name(f) for f in kept}
     added: list[bytes] = []
-    if "from" not in names:
+    if "from" not in names and sender:  # the null sender has no address to show
         added.append(b"From: " + formataddr((options.full_name or "", sender)).encode() + b"\r\n")
     if "date" not in names:
         added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
