@@ -49,9 +49,8 @@ from trismtp.jobs.websocket import (
     JobsUnavailable,
     Stream,
     Target,
-    collapse,
-    map_exceptions,
     open_websocket,
+    run_client,
     unavailable,
 )
 from trismtp.nats.protocol import (
@@ -296,6 +295,8 @@ class NatsClient:
         self._target = target
         self._parser = handshake.parser
         self._info = handshake.info
+        # Events read with the handshake's last frame, for the reader to handle first.
+        self._leftover = handshake.leftover
         self._inbox = inbox
         self._next_reply = itertools.count(1)
         self._pending: dict[str, tuple[_Waiter, int]] = {}
@@ -335,40 +336,27 @@ class NatsClient:
         if token and (user or password):
             raise ValueError("give either a token or a user and password, not both")
         inbox = f"_INBOX.{secrets.token_hex(11)}."
-        body_error: BaseException | None = None
-        error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                with map_exceptions(target), trio.fail_after(timeout):
-                    ws, stream = await open_websocket(
-                        nursery,
-                        target,
-                        max_message_size=MAX_WEBSOCKET_MESSAGE,
-                        ssl_context=ssl_context,
-                    )
-                    try:
-                        handshake = await _handshake(
-                            ws, target, inbox, user=user, password=password, token=token
-                        )
-                    except BaseException:
-                        await trio.aclose_forcefully(stream)
-                        raise
-                client = cls(ws, stream, target, handshake, inbox)
-                logger.debug("connected to NATS at %s", target)
-                nursery.start_soon(client._read_loop, handshake.leftover)
-                try:
-                    yield client
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    await client._aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = collapse(group, body_error=body_error, target=target)
-        if error is not None:
-            # Raised outside the except clause, so the group is not its context.
-            raise error
+
+        async def opener(nursery: trio.Nursery) -> NatsClient:
+            ws, stream = await open_websocket(
+                nursery, target, max_message_size=MAX_WEBSOCKET_MESSAGE, ssl_context=ssl_context
+            )
+            try:
+                handshake = await _handshake(
+                    ws, target, inbox, user=user, password=password, token=token
+                )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            logger.debug("connected to NATS at %s", target)
+            return cls(ws, stream, target, handshake, inbox)
+
+        async with run_client(target, timeout, opener) as client:
+            yield client
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._read_loop, self._leftover)
+        self._leftover = []
 
     @property
     def closed(self) -> bool:
