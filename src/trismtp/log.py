@@ -152,7 +152,7 @@ class RepeatLimiter:
     once the first time; within the next *window* seconds further calls with
     the same cause are only counted. The count comes out with the next line
     for that cause after the window, or from :meth:`flush` (which :meth:`run`
-    calls every *window* seconds) when the flood has stopped. A cause is a
+    calls every second) when the flood has stopped. A cause is a
     short fixed string, never a client's address: the set of causes stays
     small.
     """
@@ -202,9 +202,13 @@ class RepeatLimiter:
             state.since, state.held, state.last = now, 0, None
 
     async def run(self) -> NoReturn:
-        """Flush every window, for ever (a task of the component that owns the limiter)."""
+        """Flush for ever (a task of the component that owns the limiter).
+
+        Every second, so that a count comes out within a second of its window's
+        end; a flush with nothing due costs a look at a handful of causes.
+        """
         while True:
-            await trio.sleep(self._window)
+            await trio.sleep(min(1.0, self._window))
             self.flush()
 
     def _emit(self, msg: str, args: tuple[Any, ...], more: int, elapsed: float) -> None:
