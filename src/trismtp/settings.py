@@ -389,7 +389,7 @@ class JobsServiceSettings(_Section):
     token: SecretStr = SecretStr("")
     pipelines: list[str] = Field(default_factory=lambda: ["smtp"])
     max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
-    max_unsent_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     send_timeout: PositiveSeconds = 30.0
 
     @field_validator("listen")

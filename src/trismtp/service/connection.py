@@ -14,15 +14,17 @@ has its own bound here, so that no client can run the service out of memory:
   while the socket is full, so the replies of a client that does not read
   pile up in memory, each waiting its turn. :class:`ReplyOutbox` sends them
   one at a time (so only the reply on the wire has its WebSocket frame
-  built) and counts the bytes of those waiting behind it. One reply of any
-  size may wait alone (a single job can be big); past that, when the waiting
-  replies would go over ``max_unsent_bytes``, the client is not reading fast
-  enough for what it asks: :exc:`OutboxFull`, and the connection is dropped.
+  built) and counts the bytes of those waiting behind it. The calls whose
+  replies carry jobs (Reserve, Peek: up to 16 MiB each) run at most a few at
+  a time per connection and start only while less than ``max_unsent_bytes``
+  wait (:meth:`ReplyOutbox.wait_for_room`). So what waits is bounded by
+  ``max_unsent_bytes`` plus the replies of the calls already running, and a
+  client that reads slowly is slowed down, not disconnected.
 
 * **A send that makes no progress.** :class:`SendGuard` wraps the TCP stream
   under trio-websocket and sends in chunks, each under ``send_timeout``: a
-  client that reads nothing for that long is dropped, so the reply on the
-  wire (and the connection) cannot be held for ever either.
+  client that reads nothing for that long is dropped, with its calls not yet
+  handed to the store, so what it holds is given back.
 
 Dropping means closing the TCP connection at once. A close frame cannot be
 delivered to a peer that does not read, and a frame half sent cannot be
@@ -38,7 +40,7 @@ from typing import Final
 import trio
 from trio_websocket import WebSocketConnection
 
-__all__ = ["CHUNK", "CallBudget", "OutboxFull", "ReplyOutbox", "SendGuard", "SendStalled"]
+__all__ = ["CHUNK", "CallBudget", "ReplyOutbox", "SendGuard", "SendStalled"]
 
 # Each chunk of a reply must leave within send_timeout; small enough that a
 # client reading slowly but steadily is never taken for a stalled one.
@@ -67,10 +69,6 @@ class CallBudget:
         """Give back *calls* permits."""
         self._used -= calls
         self._lot.unpark_all()
-
-
-class OutboxFull(Exception):
-    """The replies waiting to be sent on a connection passed its bound."""
 
 
 class SendStalled(trio.BrokenResourceError):
@@ -115,45 +113,37 @@ class SendGuard(trio.abc.Stream):
 
 
 class ReplyOutbox:
-    """A connection's replies, sent in turn, with the bytes waiting bounded."""
+    """A connection's replies, sent in turn; tells when too many bytes wait."""
 
     def __init__(self, ws: WebSocketConnection, max_unsent_bytes: int) -> None:
         self._ws = ws
         self._limit = max_unsent_bytes
         self._lock = trio.StrictFIFOLock()
         self._waiting = 0  # bytes of the replies queued behind the one being sent
-        self._waiters = 0
+        self._room = trio.lowlevel.ParkingLot()
 
     @property
     def waiting_bytes(self) -> int:
         """Bytes of the replies waiting behind the one being sent."""
         return self._waiting
 
-    async def send(self, reply: str) -> None:
-        """Send *reply* after those before it.
+    async def wait_for_room(self) -> None:
+        """Return once fewer than ``max_unsent_bytes`` wait unsent (at once if so)."""
+        await trio.lowlevel.checkpoint()
+        while self._waiting >= self._limit:
+            await self._room.park()
 
-        Raises :exc:`OutboxFull` (sending nothing) when it would have to wait
-        and the waiting replies would pass ``max_unsent_bytes``; and whatever
-        ``send_message`` raises (``ConnectionClosed``).
-        """
+    async def send(self, reply: str) -> None:
+        """Send *reply* after those before it; raises what ``send_message`` raises."""
         size = len(reply)
-        queued = self._lock.locked()
-        if queued:
-            if self._waiters and self._waiting + size > self._limit:
-                raise OutboxFull(
-                    f"{self._waiting + size} bytes of replies would wait unsent "
-                    f"(max_unsent_bytes is {self._limit})"
-                )
-            self._waiting += size
-            self._waiters += 1
+        self._waiting += size
         try:
             async with self._lock:
-                if queued:
-                    self._waiting -= size
-                    self._waiters -= 1
-                    queued = False
+                self._waiting -= size
+                size = 0
+                self._room.unpark_all()
                 await self._ws.send_message(reply)
         finally:
-            if queued:  # cancelled while waiting
+            if size:  # cancelled while waiting
                 self._waiting -= size
-                self._waiters -= 1
+                self._room.unpark_all()

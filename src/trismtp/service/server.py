@@ -79,7 +79,7 @@ from trismtp.jobs.rpc import (
     TOO_LARGE,
 )
 from trismtp.log import RepeatLimiter
-from trismtp.service.connection import CallBudget, OutboxFull, ReplyOutbox, SendGuard
+from trismtp.service.connection import CallBudget, ReplyOutbox, SendGuard
 from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
 from trismtp.settings import HostPort, JobsServiceSettings
 
@@ -470,7 +470,7 @@ class _Service:
         token: str,
         grace: _StopGrace,
         max_request_bytes: int,
-        max_unsent_bytes: int = 32 * 1024 * 1024,
+        max_unsent_bytes: int = 16 * 1024 * 1024,
         send_timeout: float = 30.0,
     ) -> None:
         self._store = store
@@ -595,17 +595,12 @@ class _Service:
         count: int,
     ) -> None:
         try:
-            reply = await self.answer(decoded, connection.job_replies)
+            reply = await self.answer(decoded, connection)
             if reply is not None:
                 # No checkpoint between the store's answer and this shield, so
                 # a committed write's reply is sent even if we are stopping.
                 with self._grace.shield():
                     await connection.outbox.send(reply)
-        except OutboxFull as exc:
-            await connection.drop(
-                f"{exc}: it does not read its replies as fast as it asks for them "
-                "(jobs_service.max_unsent_bytes)"
-            )
         except ConnectionClosed:
             if connection.guard.stalled:
                 await connection.drop(
@@ -623,35 +618,33 @@ class _Service:
         return decode_message(message)
 
     async def answer(
-        self,
-        decoded: Request | list[Request] | RpcFailure,
-        job_replies: trio.CapacityLimiter | None = None,
+        self, decoded: Request | list[Request] | RpcFailure, connection: _Connection | None = None
     ) -> str | None:
         """The reply to one decoded message, or None when it holds only notifications.
 
-        *job_replies* bounds the Reserve and Peek calls running at once (per
-        connection).
+        On a *connection*, its Reserve and Peek calls run a few at a time, and
+        only while its unsent replies leave room (see :mod:`.connection`).
 
-        The responses to a batch together stay within ``max_unsent_bytes``: a
-        response that would pass it is replaced by a ``-32004`` error (its
-        call did run: the jobs of a ``Reserve`` so answered are delivered
-        again when their lease ends).
+        The responses to a batch together stay within ``max_unsent_bytes``
+        (or are one response alone): a response that would pass it is
+        replaced by a ``-32004`` error (its call did run: the jobs of a
+        ``Reserve`` so answered are delivered again when their lease ends).
         """
         if isinstance(decoded, RpcFailure):
             return _encode({"jsonrpc": "2.0", "id": None, "error": decoded.to_dict()})
         if isinstance(decoded, Request):
-            response = await self._execute_bounded(decoded, job_replies)
+            response = await self._execute_bounded(decoded, connection)
             return None if response is None else _encode(response)
         responses: list[bytes | None] = [None] * len(decoded)
         total = 0
 
         async def execute_into(index: int, request: Request) -> None:
             nonlocal total
-            response = await self._execute_bounded(request, job_replies)
+            response = await self._execute_bounded(request, connection)
             if response is None:
                 return
             encoded = orjson.dumps(response)
-            if total + len(encoded) > self._max_unsent_bytes:
+            if total and total + len(encoded) > self._max_unsent_bytes:
                 failure = RpcFailure(
                     TOO_LARGE,
                     f"too large: the replies to this batch would pass "
@@ -669,11 +662,12 @@ class _Service:
         return (b"[" + b",".join(answered) + b"]").decode() if answered else None
 
     async def _execute_bounded(
-        self, request: Request, job_replies: trio.CapacityLimiter | None
+        self, request: Request, connection: _Connection | None
     ) -> dict[str, Any] | None:
-        if job_replies is None or request.method not in JOB_REPLY_METHODS:
+        if connection is None or request.method not in JOB_REPLY_METHODS:
             return await self._execute(request)
-        async with job_replies:
+        async with connection.job_replies:
+            await connection.outbox.wait_for_room()
             return await self._execute(request)
 
     async def _execute(self, request: Request) -> dict[str, Any] | None:
