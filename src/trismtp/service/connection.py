@@ -26,15 +26,18 @@ has its own bound here, so that no client can run the service out of memory:
   client that reads nothing for that long is dropped, with its calls not yet
   handed to the store, so what it holds is given back.
 
-Dropping means closing the TCP connection at once. A close frame cannot be
+Dropping means resetting the TCP connection at once. A close frame cannot be
 delivered to a peer that does not read, and a frame half sent cannot be
-followed by another; the client sees the connection end (1006 abnormal
+followed by another; the client sees the connection reset (1006 abnormal
 closure) and the service logs why, with the code it would have sent (1008,
 policy violation).
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from typing import Final
 
 import trio
@@ -96,8 +99,20 @@ class SendGuard(trio.abc.Stream):
                     await self.stream.send_all(view[start : start + CHUNK])
                 if scope.cancelled_caught:
                     self.stalled = True
-                    await trio.aclose_forcefully(self.stream)
+                    await self.abort()
                     raise SendStalled(f"the peer read nothing for {self._send_timeout:g} s")
+
+    async def abort(self) -> None:
+        """Reset the connection: what is unsent is thrown away.
+
+        A plain close would queue the FIN behind the unsent bytes, which a
+        peer that does not read never takes: the kernel would keep them, and
+        the peer would not learn that it was dropped.
+        """
+        with contextlib.suppress(OSError):
+            linger = struct.pack("ii", 1, 0)
+            self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        await trio.aclose_forcefully(self.stream)
 
     async def wait_send_all_might_not_block(self) -> None:
         """As the wrapped stream's."""

@@ -457,7 +457,7 @@ class _Connection:
         if self.dropped is None:
             self.dropped = why
         self.calls.cancel()
-        await trio.aclose_forcefully(self.guard)
+        await self.guard.abort()
 
 
 class _Service:
