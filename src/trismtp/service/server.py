@@ -105,7 +105,7 @@ RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 HANDSHAKE_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0
 
-RequestId = str | int | float | orjson.Fragment | None
+RequestId = str | int | float | None
 
 
 # -- params of each method (SPEC §6) -----------------------------------------
@@ -290,6 +290,10 @@ def decode_message(message: str | bytes) -> Request | list[Request] | RpcFailure
     try:
         # orjson refuses NaN and Infinity, as JSON does, and bounds nesting.
         data = orjson.loads(message)
+        if _has_float_id(data):
+            # orjson reads an integer past 64 bits as a float; the stdlib
+            # keeps it exact, so that the reply echoes the very same id.
+            data = json.loads(message, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         return RpcFailure(PARSE_ERROR, f"parse error: {exc}")
     if isinstance(data, list):
@@ -301,47 +305,17 @@ def decode_message(message: str | bytes) -> Request | list[Request] | RpcFailure
                 f"invalid request: a batch holds at most {MAX_BATCH} calls, "
                 f"this one {len(data)}; send it in smaller batches",
             )
-        if any(_has_float_id(item) for item in data):
-            data = _exact_ids(message, data)
         return [_decode_request(item) for item in data]
-    if _has_float_id(data):
-        data = _exact_ids(message, data)
     return _decode_request(data)
 
 
-class _NumberText(str):
-    """A JSON number as the message wrote it (stdlib ``json``'s parse hooks)."""
-
-    __slots__ = ()
-
-
-def _has_float_id(item: Any) -> bool:
-    return isinstance(item, dict) and isinstance(item.get("id"), float)
+def _has_float_id(data: Any) -> bool:
+    items = data if isinstance(data, list) else [data]
+    return any(isinstance(item, dict) and isinstance(item.get("id"), float) for item in items)
 
 
-def _exact_ids(message: str | bytes, data: Any) -> Any:
-    """*data* with each float id replaced by the number exactly as the message wrote it.
-
-    orjson reads an integer past 64 bits as a float, and a reply would echo
-    ``2**70`` as ``1.1805916207174113e+21``; JSON-RPC wants the id back as
-    sent. Only messages with a number id that orjson made a float come here,
-    to be read a second time by the standard library, which keeps the text.
-    """
-    try:
-        exact = json.loads(message, parse_float=_NumberText, parse_int=_NumberText)
-    except (ValueError, RecursionError):
-        return data  # orjson read it, so this does not happen; keep its reading
-
-    def fix(item: Any, exact_item: Any) -> Any:
-        if _has_float_id(item) and isinstance(exact_item, dict):
-            text = exact_item.get("id")
-            if isinstance(text, _NumberText):
-                return {**item, "id": orjson.Fragment(str(text))}
-        return item
-
-    if isinstance(data, list) and isinstance(exact, list):
-        return [fix(item, exact_item) for item, exact_item in zip(data, exact, strict=False)]
-    return fix(data, exact)
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _decode_request(data: Any) -> Request:
@@ -354,8 +328,7 @@ def _decode_request(data: Any) -> Request:
         return invalid(None, "a request must be a JSON object")
     request_id = data.get("id")
     if request_id is not None and (
-        isinstance(request_id, bool)
-        or not isinstance(request_id, str | int | float | orjson.Fragment)
+        isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
     ):
         return invalid(None, "id must be a string, a number or null")
     if data.get("jsonrpc") != "2.0":
@@ -393,7 +366,19 @@ def _invalid_params(exc: ValidationError) -> RpcFailure:
 
 
 def _encode(reply: Any) -> str:
-    return orjson.dumps(reply).decode()
+    try:
+        return orjson.dumps(reply).decode()
+    except orjson.JSONEncodeError:
+        # orjson refuses integers past 64 bits: a request id can be one.
+        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_bytes(reply: Any) -> bytes:
+    """:func:`_encode` as UTF-8 bytes, for the parts of a batch reply."""
+    try:
+        return orjson.dumps(reply)
+    except orjson.JSONEncodeError:
+        return _encode(reply).encode()
 
 
 # -- shutdown ----------------------------------------------------------------
@@ -643,7 +628,7 @@ class _Service:
             response = await self._execute_bounded(request, connection)
             if response is None:
                 return
-            encoded = orjson.dumps(response)
+            encoded = _encode_bytes(response)
             if total and total + len(encoded) > self._max_unsent_bytes:
                 failure = RpcFailure(
                     TOO_LARGE,
@@ -651,7 +636,7 @@ class _Service:
                     f"{self._max_unsent_bytes} bytes (jobs_service.max_unsent_bytes); "
                     "send this call alone",
                 )
-                encoded = orjson.dumps(request.response(failure=failure))
+                encoded = _encode_bytes(request.response(failure=failure))
             total += len(encoded)
             responses[index] = encoded
 
