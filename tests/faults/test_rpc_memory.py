@@ -169,4 +169,4 @@ async def test_unread_peek_replies_do_not_grow_memory_without_bound(launch: Laun
     # The service goes on serving everyone else.
     async with JobsClient.connect(service.url) as client:
         stats = (await client.call("jobs.Stat", {}))["stats"]
-        assert [(s["pipeline"], s["active"]) for s in stats] == [("smtp", JOBS)]
+        assert [s["active"] for s in stats if s["pipeline"] == "smtp"] == [JOBS]

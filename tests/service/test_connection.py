@@ -212,7 +212,8 @@ async def test_a_client_that_reads_nothing_is_dropped_after_send_timeout(
     assert "(1008, policy)" in caplog.text
     # Everyone else is still served.
     async with JobsClient.connect(service.url) as client:
-        assert (await client.call("jobs.Stat", {}))["stats"][0]["active"] == 40
+        stats = (await client.call("jobs.Stat", {}))["stats"]
+        assert [s["active"] for s in stats if s["pipeline"] == "smtp"] == [40]
 
 
 async def test_a_client_that_reads_gets_every_big_reply(
