@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,21 @@ DEFAULT_CONFIG = Path("settings.toml")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Mechanism = Literal["PLAIN", "LOGIN"]
+
+# Mozilla's "intermediate" TLS 1.2 suites without DHE (Python loads no DH
+# parameters): forward secret and AEAD only. The CBC suites OpenSSL adds by
+# default (ECDHE-*-AES*-SHA256/384) are the ones testssl.sh flags for LUCKY13.
+# TLS 1.3 suites are OpenSSL's, all AEAD; a cipher string cannot change them.
+DEFAULT_TLS_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 class ConfigError(Exception):
@@ -108,6 +124,20 @@ class TlsSettings(_Section):
     starttls: bool = True
     required: bool = False
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: str = DEFAULT_TLS_CIPHERS
+
+    @field_validator("ciphers")
+    @classmethod
+    def _check_ciphers(cls, value: str) -> str:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"{value!r} selects no TLS 1.2 cipher suite (an OpenSSL cipher string, "
+                'e.g. "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305"; '
+                "TLS 1.3 suites cannot be named here)"
+            ) from None
+        return value
 
     @field_validator("implicit_listen")
     @classmethod
@@ -359,6 +389,8 @@ class JobsServiceSettings(_Section):
     token: SecretStr = SecretStr("")
     pipelines: list[str] = Field(default_factory=lambda: ["smtp"])
     max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    send_timeout: PositiveSeconds = 30.0
 
     @field_validator("listen")
     @classmethod
