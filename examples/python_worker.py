@@ -14,6 +14,11 @@ trismtp's own client, :class:`trismtp.jobs.rpc.JobsClient`:
 3. ``jobs.Ack`` when :func:`handle` returns: the job is deleted. When it
    raises, the error is logged and the job is given back with ``jobs.Nack``
    (``requeue``): it is handed out again after ``--retry-delay`` seconds.
+   Both carry the job's lease token from Reserve. If the lease ran out and
+   another consumer took the job meanwhile, the service changes nothing and
+   answers "lease lost" (:class:`LeaseLost`), which is logged. After
+   ``jobs_service.max_attempts`` deliveries a job goes to the dead-letter
+   pipeline instead of coming back.
 4. ``jobs.Reserve`` returns at once, with no jobs when the pipeline is empty,
    so the worker polls: it waits a little longer each time it finds nothing,
    up to ``--idle`` seconds, and starts again at once when it finds jobs.
@@ -59,7 +64,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.jobs.rpc import JobsClient, JobsUnavailable, LeaseLost, RpcError
 
 logger = logging.getLogger("python_worker")
 
@@ -246,11 +251,25 @@ class Worker:
             await self.nack(job, delay=self.options.retry_delay)
             self.failed += 1
         else:
-            await self.client.call("jobs.Ack", {"ids": [job["id"]]})
+            await self.settle("jobs.Ack", {"jobs": [lease_of(job)]})
             self.acked += 1
 
     async def nack(self, job: dict[str, Any], *, delay: float) -> None:
-        await self.client.call("jobs.Nack", {"ids": [job["id"]], "requeue": True, "delay": delay})
+        await self.settle("jobs.Nack", {"jobs": [lease_of(job)], "requeue": True, "delay": delay})
+
+    async def settle(self, method: str, params: dict[str, Any]) -> None:
+        """Ack or Nack; a lost lease is logged, not fatal."""
+        try:
+            await self.client.call(method, params)
+        except LeaseLost as exc:
+            # Our lease ran out and another consumer has the job now: it is
+            # theirs to finish. Raise --lease if this happens often.
+            logger.warning("lease lost for job(s) %s: another consumer has them", exc.stale)
+
+
+def lease_of(job: dict[str, Any]) -> dict[str, str]:
+    """What Ack and Nack need: the job's id and its lease token from Reserve."""
+    return {"id": job["id"], "token": job["lease"]["token"]}
 
 
 async def watch_signals(

@@ -62,6 +62,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "LEASE_LOST",
     "METHOD_NOT_FOUND",
     "NO_SUCH_PIPELINE",
     "PARSE_ERROR",
@@ -69,6 +70,7 @@ __all__ = [
     "TOO_LARGE",
     "JobsClient",
     "JobsUnavailable",
+    "LeaseLost",
     "RpcError",
 ]
 
@@ -85,6 +87,8 @@ STORAGE_UNAVAILABLE: Final = -32003
 TOO_LARGE: Final = -32004
 # trismtp extension: PushBatch reached the store after its expires_at.
 BATCH_EXPIRED: Final = -32005
+# An Ack, Nack or Extend carried a lease token that is no longer current.
+LEASE_LOST: Final = -32006
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # Leaving the client waits this long for the close handshake, even when the
@@ -103,6 +107,31 @@ class RpcError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (JSON-RPC error {self.code})"
+
+
+class LeaseLost(RpcError):
+    """An Ack, Nack or Extend named jobs whose lease token is no longer current.
+
+    Those jobs were not touched (another consumer may hold them now); the
+    others of the call were acted on: :attr:`done` says how many.
+    """
+
+    @property
+    def stale(self) -> list[str]:
+        """The ids whose token was stale."""
+        data = self.data if isinstance(self.data, dict) else {}
+        stale = data.get("stale", [])
+        return [str(job_id) for job_id in stale] if isinstance(stale, list) else []
+
+    @property
+    def done(self) -> int:
+        """How many jobs of the call were acted on all the same."""
+        data = self.data if isinstance(self.data, dict) else {}
+        for key in ("acked", "nacked", "extended"):
+            value = data.get(key)
+            if isinstance(value, int):
+                return value
+        return 0
 
 
 class _BadReply(Exception):
@@ -335,4 +364,6 @@ def _rpc_error(error: Any) -> RpcError:
     code, message = error.get("code"), error.get("message")
     if type(code) is not int or not isinstance(message, str):
         raise _BadReply("an error needs an integer code and a string message")
+    if code == LEASE_LOST:
+        return LeaseLost(code, message, error.get("data"))
     return RpcError(code, message, error.get("data"))
