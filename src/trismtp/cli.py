@@ -301,11 +301,12 @@ def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
             "jobs.Reserve", {"pipeline": args.pipeline, "max": args.n, "lease": 60}
         )
         jobs: list[dict[str, Any]] = result.get("jobs", [])
-        ids = [job["id"] for job in jobs]
-        if ids and args.no_ack:
-            await client.call("jobs.Nack", {"ids": ids, "requeue": True, "delay": 0})
-        elif ids:
-            await client.call("jobs.Ack", {"ids": ids})
+        # Each job's lease token is its proof for the Ack or Nack.
+        leases = [{"id": job["id"], "token": job["lease"]["token"]} for job in jobs]
+        if leases and args.no_ack:
+            await client.call("jobs.Nack", {"jobs": leases, "requeue": True, "delay": 0})
+        elif leases:
+            await client.call("jobs.Ack", {"jobs": leases})
         return jobs
 
     jobs = _with_client(args, settings, consume)
@@ -524,6 +525,9 @@ def _print_jobs(jobs: list[dict[str, Any]], *, as_json: bool, pipeline: str) -> 
 
 def _describe_job(job: dict[str, Any]) -> str:
     lines = [f"job {job.get('id')}  {job.get('job')}  pipeline {job['options'].get('pipeline')}"]
+    lease = job.get("lease")
+    if isinstance(lease, dict):
+        lines[0] += f"  attempt {lease.get('attempt')}"
     try:
         payload = json.loads(job.get("payload", ""))
     except ValueError:

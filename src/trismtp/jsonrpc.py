@@ -48,6 +48,7 @@ __all__ = [
     "STORAGE_UNAVAILABLE",
     "TOO_LARGE",
     "ClientProtocol",
+    "LeaseLost",
     "ProtocolError",
     "Reply",
     "RpcError",
@@ -84,6 +85,31 @@ class RpcError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (JSON-RPC error {self.code})"
+
+
+class LeaseLost(RpcError):
+    """An Ack, Nack or Extend named jobs whose lease token is no longer current.
+
+    Those jobs were not touched (another consumer may hold them now); the
+    others of the call were acted on: :attr:`done` says how many.
+    """
+
+    @property
+    def stale(self) -> list[str]:
+        """The ids whose token was stale."""
+        data = self.data if isinstance(self.data, dict) else {}
+        stale = data.get("stale", [])
+        return [str(job_id) for job_id in stale] if isinstance(stale, list) else []
+
+    @property
+    def done(self) -> int:
+        """How many jobs of the call were acted on all the same."""
+        data = self.data if isinstance(self.data, dict) else {}
+        for key in ("acked", "nacked", "extended"):
+            value = data.get(key)
+            if isinstance(value, int):
+                return value
+        return 0
 
 
 class ProtocolError(Exception):
@@ -181,4 +207,6 @@ def _rpc_error(error: Any) -> RpcError:
     code, message = error.get("code"), error.get("message")
     if type(code) is not int or not isinstance(message, str):
         raise ProtocolError("an error needs an integer code and a string message")
+    if code == LEASE_LOST:
+        return LeaseLost(code, message, error.get("data"))
     return RpcError(code, message, error.get("data"))

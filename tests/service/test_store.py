@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
 from trismtp.jobs.model import Job, JobOptions
-from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
+from trismtp.service.store import (
+    BatchExpired,
+    JobStore,
+    NoSuchPipeline,
+    Reserved,
+    Settled,
+    StorageUnavailable,
+)
 
 
 class FakeClock:
@@ -50,8 +57,13 @@ def stored(path: Path) -> dict[str, str]:
         return dict(db.execute("SELECT id, payload FROM jobs").fetchall())
 
 
-def ids(jobs: list[Job]) -> list[str]:
-    return [job.id for job in jobs]
+def ids(jobs: Sequence[Job | Reserved]) -> list[str]:
+    return [job.job.id if isinstance(job, Reserved) else job.id for job in jobs]
+
+
+def refs(reserved: Sequence[Reserved], *wanted: str) -> list[tuple[str, str]]:
+    """(id, token) of the reserved jobs *wanted* (all when none is named)."""
+    return [(r.job.id, r.lease.token) for r in reserved if not wanted or r.job.id in wanted]
 
 
 @pytest.fixture
@@ -117,7 +129,9 @@ async def test_reserve_returns_the_job_as_pushed(store: JobStore) -> None:
     job = make_job("a", priority=3, payload='{"event":"EMAIL_RECEIVED","ü":1}')
     await store.push_batch([job])
 
-    assert await store.reserve("smtp", 1, lease=60) == [job]
+    [reserved] = await store.reserve("smtp", 1, lease=60)
+    assert reserved.job == job
+    assert reserved.lease.attempt == 1
 
 
 async def test_lease_expiry_delivers_again(
@@ -133,14 +147,15 @@ async def test_lease_expiry_delivers_again(
     assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
 
     with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT attempts FROM jobs").fetchall() == [(2,)]
+        assert db.execute("SELECT attempts FROM queue").fetchall() == [(2,)]
 
 
 async def test_ack_deletes(store: JobStore, clock: FakeClock, db_path: Path) -> None:
     await store.push_batch([make_job("a"), make_job("b")])
-    await store.reserve("smtp", 10, lease=30)
+    reserved = await store.reserve("smtp", 10, lease=30)
 
-    assert await store.ack(["a", "unknown"]) == 1
+    assert await store.ack(refs(reserved, "a")) == Settled(1)
+    assert await store.ack([("unknown", "token")]) == Settled(0, ["unknown"])
 
     assert set(stored(db_path)) == {"b"}
     clock.advance(30)
@@ -149,9 +164,9 @@ async def test_ack_deletes(store: JobStore, clock: FakeClock, db_path: Path) -> 
 
 async def test_nack_requeues_after_its_delay(store: JobStore, clock: FakeClock) -> None:
     await store.push_batch([make_job("a")])
-    await store.reserve("smtp", 10, lease=300)
+    reserved = await store.reserve("smtp", 10, lease=300)
 
-    assert await store.nack(["a"], requeue=True, delay=20) == 1
+    assert await store.nack(refs(reserved), requeue=True, delay=20) == Settled(1)
 
     assert await store.reserve("smtp", 10, lease=300) == []
     assert (await store.stat())[0].delayed == 1
@@ -161,18 +176,18 @@ async def test_nack_requeues_after_its_delay(store: JobStore, clock: FakeClock) 
 
 async def test_nack_requeue_without_delay_is_ready_at_once(store: JobStore) -> None:
     await store.push_batch([make_job("a")])
-    await store.reserve("smtp", 10, lease=300)
+    reserved = await store.reserve("smtp", 10, lease=300)
 
-    await store.nack(["a"], requeue=True)
+    await store.nack(refs(reserved), requeue=True)
 
     assert ids(await store.reserve("smtp", 10, lease=300)) == ["a"]
 
 
 async def test_nack_without_requeue_deletes(store: JobStore, db_path: Path) -> None:
     await store.push_batch([make_job("a"), make_job("b")])
-    await store.reserve("smtp", 10, lease=30)
+    reserved = await store.reserve("smtp", 10, lease=30)
 
-    await store.nack(["a"], requeue=False)
+    await store.nack(refs(reserved, "a"), requeue=False)
 
     assert set(stored(db_path)) == {"b"}
 
@@ -316,7 +331,7 @@ async def test_durability_pragmas_are_set(db_path: Path) -> None:
     assert seen == [("wal", 2)]  # 2 is FULL
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 class Disk:
@@ -388,6 +403,7 @@ async def test_full_disk_fails_only_the_op_that_needs_space(
     async with JobStore.open(db_path, clock=clock, on_connect=disk.on_connect) as store:
         await store.declare("smtp")
         await store.push_batch([make_job("small")])
+        reserved = await store.reserve("smtp", 1, lease=30)
         disk.fill()
         results: dict[str, str] = {}
 
@@ -404,7 +420,7 @@ async def test_full_disk_fails_only_the_op_that_needs_space(
         big = [make_job(f"big{i}", payload="x" * 10_000) for i in range(20)]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt, "push", store.push_batch(big))
-            nursery.start_soon(attempt, "ack", store.ack(["small"]))
+            nursery.start_soon(attempt, "ack", store.ack(refs(reserved)))
 
     assert results == {"push": "unavailable", "ack": "ok"}
     assert stored(db_path) == {}

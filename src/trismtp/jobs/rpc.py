@@ -69,6 +69,7 @@ from trismtp.jsonrpc import (
     STORAGE_UNAVAILABLE,
     TOO_LARGE,
     ClientProtocol,
+    LeaseLost,
     ProtocolError,
     RpcError,
     encode_params,
@@ -89,6 +90,7 @@ __all__ = [
     "TOO_LARGE",
     "JobsClient",
     "JobsUnavailable",
+    "LeaseLost",
     "RpcError",
 ]
 
