@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from trismtp.consumer import HandshakeRejected, JobsUnavailable, RpcClient, RpcError
@@ -17,7 +18,17 @@ TOKEN = "consumer-client-token-0123456789"
 async def test_calls_with_the_token_and_many_in_flight(launch: Launcher) -> None:
     service = launch.jobs_service({"jobs_service": {"token": TOKEN}})
     async with RpcClient.connect(service.url, token=TOKEN) as client:
-        assert await client.call("jobs.List", {}) == {"pipelines": ["smtp"]}
+        replies: list[object] = []
+
+        async def call(method: str) -> None:
+            replies.append(await client.call(method, {}))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(20):
+                tasks.start_soon(call, "jobs.List")
+                tasks.start_soon(call, "jobs.Stat")
+        assert len(replies) == 40
+        assert sum("smtp" in reply.get("pipelines", []) for reply in replies) == 20  # type: ignore[attr-defined]
         with pytest.raises(RpcError) as info:
             await client.call("jobs.Nope", {})
         assert info.value.code == METHOD_NOT_FOUND

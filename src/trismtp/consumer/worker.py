@@ -245,7 +245,7 @@ class Consumer:
                 self.stop()
                 raise
         if failure:
-            raise failure[0]
+            raise _unwrap(failure[0])
         return self.stats
 
     async def run_until_signalled(
@@ -444,3 +444,10 @@ class Consumer:
             method,
         )
         return False
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The one error a caller should see: task groups wrap it in groups of one."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
