@@ -26,7 +26,10 @@ def handle(job: ReservedJob) -> None:
     """Your code: return to ack the job, raise to have it retried later."""
     email = job.email()
     sizes = sum(len(attachment.content) for attachment in email.attachments)
-    print(f"{job.id} {email.message.subject!r} attachments={sizes} bytes", flush=True)
+    # One write per line, newline included: handlers run in several threads
+    # at once, and print()'s separate write of the newline could interleave.
+    sys.stdout.write(f"{job.id} {email.message.subject!r} attachments={sizes} bytes\n")
+    sys.stdout.flush()
 
 
 def main() -> int:

@@ -65,13 +65,14 @@ def handle(email: Email, *, save_dir: Path | None = None, fail_subject: str | No
     if save_dir is not None:
         save_attachments(email, save_dir)
     # JSON-quoted, so that a subject cannot break the line (and the PHP
-    # consumer prints the same line).
-    print(
-        f"job={email.uuid} from={json.dumps(email.envelope.mail_from or '<>', ensure_ascii=False)}"
-        f" subject={json.dumps(subject, ensure_ascii=False)}"
-        f" attachments={len(email.attachments)}",
-        flush=True,
+    # consumer prints the same line). One write, newline included: with
+    # --concurrency, handlers print from several threads at once.
+    mail_from = json.dumps(email.envelope.mail_from or "<>", ensure_ascii=False)
+    sys.stdout.write(
+        f"job={email.uuid} from={mail_from} subject={json.dumps(subject, ensure_ascii=False)}"
+        f" attachments={len(email.attachments)}\n"
     )
+    sys.stdout.flush()
 
 
 # -- attachments ----------------------------------------------------------------------

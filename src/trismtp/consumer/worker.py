@@ -378,10 +378,10 @@ class Consumer:
                     await self._ack(job)
                 else:
                     logger.error(
-                        "job %s failed (attempt %d): giving it back, to retry in %g s",
+                        "job %s failed: giving it back, to retry in %g s (attempt %d)",
                         job.id,
-                        job.lease.attempt,
                         self._retry_delay,
+                        job.lease.attempt,
                         exc_info=error,
                     )
                     await self._nack(job, delay=self._retry_delay)
