@@ -20,11 +20,12 @@ import anyio
 import pytest
 
 from trismtp.consumer import BlockingConsumer, ReservedJob
+from trismtp.consumer.sync import Backend
 
 from ..e2e.trismtp_e2e import HOST, Launcher
 from .support import assert_empty, push_emails
 
-BACKENDS = ["asyncio", "trio"]
+BACKENDS: list[Backend] = ["asyncio", "trio"]
 JOIN_TIMEOUT = 30.0
 """Seconds a leftover thread gets to end (trio keeps idle worker threads 10 s)."""
 
@@ -44,7 +45,7 @@ def nothing_left_behind() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_run_from_a_plain_script(launch: Launcher, backend: str) -> None:
+def test_run_from_a_plain_script(launch: Launcher, backend: Backend) -> None:
     service = launch.jobs_service()
     ids = anyio.run(push_emails, service.url, 5)
     handled: list[str] = []
@@ -64,7 +65,7 @@ def test_run_from_a_plain_script(launch: Launcher, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_run_from_a_request_thread_of_a_web_app(launch: Launcher, backend: str) -> None:
+def test_run_from_a_request_thread_of_a_web_app(launch: Launcher, backend: Backend) -> None:
     service = launch.jobs_service()
     ids = anyio.run(push_emails, service.url, 6)
     handled: list[str] = []
@@ -112,7 +113,7 @@ def test_run_from_a_request_thread_of_a_web_app(launch: Launcher, backend: str) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_in_the_background_of_an_app(launch: Launcher, backend: str) -> None:
+def test_in_the_background_of_an_app(launch: Launcher, backend: Backend) -> None:
     service = launch.jobs_service()
     handled: list[str] = []
     all_in = threading.Event()
