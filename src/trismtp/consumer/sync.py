@@ -32,7 +32,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from trismtp.consumer.model import ReservedJob
 from trismtp.consumer.worker import Consumer, Stats, in_thread
 
-__all__ = ["BlockingConsumer"]
+__all__ = ["Backend", "BlockingConsumer"]
 
 Backend = Literal["asyncio", "trio"]
 
