@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import datetime
 import json
+import ssl
 import uuid
+from contextlib import suppress
 from email.message import EmailMessage
 from email.policy import SMTP
 from typing import Any
 
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSListener
+
 from trismtp.consumer import RpcClient
 from trismtp.jobs.model import Job, JobOptions
 from trismtp.message import Envelope, build_payload
+
+from ..e2e.trismtp_e2e import HOST
 
 
 def raw_email(subject: str, *, attachment: bytes | None = None) -> bytes:
@@ -72,3 +81,35 @@ async def assert_empty(url: str) -> None:
     """Every job was acked: nothing active, delayed or reserved."""
     entry = await counts(url)
     assert (entry["active"], entry["delayed"], entry["reserved"]) == (0, 0, 0), entry
+
+
+async def tls_proxy(
+    upstream_port: int,
+    context: ssl.SSLContext,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """A TLS-terminating proxy in front of the jobs service (which speaks plain
+    ws://), as docs/rpc.md advises; started() with its port."""
+    listener = TLSListener(
+        await anyio.create_tcp_listener(local_host=HOST, local_port=0),
+        context,
+        standard_compatible=False,
+    )
+    port = listener.listener.extra(SocketAttribute.local_port)
+
+    async def handle(client: anyio.abc.ByteStream) -> None:
+        upstream = await anyio.connect_tcp(HOST, upstream_port)
+        async with client, upstream, anyio.create_task_group() as pipes:
+
+            async def pipe(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
+                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    async for chunk in source:
+                        await sink.send(chunk)
+                pipes.cancel_scope.cancel()
+
+            pipes.start_soon(pipe, client, upstream)
+            pipes.start_soon(pipe, upstream, client)
+
+    task_status.started(port)
+    await listener.serve(handle)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -16,12 +17,20 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 
-from trismtp.consumer import Consumer, HandshakeRejected, ReservedJob, RpcClient, RpcError
+from trismtp.consumer import (
+    Consumer,
+    HandshakeRejected,
+    JobsUnavailable,
+    ReservedJob,
+    RpcClient,
+    RpcError,
+)
 from trismtp.jsonrpc import NO_SUCH_PIPELINE
 
 from ..e2e.trismtp_e2e import CLI_TIMEOUT, Launcher, clean_env, wait_until
-from .support import assert_empty, counts, email_job, push_emails
+from .support import assert_empty, counts, email_job, push_emails, tls_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -305,3 +314,34 @@ def stop(worker: subprocess.Popen[str]) -> None:
     if worker.poll() is None:
         worker.kill()
         worker.wait(CLI_TIMEOUT)
+
+
+async def test_consumes_over_wss_with_a_token(launch: Launcher) -> None:
+    service = launch.jobs_service({"jobs_service": {"token": TOKEN}})
+    ids = await push_emails_with_token(service.url, 3)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    handled: list[str] = []
+
+    async def handle(job: ReservedJob) -> None:
+        handled.append(job.id)
+
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tasks:
+            port = await tasks.start(tls_proxy, service.port, server_context)
+            url = f"wss://127.0.0.1:{port}/rpc"
+            stranger = ssl.create_default_context()  # trusts the system CAs, not ours
+            with pytest.raises(JobsUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await Consumer(url, handle, token=TOKEN, ssl_context=stranger).run()
+            consumer = Consumer(
+                url, handle, token=TOKEN, ssl_context=client_context, stop_when_idle=True
+            )
+            stats = await consumer.run()
+            tasks.cancel_scope.cancel()
+
+    assert sorted(handled) == sorted(ids)
+    assert stats.acked == 3
+    await assert_empty_with_token(service.url)
