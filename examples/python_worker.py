@@ -14,7 +14,8 @@ again (docs/payload.md#deduplicating).
 
 It stops after ``--max`` jobs, or on Ctrl-C / SIGTERM: the jobs in hand are
 finished (within ``--grace`` seconds, else given back) and it exits 0. A
-second Ctrl-C gives the jobs in hand back at once. Exit status 1 when the
+second Ctrl-C ends the grace at once; a :func:`handle` call already running
+(in its thread) is still waited for, and its job acked. Exit status 1 when the
 jobs service cannot be reached, refuses the token or the pipeline; 2 for
 invalid arguments.
 

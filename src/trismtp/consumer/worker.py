@@ -70,6 +70,8 @@ Handler = Callable[[ReservedJob], Awaitable[None]]
 
 # Seconds that an Ack or Nack still gets once the grace period is over.
 SETTLE_TIMEOUT: Final = 5.0
+# The most jobs one jobs.Reserve may ask for (docs/rpc.md).
+MAX_RESERVE: Final = 1000
 
 
 @dataclass(slots=True)
@@ -312,7 +314,7 @@ class Consumer:
         idle = self._idle_first
         logger.info("taking jobs from pipeline %s", json.dumps(self.pipeline))
         while not self._stopping:
-            free = self._concurrency - self._in_hand
+            free = min(self._concurrency - self._in_hand, MAX_RESERVE)
             if free == 0:
                 await self._interruptible(self._slot_freed.wait())
                 continue
