@@ -67,6 +67,36 @@ async def test_every_job_is_handled_once_by_three_consumers(launch: Launcher) ->
     await assert_empty_with_token(service.url)
 
 
+async def test_it_takes_no_more_jobs_than_it_has_handlers(launch: Launcher) -> None:
+    service = launch.jobs_service()
+    await push_emails(service.url, 10)
+    started: list[str] = []
+    all_busy, release = anyio.Event(), anyio.Event()
+
+    async def handle(job: ReservedJob) -> None:
+        started.append(job.id)
+        if len(started) == 3:
+            all_busy.set()
+        await release.wait()
+
+    consumer = Consumer(service.url, handle, concurrency=3, idle_max=0.1, stop_when_idle=True)
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(consumer.run)
+            await all_busy.wait()
+            # Three handlers busy: three jobs leased, the other seven left for
+            # other consumers, however long the handlers take.
+            for _ in range(5):
+                entry = await counts(service.url)
+                assert (entry["reserved"], entry["active"]) == (3, 7), entry
+                assert len(started) == 3
+                await anyio.sleep(0.05)
+            release.set()
+
+    assert len(started) == consumer.stats.acked == 10
+    await assert_empty(service.url)
+
+
 async def test_a_handler_that_raises_gets_the_job_again(launch: Launcher) -> None:
     service = launch.jobs_service()
     (job_id,) = await push_emails(service.url, 1)
