@@ -66,6 +66,7 @@ Schema (``PRAGMA user_version`` = 2; raise it with each migration)::
     INDEX queue_leased  ON queue(pipeline, available_at) WHERE token IS NOT NULL -- Stat
     INDEX queue_waiting ON queue(pipeline, available_at) WHERE token IS NULL     -- Stat
     acked(id TEXT PRIMARY KEY, token TEXT, at REAL)   -- done ids, kept dedupe_window s
+    meta(key TEXT PRIMARY KEY, value)                 -- 'probe': the last write probe
 
 Why two tables for a job: a lease, a Nack or an Extend rewrites the job's
 state; SQLite rewrites a whole row to change one column, so with the payload
@@ -90,8 +91,10 @@ expired can still ack as long as nobody else took the job.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -124,6 +127,10 @@ DEFAULT_DEDUPE_WINDOW: Final = 86400.0
 # Expired remembered ids deleted per ack, at most: pruning keeps pace with
 # acking without one call paying for a backlog.
 _PRUNE_BATCH: Final = 1000
+DEFAULT_DISK_RESERVE: Final = 32 * 1024 * 1024
+# Seconds between checks, while the store cannot write, of whether it can again.
+PROBE_INTERVAL: Final = 1.0
+_SQLITE_FULL: Final = 13
 
 # Primary SQLite result codes that mean "the file cannot be used right now",
 # as opposed to a bug in our SQL: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR,
@@ -165,6 +172,10 @@ CREATE TABLE IF NOT EXISTS acked (
     token TEXT,
     at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
 """
 
 _INDEXES: Final = """
@@ -174,6 +185,10 @@ CREATE INDEX IF NOT EXISTS queue_leased ON queue (pipeline, available_at)
 CREATE INDEX IF NOT EXISTS queue_waiting ON queue (pipeline, available_at)
     WHERE token IS NULL;
 CREATE INDEX IF NOT EXISTS acked_at ON acked (at);
+CREATE TRIGGER IF NOT EXISTS jobs_queued AFTER INSERT ON jobs BEGIN
+    INSERT INTO queue (seq, pipeline, priority, available_at)
+        VALUES (NEW.seq, NEW.pipeline, NEW.priority, NEW.created_at + NEW.delay);
+END;
 CREATE TRIGGER IF NOT EXISTS queue_counted_in AFTER INSERT ON queue BEGIN
     UPDATE pipelines SET jobs = jobs + 1 WHERE name = NEW.pipeline;
 END;
@@ -296,6 +311,7 @@ class Policy:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # 0: unlimited
     dead_letter: str = DEFAULT_DEAD_LETTER
     dedupe_window: float = DEFAULT_DEDUPE_WINDOW  # seconds; 0: forget at once
+    disk_reserve: int = DEFAULT_DISK_RESERVE  # bytes kept free for consumers; 0: none
 
 
 Clock = Callable[[], float]
@@ -307,10 +323,11 @@ LeaseRef = tuple[str, str]
 class _Op(Generic[T]):
     """One operation on its way through the writer, and its outcome."""
 
-    __slots__ = ("done", "fn", "outcome")
+    __slots__ = ("done", "fn", "grows", "outcome")
 
-    def __init__(self, fn: Operation[T]) -> None:
+    def __init__(self, fn: Operation[T], *, grows: bool = False) -> None:
         self.fn = fn
+        self.grows = grows  # stores new data: refused while the disk is full
         self.done = trio.Event()
         self.outcome: outcome.Outcome[T] | None = None
 
@@ -345,6 +362,10 @@ class JobStore:
         self._reader: sqlite3.Connection | None = None  # only under _read_limiter
         self._read_limiter = trio.CapacityLimiter(1)
         self._healthy = True
+        self._failure = ""  # why the store cannot write, while it cannot
+        self._reserve = _DiskReserve(path.with_name(path.name + "-reserve"), policy.disk_reserve)
+        self._full = False  # the disk filled up: new jobs are refused, see _DiskReserve
+        self._room_checked_at = -math.inf
         self._dead_letter_warned_at = -float("inf")
         self._dead_lettered_unlogged = 0
         self._submit, self._receive = trio.open_memory_channel[_Op[Any]](0)
@@ -397,6 +418,23 @@ class JobStore:
         """The database file."""
         return self._path
 
+    @property
+    def unwritable(self) -> str | None:
+        """None while the store can write, else why not (for ``/readyz``).
+
+        Set by a failed commit; cleared only by a write that succeeded, which
+        the writer attempts every :data:`PROBE_INTERVAL` seconds meanwhile.
+        """
+        if self._full:
+            return f"the disk holding {self._path} is full: new jobs are refused"
+        if not self._healthy:
+            return f"the jobs database {self._path} cannot be written: {self._failure}"
+        return None
+
+    def free_bytes(self) -> int | None:
+        """Bytes free for the database on its file system (None if unknown)."""
+        return _fs_free(self._path.parent)
+
     # -- operations ---------------------------------------------------------
 
     async def push_batch(self, jobs: Sequence[Job], *, expires_at: float | None = None) -> None:
@@ -411,7 +449,10 @@ class JobStore:
         storing it would only make the sender's retry a duplicate.
         """
         window = self._policy.dedupe_window
-        await self._run(partial(_push_batch, jobs=list(jobs), expires_at=expires_at, window=window))
+        await self._run(
+            partial(_push_batch, jobs=list(jobs), expires_at=expires_at, window=window),
+            grows=True,
+        )
 
     async def list_pipelines(self) -> list[str]:
         """The declared pipelines' names, sorted."""
@@ -583,8 +624,8 @@ class JobStore:
 
     # -- the writer ---------------------------------------------------------
 
-    async def _run(self, fn: Operation[T]) -> T:
-        op = _Op(fn)
+    async def _run(self, fn: Operation[T], *, grows: bool = False) -> T:
+        op = _Op(fn, grows=grows)
         await self._submit.send(op)  # the only cancellable step: nothing done yet
         # The writer holds the op now and resolves it whatever happens; wait
         # for that even if cancelled, so the caller can report the outcome.
@@ -595,7 +636,21 @@ class JobStore:
 
     async def _write_loop(self) -> None:
         async with self._receive:
-            async for first in self._receive:
+            while True:
+                first: _Op[Any] | None = None
+                try:
+                    if self._healthy and not self._full:
+                        first = await self._receive.receive()
+                    else:
+                        # Find out, without waiting for a caller, when it can
+                        # write again: /readyz depends on it, and a balancer
+                        # that sees "not ready" sends nothing to find out.
+                        with trio.move_on_after(PROBE_INTERVAL):
+                            first = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+                if first is None:
+                    first = _Op(_probe)
                 group: list[_Op[Any]] = [first]
                 while len(group) < MAX_GROUP:
                     try:
@@ -618,6 +673,16 @@ class JobStore:
         """Run *group* in one transaction (in a worker thread); an outcome per op."""
         results: dict[int, outcome.Outcome[Any]] = {}
         todo = list(range(len(group)))
+        if self._full:
+            self._check_room()
+
+        def refuse_growth() -> None:
+            for index in [i for i in todo if group[i].grows]:
+                results[index] = outcome.Error(StorageUnavailable(self._full_reason()))
+                todo.remove(index)
+
+        if self._full:
+            refuse_growth()
         while todo:
             now = self._clock()
             staged: dict[int, outcome.Outcome[Any]] = {}
@@ -636,6 +701,13 @@ class JobStore:
                     raise
                 self._drop_connection()
                 self._report(failure)
+                if _is_full(exc) and not self._full:
+                    self._fill_up()
+                    if running is not None and group[running].grows:
+                        results[running] = outcome.Error(_copy(failure))
+                        todo.remove(running)
+                    refuse_growth()
+                    continue  # the others can still go: they free space or need little
                 if running is None:
                     # Opening, BEGIN or COMMIT failed: nothing of this attempt is stored.
                     for index in todo:
@@ -658,20 +730,129 @@ class JobStore:
             logger.error("storage unavailable (%s): %s", self._path, failure)
         elif failure is not None:
             logger.debug("storage still unavailable (%s): %s", self._path, failure)
+        elif self._full:
+            return  # consumers' writes succeed on the reserve; new jobs still cannot
         elif not self._healthy:
             logger.info("storage available again (%s)", self._path)
         self._healthy = failure is None
+        self._failure = "" if failure is None else str(failure)
+
+    # -- a full disk (worker threads only) ----------------------------------
+
+    def _fill_up(self) -> None:
+        self._full = True
+        released = self._reserve.release()
+        logger.warning(
+            "the disk holding %s is full: %s; new jobs are refused (-32003, so SMTP answers"
+            " 451) while consumers drain the queue, until %d MiB are free again",
+            self._path,
+            f"released the {released // 2**20} MiB reserve ({self._reserve.path}) for them"
+            if released
+            else "no reserve to release (jobs_service.disk_reserve)",
+            self._reserve.size // 2**20,
+        )
+
+    def _full_reason(self) -> str:
+        return (
+            f"the disk holding {self._path} is full: new jobs are refused until consumers "
+            "have drained the queue or space is freed"
+        )
+
+    def _check_room(self) -> None:
+        """Leave the full state when there is room for the reserve and for new jobs."""
+        now = time.monotonic()
+        if now - self._room_checked_at < PROBE_INTERVAL:
+            return
+        self._room_checked_at = now
+        try:
+            db = self._connection()
+            freelist = _pragma_int(db, "freelist_count")
+            page_size = _pragma_int(db, "page_size")
+            if freelist and _pragma_int(db, "auto_vacuum") == 2:
+                # Give the pages acked jobs left behind back to the file
+                # system; the checkpoint truncates the file (and the WAL).
+                db.execute("PRAGMA incremental_vacuum").fetchall()
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                freelist = _pragma_int(db, "freelist_count")
+        except Exception as exc:
+            if _storage_failure(exc) is None:
+                raise
+            self._drop_connection()
+            return
+        fs_free = _fs_free(self._path.parent) or 0
+        need = max(self._reserve.size, 4 * 2**20)
+        if not self._reserve.present and fs_free >= self._reserve.size + need:
+            self._reserve.create()
+            fs_free = _fs_free(self._path.parent) or 0
+        inside = freelist * page_size  # room for new jobs inside the file
+        if not self._reserve.present and inside < 2 * need:
+            return
+        if fs_free + inside < need:
+            return
+        self._full = False
+        logger.warning(
+            "the disk holding %s has room again (%d MiB free, %d MiB inside the database):"
+            " accepting new jobs%s",
+            self._path,
+            fs_free // 2**20,
+            inside // 2**20,
+            "" if self._reserve.present else "; the reserve could not be restored yet",
+        )
 
     # -- the connection (worker threads only) -------------------------------
 
     def _open_now(self) -> None:
+        self._check_replaced()
         try:
-            self._connection()
+            db = self._connection()
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
         except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and _sqlite_code(exc) in _CORRUPT_CODES:
+                raise DatabaseCorrupt(_corrupt_message(self._path, str(exc))) from exc
             failure = _storage_failure(exc)
             if failure is None:
                 raise
             raise failure from exc
+        if problems != ["ok"]:
+            self._drop_connection()
+            raise DatabaseCorrupt(_corrupt_message(self._path, problems[0]))
+        _marker(self._path).touch()
+        if self._reserve.size and not self._reserve.present and not self._reserve.create():
+            logger.warning(
+                "cannot set aside the %d MiB disk reserve %s (no space?): a full disk will"
+                " stop consumers too until space is freed",
+                self._reserve.size // 2**20,
+                self._reserve.path,
+            )
+
+    def _check_replaced(self) -> None:
+        """Warn when the database is missing or empty where one has been before."""
+        if not _empty_or_missing(self._path):
+            return
+        wal = self._path.with_name(self._path.name + "-wal")
+        held = _marker(self._path).exists()
+        orphans = [
+            side for side in (wal, self._path.with_name(self._path.name + "-shm")) if side.exists()
+        ]
+        if not held and not orphans:
+            return  # a first start
+        logger.warning(
+            "the jobs database %s is %s, but %s: it was deleted or truncated, and every job"
+            " it held is gone from this store. If that was not meant, stop trismtp now and"
+            " restore the file from a backup (docs/operations.md). Starting on an empty"
+            " database.",
+            self._path,
+            "missing" if not self._path.exists() else "empty",
+            f"{_marker(self._path).name} shows one was created here before"
+            if held
+            else f"{wal.name} was left beside it",
+        )
+        # SQLite would replay a WAL left from the old file into the new one.
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for side in orphans:
+            aside = side.with_name(f"{side.name}.orphan-{stamp}")
+            side.rename(aside)
+            logger.warning("moved %s aside to %s", side, aside)
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -695,6 +876,9 @@ class JobStore:
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        # Only takes on a new file (before WAL and the first table): lets a
+        # full disk get back the space of acked jobs (see _check_room).
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise StorageUnavailable(
@@ -769,6 +953,104 @@ def _storage_failure(exc: BaseException) -> StorageUnavailable | None:
     return None
 
 
+def _sqlite_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True when *exc* says the disk is full."""
+    if isinstance(exc, sqlite3.Error):
+        return _sqlite_code(exc) == _SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _pragma_int(db: sqlite3.Connection, name: str) -> int:
+    (value,) = db.execute(f"PRAGMA {name}").fetchone()
+    return int(value)
+
+
+def _fs_free(directory: Path) -> int | None:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _marker(path: Path) -> Path:
+    """The file that says a database was created at *path* before."""
+    return path.with_name(path.name + "-created")
+
+
+def _corrupt_message(path: Path, problem: str) -> str:
+    return (
+        f"the jobs database {path} is damaged ({problem}); it was not used. Restore it"
+        " from a backup or recover what it holds: see docs/operations.md"
+        " (A damaged database)"
+    )
+
+
+class _DiskReserve:
+    """Disk space set aside so that consumers can drain a full disk.
+
+    On a full disk every write fails, deletes included (SQLite writes them
+    to the WAL first). So the store keeps a file of ``size`` bytes beside the
+    database. When a commit fails because the disk is full, the file is
+    deleted: Reserve, Ack and Nack then have room, while pushes are refused
+    without being tried (they would only fill the room again). Acked jobs
+    leave free pages in the database; the store gives them back to the file
+    system (incremental vacuum) and, once there is room for the reserve and
+    for new jobs, sets the reserve aside again and accepts pushes.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    @property
+    def present(self) -> bool:
+        try:
+            return os.stat(self.path).st_size >= self.size
+        except OSError:
+            return False
+
+    def create(self) -> bool:
+        """Set the space aside; False when there is not enough."""
+        if self.size <= 0:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    # No fallocate here: only written blocks are taken.
+                    block = b"\0" * 2**20
+                    for _ in range(-(-self.size // len(block))):
+                        os.write(fd, block)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            logger.debug("cannot create the disk reserve %s: %s", self.path, exc)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return False
+        return True
+
+    def release(self) -> int:
+        """Delete the reserve; how many bytes that freed."""
+        try:
+            size = os.stat(self.path).st_size
+            self.path.unlink()
+        except OSError:
+            return 0
+        return size
+
+
 def _copy(failure: StorageUnavailable) -> StorageUnavailable:
     # One instance per waiter: concurrent raises of one object tangle its traceback.
     error = StorageUnavailable(*failure.args)
@@ -801,36 +1083,36 @@ def _push_batch(
     if expires_at is not None and now > expires_at:
         raise BatchExpired(now - expires_at)
     _require_pipelines(db, {job.options.pipeline for job in jobs})
-    for job in jobs:
-        if (
-            window > 0
-            and db.execute(
-                "SELECT 1 FROM acked WHERE id = ? AND at >= ?", (job.id, now - window)
-            ).fetchone()
-            is not None
-        ):
-            continue  # done already: a late resend of an acked job
-        options = job.options
-        cursor = db.execute(
-            "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
-            " created_at, headers, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    # One statement for the batch, run by SQLite's own loop: an id still
+    # stored is ignored, an id acked within the window is left out, and the
+    # trigger jobs_queued gives each new job its queue row.
+    forget_before = now - window if window > 0 else math.inf
+    db.executemany(
+        "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
+        " created_at, headers, payload) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+        " WHERE NOT EXISTS (SELECT 1 FROM acked WHERE id = ? AND at >= ?)",
+        [
             (
                 job.id,
-                options.pipeline,
+                job.options.pipeline,
                 job.job,
-                options.priority,
-                options.delay,
-                int(options.auto_ack),
+                job.options.priority,
+                job.options.delay,
+                int(job.options.auto_ack),
                 now,
                 json.dumps(job.headers, ensure_ascii=False, separators=(",", ":")),
                 job.payload,
-            ),
-        )
-        if cursor.rowcount:
-            db.execute(
-                "INSERT INTO queue (seq, pipeline, priority, available_at) VALUES (?, ?, ?, ?)",
-                (cursor.lastrowid, options.pipeline, options.priority, now + options.delay),
+                job.id,
+                forget_before,
             )
+            for job in jobs
+        ],
+    )
+
+
+def _probe(db: sqlite3.Connection, now: float) -> None:
+    """A small real write: proves the store can commit again."""
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (now,))
 
 
 def _list_pipelines(db: sqlite3.Connection, now: float) -> list[str]:
@@ -1139,9 +1421,11 @@ def _extend(db: sqlite3.Connection, now: float, *, leases: list[LeaseRef], lease
     return Settled(done, stale)
 
 
-def file_is_empty_or_missing(path: Path) -> bool:
-    """True when *path* does not exist or holds no bytes."""
+def _empty_or_missing(path: Path) -> bool:
+    """True when *path* does not exist or holds no bytes (False when unknown)."""
     try:
         return os.stat(path).st_size == 0
     except FileNotFoundError:
         return True
+    except OSError:
+        return False  # opening it will say what is wrong
