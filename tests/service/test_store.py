@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from trismtp.jobs.model import Job, JobOptions
+from trismtp.service import store as store_module
 from trismtp.service.store import (
     BatchExpired,
     DatabaseCorrupt,
@@ -656,3 +657,15 @@ async def test_a_wal_left_without_its_database_is_moved_aside(
     assert not wal.exists() or wal.read_bytes() != b"\0" * 4096
     assert list(db_path.parent.glob("jobs.sqlite3-wal.orphan-*"))
     assert any(str(db_path) in r.getMessage() for r in caplog.records)
+
+
+async def test_a_read_over_its_inline_budget_runs_again_in_a_thread(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.push_batch([make_job(f"d{i}", delay=60) for i in range(5000)])
+    monkeypatch.setattr(store_module, "INLINE_READ_BUDGET", 0.0)  # every inline read stops
+
+    [stat] = await store.stat()
+
+    assert (stat.active, stat.delayed, stat.reserved) == (0, 5000, 0)
+    assert await store.list_pipelines() == ["smtp"]

@@ -131,6 +131,11 @@ DEFAULT_DISK_RESERVE: Final = 32 * 1024 * 1024
 # Seconds between checks, while the store cannot write, of whether it can again.
 PROBE_INTERVAL: Final = 1.0
 _SQLITE_FULL: Final = 13
+_SQLITE_INTERRUPT: Final = 9
+# Seconds a small read may take on the Trio thread before it moves to a worker.
+INLINE_READ_BUDGET: Final = 0.002
+# Pages given back to the file system per step when a full disk is drained.
+_VACUUM_STEP: Final = 256
 
 # Primary SQLite result codes that mean "the file cannot be used right now",
 # as opposed to a bug in our SQL: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR,
@@ -245,6 +250,10 @@ class BatchExpired(StoreError):
 class StorageUnavailable(StoreError):
     """The SQLite file cannot be used now (disk full, read-only, locked, I/O
     error); nothing was changed. Retrying later may succeed."""
+
+
+class _OverBudget(Exception):
+    """A read on the Trio thread took longer than its budget and was stopped."""
 
 
 class DatabaseCorrupt(StoreError):
@@ -456,11 +465,11 @@ class JobStore:
 
     async def list_pipelines(self) -> list[str]:
         """The declared pipelines' names, sorted."""
-        return await self._read(_list_pipelines)
+        return await self._read(_list_pipelines, inline=True)
 
     async def stat(self) -> list[PipelineStat]:
         """Counts for every declared pipeline, sorted by name."""
-        return await self._read(_stat)
+        return await self._read(_stat, inline=True)
 
     async def declare(
         self, name: str, *, priority: int | None = None, config: Mapping[str, Any] | None = None
@@ -519,7 +528,8 @@ class JobStore:
         *max_bytes* bounds their JSON as for :meth:`reserve`.
         """
         return await self._read(
-            partial(_peek, pipeline=pipeline, max_jobs=max_jobs, max_bytes=max_bytes)
+            partial(_peek, pipeline=pipeline, max_jobs=max_jobs, max_bytes=max_bytes),
+            snapshot=True,
         )
 
     async def ack(self, leases: Sequence[LeaseRef]) -> Settled:
@@ -579,19 +589,38 @@ class JobStore:
 
     # -- reads --------------------------------------------------------------
 
-    async def _read(self, fn: Operation[T]) -> T:
+    async def _read(self, fn: Operation[T], *, snapshot: bool = False, inline: bool = False) -> T:
         async with self._read_limiter:
-            return await trio.to_thread.run_sync(self._run_read, fn)
+            if inline:
+                # Small reads (Stat, List) first try on the Trio thread, within a
+                # budget: a worker thread would wait for the GIL two or three
+                # times, up to 5 ms each while SMTP sessions keep the loop busy.
+                # Past the budget SQLite stops the statement, and it runs again
+                # in a worker thread.
+                with contextlib.suppress(_OverBudget):
+                    return self._run_read(fn, snapshot, INLINE_READ_BUDGET)
+            return await trio.to_thread.run_sync(self._run_read, fn, snapshot, None)
 
-    def _run_read(self, fn: Operation[T]) -> T:
+    def _run_read(self, fn: Operation[T], snapshot: bool, budget: float | None) -> T:
         try:
             db = self._reader_connection()
-            db.execute("BEGIN")  # one snapshot for the whole read
+            if budget is not None:
+                deadline = time.perf_counter() + budget
+                db.set_progress_handler(lambda: time.perf_counter() > deadline, 1000)
             try:
-                return fn(db, self._clock())
+                if not snapshot:  # one statement is a snapshot of its own
+                    return fn(db, self._clock())
+                db.execute("BEGIN")  # one snapshot for the whole read
+                try:
+                    return fn(db, self._clock())
+                finally:
+                    db.execute("COMMIT")
             finally:
-                db.execute("COMMIT")
+                if budget is not None:
+                    db.set_progress_handler(None, 0)
         except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and _sqlite_code(exc) == _SQLITE_INTERRUPT:
+                raise _OverBudget from exc
             failure = _storage_failure(exc)
             if failure is None:
                 raise
@@ -770,13 +799,19 @@ class JobStore:
             page_size = _pragma_int(db, "page_size")
             if freelist and _pragma_int(db, "auto_vacuum") == 2:
                 # Give the pages acked jobs left behind back to the file
-                # system; the checkpoint truncates the file (and the WAL).
-                db.execute("PRAGMA incremental_vacuum").fetchall()
+                # system, a little at a time: each step goes through the WAL
+                # (which needs room too) and its checkpoint then truncates the
+                # file and the WAL. executescript steps the pragma to its end
+                # (execute() would free a single page).
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                freelist = _pragma_int(db, "freelist_count")
+                while freelist:
+                    db.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP});")
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    freelist = _pragma_int(db, "freelist_count")
         except Exception as exc:
             if _storage_failure(exc) is None:
                 raise
+            logger.debug("no room yet on the disk holding %s: %s", self._path, exc)
             self._drop_connection()
             return
         fs_free = _fs_free(self._path.parent) or 0
@@ -785,6 +820,13 @@ class JobStore:
             self._reserve.create()
             fs_free = _fs_free(self._path.parent) or 0
         inside = freelist * page_size  # room for new jobs inside the file
+        logger.debug(
+            "room on the disk holding %s: %d bytes free, %d inside the file, reserve %s",
+            self._path,
+            fs_free,
+            inside,
+            "set aside" if self._reserve.present else "missing",
+        )
         if not self._reserve.present and inside < 2 * need:
             return
         if fs_free + inside < need:
@@ -1122,34 +1164,32 @@ def _list_pipelines(db: sqlite3.Connection, now: float) -> list[str]:
 def _stat(db: sqlite3.Connection, now: float) -> list[PipelineStat]:
     # The total is a counter; only leased and delayed jobs are counted, each
     # through a partial index of its own: Stat costs what is in flight, not
-    # what is stored.
-    stats = []
-    for name, driver, priority, paused, total in db.execute(
-        "SELECT name, driver, priority, paused, jobs FROM pipelines ORDER BY name"
-    ).fetchall():
-        (reserved,) = db.execute(
-            "SELECT COUNT(*) FROM queue INDEXED BY queue_leased"
-            " WHERE pipeline = ? AND token IS NOT NULL AND available_at > ?",
-            (name, now),
-        ).fetchone()
-        (delayed,) = db.execute(
-            "SELECT COUNT(*) FROM queue INDEXED BY queue_waiting"
-            " WHERE pipeline = ? AND token IS NULL AND available_at > ?",
-            (name, now),
-        ).fetchone()
-        stats.append(
-            PipelineStat(
-                pipeline=name,
-                driver=driver,
-                queue=name,
-                active=max(total - reserved - delayed, 0),
-                delayed=delayed,
-                reserved=reserved,
-                ready=not paused,
-                priority=priority,
-            )
+    # what is stored. One statement, so the reader thread takes the GIL
+    # twice, not twice per pipeline: under load each take can wait 5 ms.
+    rows = db.execute(
+        """
+        SELECT p.name, p.driver, p.priority, p.paused, p.jobs,
+               (SELECT COUNT(*) FROM queue INDEXED BY queue_leased
+                WHERE pipeline = p.name AND token IS NOT NULL AND available_at > :now),
+               (SELECT COUNT(*) FROM queue INDEXED BY queue_waiting
+                WHERE pipeline = p.name AND token IS NULL AND available_at > :now)
+        FROM pipelines AS p ORDER BY p.name
+        """,
+        {"now": now},
+    ).fetchall()
+    return [
+        PipelineStat(
+            pipeline=name,
+            driver=driver,
+            queue=name,
+            active=max(total - reserved - delayed, 0),
+            delayed=delayed,
+            reserved=reserved,
+            ready=not paused,
+            priority=priority,
         )
-    return stats
+        for name, driver, priority, paused, total, reserved, delayed in rows
+    ]
 
 
 def _declare(
