@@ -404,12 +404,15 @@ _T = TypeVar("_T")
 
 
 def _run_server(run: Callable[[], Awaitable[None]]) -> None:
-    from trismtp.service.store import StorageUnavailable
+    from trismtp.service.store import DatabaseCorrupt, StorageUnavailable
 
     try:
         trio.run(run)
     except* OSError as group:
         raise CommandError(f"cannot start: {_first(group)}") from None
+    except* DatabaseCorrupt as group:
+        # Exit 2, like a setting the operator must fix: restarting will not help.
+        raise UsageError(f"cannot start: {_first(group)}") from None
     except* StorageUnavailable as group:
         raise CommandError(f"cannot open the jobs database: {_first(group)}") from None
 

@@ -370,6 +370,7 @@ class JobsServiceSettings(_Section):
     max_attempts: int = Field(default=10, ge=0)
     dead_letter_pipeline: str = "dead-letter"
     dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
+    disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
 
     @field_validator("listen")
     @classmethod

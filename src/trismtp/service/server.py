@@ -631,6 +631,7 @@ async def serve_jobs(
     *,
     clock: Callable[[], float] = time.time,
     stop_grace: float = STOP_GRACE,
+    on_store: Callable[[JobStore], object] | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the jobs service until cancelled; ``task_status`` gets the bound address.
@@ -639,6 +640,8 @@ async def serve_jobs(
     first. The address reported is the one actually bound, so port 0 works.
     When cancelled, replies to writes already handed to the store still go out
     within *stop_grace* seconds. *clock* is the store's clock (tests).
+    *on_store* is called with the open store (the daemon watches whether it
+    can write, for ``/readyz`` and the metrics).
     """
     address = settings.address()
     grace = _StopGrace(stop_grace)
@@ -646,10 +649,13 @@ async def serve_jobs(
         max_attempts=settings.max_attempts,
         dead_letter=settings.dead_letter_pipeline,
         dedupe_window=settings.dedupe_window,
+        disk_reserve=settings.disk_reserve,
     )
     async with JobStore.open(settings.database, clock=clock, policy=policy) as store:
         for name in [*settings.pipelines, settings.dead_letter_pipeline]:
             await store.declare(name)
+        if on_store is not None:
+            on_store(store)
         service = _Service(
             store,
             token=settings.token.get_secret_value(),
