@@ -83,11 +83,18 @@ class WebSocket:
         self._size = 0
         self._ready: list[str | bytes] = []
         self.close_code: int | None = None
+        # The writer sends messages while the reader answers pings: one at a
+        # time, or anyio refuses (BusyResourceError) and frames could mix.
+        self._send_lock = anyio.Lock()
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._stream.send(data)
 
     async def send(self, text: str) -> None:
         """Send one text message whole."""
         with _mapped(self._target):
-            await self._stream.send(self._ws.send(TextMessage(data=text)))
+            await self._send(self._ws.send(TextMessage(data=text)))
 
     async def receive(self) -> str | bytes:
         """The next whole message; raises JobsUnavailable once the connection ends."""
@@ -119,10 +126,10 @@ class WebSocket:
                         self._ready.append(b"".join(p for p in parts if not isinstance(p, str)))
                     self._size = 0
             elif isinstance(event, Ping):
-                await self._stream.send(self._ws.send(event.response()))
+                await self._send(self._ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                    await self._stream.send(self._ws.send(event.response()))
+                    await self._send(self._ws.send(event.response()))
                 raise self._closed(event.code, event.reason or "")
 
     def _closed(self, code: int, reason: str) -> JobsUnavailable:
@@ -141,7 +148,7 @@ class WebSocket:
         """Start the close handshake (if still open); the stream is closed by the owner."""
         if self._ws.state is ConnectionState.OPEN:
             with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await self._stream.send(self._ws.send(CloseConnection(code=code, reason=reason)))
+                await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
 
     async def wait_closed(self) -> None:
         """After :meth:`aclose`: read until the server's close frame (or EOF)."""
