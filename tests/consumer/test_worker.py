@@ -119,7 +119,7 @@ async def test_a_handler_that_raises_gets_the_job_again(launch: Launcher) -> Non
 async def test_a_handler_slower_than_the_lease_keeps_its_job(launch: Launcher) -> None:
     service = launch.jobs_service()
     (job_id,) = await push_emails(service.url, 1)
-    lease = 1.0
+    lease = 1.5  # extended every 0.5 s: a second of slack on a loaded machine
     stolen: list[object] = []
     probes = 0
 
