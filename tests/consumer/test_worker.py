@@ -290,8 +290,11 @@ async def test_clear_errors_for_a_wrong_token_or_pipeline(launch: Launcher) -> N
     async def handle(job: ReservedJob) -> None:
         raise AssertionError("no job expected")
 
+    refused = Consumer(service.url, handle, token="wrong")
     with pytest.raises(HandshakeRejected, match=r"refused the token \(HTTP 401\)"):
-        await Consumer(service.url, handle, token="wrong").run()
+        await refused.run()
+    with pytest.raises(RuntimeError, match="runs once"):
+        await refused.run()
     with pytest.raises(RpcError) as info:
         await Consumer(service.url, handle, token=TOKEN, pipeline="nope").run()
     assert info.value.code == NO_SUCH_PIPELINE

@@ -189,6 +189,7 @@ class Consumer:
         self._in_hand = 0
         self._taken = 0
         self._slot_freed = anyio.Event()
+        self._started = False
         self._stopping = False
         self._aborted = False
         self._wait_scope: anyio.CancelScope | None = None
@@ -227,6 +228,9 @@ class Consumer:
         if the service refuses the token, and :class:`~trismtp.jsonrpc.RpcError`
         if it refuses the Reserve for good (e.g. ``-32001``: no such pipeline).
         """
+        if self._started:
+            raise RuntimeError("a Consumer runs once: make a new one to run again")
+        self._started = True
         finished = anyio.Event()
         failure: list[BaseException] = []
 
