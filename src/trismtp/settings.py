@@ -43,6 +43,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from trismtp.jobs.model import MAX_DELAY, MAX_PRIORITY, MIN_PRIORITY
+
 ENV_PREFIX = "TRISMTP_"
 ENV_CONFIG = "TRISMTP_CONFIG"
 DEFAULT_CONFIG = Path("settings.toml")
@@ -328,8 +330,8 @@ class JobsSettings(_Section):
     token: SecretStr = SecretStr("")
     pipeline: str = Field(default="smtp", min_length=1)
     job_name: str = Field(default="smtp.email", min_length=1)
-    priority: int = 10
-    delay: int = Field(default=0, ge=0)
+    priority: int = Field(default=10, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    delay: int = Field(default=0, ge=0, le=MAX_DELAY)
     auto_ack: bool = False
     headers: dict[str, list[str]] = Field(default_factory=dict)
     batch_max_jobs: int = Field(default=256, gt=0)
@@ -381,6 +383,24 @@ class JobsSettings(_Section):
         return value
 
 
+MAX_PIPELINE_NAME = 256
+
+
+def check_pipeline_name(name: str) -> str:
+    """*name* if it can name a pipeline, else ValueError saying why.
+
+    One rule for the settings and the RPC: non-empty, no surrounding spaces,
+    no control characters, at most 256 characters.
+    """
+    if not name or name.strip() != name:
+        raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+    if len(name) > MAX_PIPELINE_NAME:
+        raise ValueError(f"pipeline names must be at most {MAX_PIPELINE_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("pipeline names must not hold control characters")
+    return name
+
+
 class JobsServiceSettings(_Section):
     """``[jobs_service]``: the jobs service (embedded or ``trismtp jobs serve``)."""
 
@@ -391,6 +411,10 @@ class JobsServiceSettings(_Section):
     max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     send_timeout: PositiveSeconds = 30.0
+    max_attempts: int = Field(default=10, ge=0)
+    dead_letter_pipeline: str = "dead-letter"
+    dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
+    disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
 
     @field_validator("listen")
     @classmethod
@@ -401,9 +425,14 @@ class JobsServiceSettings(_Section):
     @field_validator("pipelines")
     @classmethod
     def _check_pipelines(cls, value: list[str]) -> list[str]:
-        if any(not name or name.strip() != name for name in value):
-            raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+        for name in value:
+            check_pipeline_name(name)
         return value
+
+    @field_validator("dead_letter_pipeline")
+    @classmethod
+    def _check_dead_letter(cls, value: str) -> str:
+        return check_pipeline_name(value)
 
     def address(self) -> HostPort:
         """The listen address, parsed."""

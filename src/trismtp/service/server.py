@@ -58,7 +58,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -66,12 +66,13 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from trismtp.jobs.model import Job
+from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job
 from trismtp.jobs.rpc import (
     BATCH_EXPIRED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LEASE_LOST,
     METHOD_NOT_FOUND,
     NO_SUCH_PIPELINE,
     PARSE_ERROR,
@@ -80,8 +81,15 @@ from trismtp.jobs.rpc import (
 )
 from trismtp.log import RepeatLimiter
 from trismtp.service.connection import CallBudget, ReplyOutbox, SendGuard
-from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
-from trismtp.settings import HostPort, JobsServiceSettings
+from trismtp.service.store import (
+    BatchExpired,
+    JobStore,
+    NoSuchPipeline,
+    Policy,
+    Settled,
+    StorageUnavailable,
+)
+from trismtp.settings import HostPort, JobsServiceSettings, check_pipeline_name
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +108,17 @@ MAX_JOB_REPLIES_RUNNING: Final = 2
 THREAD_DECODE_THRESHOLD: Final = 64 * 1024
 # Seconds that in-flight replies get once the service is told to stop.
 STOP_GRACE: Final = 5.0
-MAX_RESERVE: Final = 10_000
+# Jobs per Reserve, per Peek.
+MAX_RESERVE: Final = 1000
+MAX_PEEK: Final = 10_000
+# Seconds: the longest lease, Extend and Nack delay accepted.
+MAX_LEASE: Final = 86400.0
+# Bytes of a Reserve or Peek reply: max_bytes' default and the range it is clamped to.
+DEFAULT_REPLY_BYTES: Final = 16 * 1024 * 1024
+MIN_REPLY_BYTES: Final = 1024 * 1024
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+# Room kept in max_bytes for the response around the jobs (jsonrpc, id, result).
+REPLY_OVERHEAD: Final = 1024
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 HANDSHAKE_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0
@@ -110,8 +128,25 @@ RequestId = str | int | float | None
 
 # -- params of each method (SPEC §6) -----------------------------------------
 
-PipelineName = Annotated[str, Field(min_length=1)]
+PipelineName = Annotated[str, AfterValidator(check_pipeline_name)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+LeaseSeconds = Annotated[float, Field(gt=0, le=MAX_LEASE, allow_inf_nan=False)]
+Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+
+
+def _clamp_max_bytes(value: int) -> int:
+    return min(max(value, MIN_REPLY_BYTES), MAX_REPLY_BYTES)
+
+
+ReplyBytes = Annotated[int, AfterValidator(_clamp_max_bytes)]
+
+
+class LeaseLost(Exception):
+    """Some jobs of an Ack, Nack or Extend had a stale token (-32006)."""
+
+    def __init__(self, verb: str, settled: Settled) -> None:
+        super().__init__("lease lost")
+        self.data = {"stale": settled.stale, verb: settled.done}
 
 
 class _Params(BaseModel):
@@ -159,7 +194,7 @@ class _PipelineSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     name: PipelineName
-    priority: int | None = None
+    priority: Priority | None = None
 
 
 class _Declare(_Params):
@@ -196,38 +231,79 @@ class _Destroy(_Pipelines):
 class _Reserve(_Params):
     pipeline: PipelineName
     max: int = Field(ge=1, le=MAX_RESERVE)
-    lease: float = Field(gt=0, allow_inf_nan=False)
+    lease: LeaseSeconds
+    max_bytes: ReplyBytes = DEFAULT_REPLY_BYTES
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        jobs = await store.reserve(self.pipeline, self.max, self.lease)
-        return {"jobs": [job.to_dict() for job in jobs]}
+        reserved = await store.reserve(
+            self.pipeline, self.max, self.lease, max_bytes=self.max_bytes - REPLY_OVERHEAD
+        )
+        return {"jobs": [job.to_dict() for job in reserved]}
 
 
 class _Peek(_Params):
     pipeline: PipelineName
-    max: int = Field(default=10, ge=1, le=MAX_RESERVE)
+    max: int = Field(default=10, ge=1, le=MAX_PEEK)
+    max_bytes: ReplyBytes = DEFAULT_REPLY_BYTES
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        jobs = await store.peek(self.pipeline, self.max)
+        jobs = await store.peek(self.pipeline, self.max, max_bytes=self.max_bytes - REPLY_OVERHEAD)
         return {"jobs": [job.to_dict() for job in jobs]}
 
 
-class _Ack(_Params):
-    ids: list[str]
+class _LeaseRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
+    id: str = Field(min_length=1, max_length=256)
+    token: str = Field(min_length=1, max_length=256)
+
+
+def _refuse_ids_form(data: Any) -> Any:
+    if isinstance(data, dict) and "ids" in data and "jobs" not in data:
+        raise ValueError(
+            'the {"ids": [...]} form is gone: send {"jobs": [{"id": ID, "token": T}, ...]}'
+            " with each job's lease.token from jobs.Reserve"
+        )
+    return data
+
+
+class _Settle(_Params):
+    jobs: list[_LeaseRef]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _new_form_only(cls, data: Any) -> Any:
+        return _refuse_ids_form(data)
+
+    def refs(self) -> list[tuple[str, str]]:
+        return [(ref.id, ref.token) for ref in self.jobs]
+
+
+def _settled(verb: str, settled: Settled) -> dict[str, Any]:
+    if settled.stale:
+        raise LeaseLost(verb, settled)
+    return {verb: settled.done}
+
+
+class _Ack(_Settle):
     async def run(self, store: JobStore) -> dict[str, Any]:
-        await store.ack(self.ids)
-        return {}
+        return _settled("acked", await store.ack(self.refs()))
 
 
-class _Nack(_Params):
-    ids: list[str]
+class _Nack(_Settle):
     requeue: bool = True
-    delay: Seconds = 0.0
+    delay: Annotated[float, Field(ge=0, le=MAX_LEASE, allow_inf_nan=False)] = 0.0
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        await store.nack(self.ids, requeue=self.requeue, delay=self.delay)
-        return {}
+        settled = await store.nack(self.refs(), requeue=self.requeue, delay=self.delay)
+        return _settled("nacked", settled)
+
+
+class _Extend(_Settle):
+    lease: LeaseSeconds
+
+    async def run(self, store: JobStore) -> dict[str, Any]:
+        return _settled("extended", await store.extend(self.refs(), self.lease))
 
 
 METHODS: Final[dict[str, type[_Params]]] = {
@@ -243,6 +319,7 @@ METHODS: Final[dict[str, type[_Params]]] = {
     "jobs.Peek": _Peek,
     "jobs.Ack": _Ack,
     "jobs.Nack": _Nack,
+    "jobs.Extend": _Extend,
 }
 
 
@@ -665,6 +742,8 @@ class _Service:
                 failure = RpcFailure(NO_SUCH_PIPELINE, str(exc), {"pipelines": exc.names})
             except BatchExpired as exc:
                 failure = RpcFailure(BATCH_EXPIRED, str(exc))
+            except LeaseLost as exc:
+                failure = RpcFailure(LEASE_LOST, "lease lost", exc.data)
             except StorageUnavailable as exc:
                 # The store logs the failure when it starts and when it ends.
                 failure = RpcFailure(STORAGE_UNAVAILABLE, f"storage unavailable: {exc}")
@@ -681,6 +760,7 @@ async def serve_jobs(
     *,
     clock: Callable[[], float] = time.time,
     stop_grace: float = STOP_GRACE,
+    on_store: Callable[[JobStore], object] | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the jobs service until cancelled; ``task_status`` gets the bound address.
@@ -689,12 +769,22 @@ async def serve_jobs(
     first. The address reported is the one actually bound, so port 0 works.
     When cancelled, replies to writes already handed to the store still go out
     within *stop_grace* seconds. *clock* is the store's clock (tests).
+    *on_store* is called with the open store (the daemon watches whether it
+    can write, for ``/readyz`` and the metrics).
     """
     address = settings.address()
     grace = _StopGrace(stop_grace)
-    async with JobStore.open(settings.database, clock=clock) as store:
-        for name in settings.pipelines:
+    policy = Policy(
+        max_attempts=settings.max_attempts,
+        dead_letter=settings.dead_letter_pipeline,
+        dedupe_window=settings.dedupe_window,
+        disk_reserve=settings.disk_reserve,
+    )
+    async with JobStore.open(settings.database, clock=clock, policy=policy) as store:
+        for name in [*settings.pipelines, settings.dead_letter_pipeline]:
             await store.declare(name)
+        if on_store is not None:
+            on_store(store)
         service = _Service(
             store,
             token=settings.token.get_secret_value(),
