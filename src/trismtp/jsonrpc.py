@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 __all__ = [
     "BATCH_EXPIRED",
@@ -51,6 +51,7 @@ __all__ = [
     "LeaseLost",
     "ProtocolError",
     "Reply",
+    "ReplySlot",
     "RpcError",
     "encode_params",
 ]
@@ -210,3 +211,32 @@ def _rpc_error(error: Any) -> RpcError:
     if code == LEASE_LOST:
         return LeaseLost(code, message, error.get("data"))
     return RpcError(code, message, error.get("data"))
+
+
+class _Event(Protocol):
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+_E = TypeVar("_E", bound=_Event)
+
+
+class ReplySlot(Generic[_E]):
+    """Where a client's reader leaves the reply to one waiting call.
+
+    *done* is the event library's own (trio's or anyio's): the caller waits
+    on it, the reader sets it once, with the first outcome.
+    """
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self, done: _E) -> None:
+        self.done = done
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, *, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()

@@ -27,8 +27,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trismtp.consumer.websocket import WebSocket, open_websocket
-from trismtp.jobs.websocket import JobsUnavailable, Target
-from trismtp.jsonrpc import ClientProtocol, ProtocolError, encode_params
+from trismtp.jobs.websocket import FailureLatch, JobsUnavailable, Target
+from trismtp.jsonrpc import ClientProtocol, ProtocolError, ReplySlot, encode_params
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "RpcClient"]
 
@@ -39,20 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 
 
-class _Slot:
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def resolve(self, *, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
-
-
 class RpcClient:
     """A JSON-RPC connection to the jobs service; open it with :meth:`connect`."""
 
@@ -60,8 +46,8 @@ class RpcClient:
         self._ws = ws
         self._target = target
         self._protocol = ClientProtocol()
-        self._pending: dict[int, _Slot] = {}
-        self._failure: JobsUnavailable | None = None
+        self._pending: dict[int, ReplySlot[anyio.Event]] = {}
+        self._failure = FailureLatch()
         self._closed = anyio.Event()
         self._outbox: MemoryObjectSendStream[str]
         self._inbox: MemoryObjectReceiveStream[str]
@@ -107,12 +93,12 @@ class RpcClient:
     @property
     def closed(self) -> bool:
         """True once the connection has failed or was closed."""
-        return self._failure is not None
+        return self._failure.failure is not None
 
     @property
     def failure(self) -> JobsUnavailable | None:
         """Why the connection ended, once it has."""
-        return self._failure
+        return self._failure.failure
 
     async def wait_closed(self) -> None:
         """Return once the connection has failed or was closed."""
@@ -124,15 +110,15 @@ class RpcClient:
         Raises :class:`~trismtp.jsonrpc.RpcError` for an error reply and :class:`JobsUnavailable`
         if the connection is gone or lost before the reply.
         """
-        self._raise_if_failed()
+        self._failure.check()
         request_id, request = self._protocol.request(method, encode_params(params))
-        slot = _Slot()
+        slot = ReplySlot(anyio.Event())
         self._pending[request_id] = slot
         try:
             try:
                 await self._outbox.send(request)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._raise_if_failed()
+                self._failure.check()
                 raise
             await slot.done.wait()
         finally:
@@ -142,20 +128,14 @@ class RpcClient:
             raise slot.error
         return slot.result
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
-            raise error from self._failure.__cause__
-
     def _fail(self, failure: JobsUnavailable) -> None:
-        if self._failure is not None:
+        if not self._failure.trip(failure):
             return
         logger.debug("jobs RPC connection ends: %s", failure)
-        self._failure = failure
         self._closed.set()
         self._inbox.close()  # callers handing a request over get BrokenResourceError
         for slot in self._pending.values():
-            slot.resolve(error=JobsUnavailable(str(failure), close_code=failure.close_code))
+            slot.resolve(error=self._failure.copy())
 
     async def _write_loop(self) -> None:
         try:

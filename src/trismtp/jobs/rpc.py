@@ -49,6 +49,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trismtp.jobs.websocket import (
+    FailureLatch,
     JobsUnavailable,
     Stream,
     Target,
@@ -70,6 +71,7 @@ from trismtp.jsonrpc import (
     ClientProtocol,
     LeaseLost,
     ProtocolError,
+    ReplySlot,
     RpcError,
     encode_params,
 )
@@ -101,22 +103,6 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 CLOSE_TIMEOUT: Final = 2.0
 
 
-class _Slot:
-    """Where the reader leaves the reply for one waiting call."""
-
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def resolve(self, *, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
-
-
 class JobsClient:
     """A JSON-RPC connection to the jobs service; open it with :meth:`connect`.
 
@@ -129,8 +115,8 @@ class JobsClient:
         self._stream = stream
         self._target = target
         self._protocol = ClientProtocol()
-        self._pending: dict[int, _Slot] = {}
-        self._failure: JobsUnavailable | None = None
+        self._pending: dict[int, ReplySlot[trio.Event]] = {}
+        self._failure = FailureLatch()
         self._outbox, self._outbox_receive = trio.open_memory_channel[str](0)
 
     @classmethod
@@ -172,7 +158,7 @@ class JobsClient:
     @property
     def closed(self) -> bool:
         """True once the connection has failed or the client was closed."""
-        return self._failure is not None
+        return self._failure.failure is not None
 
     async def call(self, method: str, params: Mapping[str, Any]) -> Any:
         """Call *method* with *params* and return the reply's ``result``.
@@ -191,15 +177,15 @@ class JobsClient:
         parse error that no call can be matched to (see
         :class:`trismtp.jsonrpc.ClientProtocol`).
         """
-        self._raise_if_failed()
+        self._failure.check()
         request_id, request = self._protocol.request(method, params_json)
-        slot = _Slot()
+        slot = ReplySlot(trio.Event())
         self._pending[request_id] = slot
         try:
             try:
                 await self._outbox.send(request)
             except trio.BrokenResourceError:
-                self._raise_if_failed()  # _fail() closed the writer's end
+                self._failure.check()  # _fail() closed the writer's end
                 raise
             await slot.done.wait()
         finally:
@@ -209,28 +195,15 @@ class JobsClient:
             raise slot.error
         return slot.result
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure_copy()
-
-    def _failure_copy(self) -> JobsUnavailable:
-        # One instance per raise: tasks raising the same object concurrently
-        # would tangle its traceback.
-        assert self._failure is not None
-        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
-        error.__cause__ = self._failure.__cause__
-        return error
-
     def _fail(self, failure: JobsUnavailable) -> None:
         """Stop for good: wake every waiting call with *failure*."""
-        if self._failure is not None:
+        if not self._failure.trip(failure):
             return
         logger.debug("jobs RPC client stops: %s", failure)
-        self._failure = failure
         # Callers blocked handing a request to the writer get BrokenResourceError.
         self._outbox_receive.close()
         for slot in self._pending.values():
-            slot.resolve(error=self._failure_copy())
+            slot.resolve(error=self._failure.copy())
 
     async def _aclose(self) -> None:
         self._fail(JobsUnavailable(f"the connection to {self._target} was closed by this client"))

@@ -32,6 +32,7 @@ from trio_websocket import (
 
 __all__ = [
     "RECEIVE_BUFFER_SIZE",
+    "FailureLatch",
     "JobsUnavailable",
     "PeerProtocolError",
     "Stream",
@@ -252,6 +253,43 @@ def collapse(
     if error is body_error:
         return error
     return unavailable(error, target) or error
+
+
+class FailureLatch:
+    """Why a client stopped for good: set once, then raised afresh to every caller.
+
+    Each caller gets its own copy: tasks raising one exception object
+    concurrently would tangle its traceback.
+    """
+
+    __slots__ = ("_failure",)
+
+    def __init__(self) -> None:
+        self._failure: JobsUnavailable | None = None
+
+    @property
+    def failure(self) -> JobsUnavailable | None:
+        """The failure, once the client stopped."""
+        return self._failure
+
+    def trip(self, failure: JobsUnavailable) -> bool:
+        """Stop with *failure*; False if already stopped (the first reason stays)."""
+        if self._failure is not None:
+            return False
+        self._failure = failure
+        return True
+
+    def copy(self) -> JobsUnavailable:
+        """A fresh exception saying what the failure says."""
+        assert self._failure is not None
+        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
+        error.__cause__ = self._failure.__cause__
+        return error
+
+    def check(self) -> None:
+        """Raise a copy of the failure if the client stopped."""
+        if self._failure is not None:
+            raise self.copy()
 
 
 class _Client(Protocol):

@@ -46,6 +46,7 @@ from trio_websocket import (
 )
 
 from trismtp.jobs.websocket import (
+    FailureLatch,
     JobsUnavailable,
     Stream,
     Target,
@@ -302,7 +303,7 @@ class NatsClient:
         self._pending: dict[str, tuple[_Waiter, int]] = {}
         # The sids of request_many's subscriptions, and their reply subjects.
         self._reply_sids: dict[str, str] = {}
-        self._failure: JobsUnavailable | None = None
+        self._failure = FailureLatch()
         #: PINGs the server sent and this client answered (for monitoring and tests).
         self.pings_answered = 0
 
@@ -361,7 +362,7 @@ class NatsClient:
     @property
     def closed(self) -> bool:
         """True once the connection has failed or the client was closed."""
-        return self._failure is not None
+        return self._failure.failure is not None
 
     @property
     def server_info(self) -> dict[str, Any]:
@@ -402,7 +403,7 @@ class NatsClient:
         * ValueError for an invalid subject or header, or a message whose
           headers already name ``Nats-Msg-Id``.
         """
-        self._raise_if_failed()
+        self._failure.check()
         if not messages:
             return []
         check_subject(subject, "subject", wildcards=False)
@@ -442,7 +443,7 @@ class NatsClient:
         :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
         or no reply came within *timeout* seconds.
         """
-        self._raise_if_failed()
+        self._failure.check()
         check_subject(subject, "subject", wildcards=False)
         if len(data) > self.max_payload:
             raise MessageTooLarge(len(data), self.max_payload)
@@ -492,7 +493,7 @@ class NatsClient:
         :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
         (what was collected is lost with it).
         """
-        self._raise_if_failed()
+        self._failure.check()
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         check_subject(subject, "subject", wildcards=False)
@@ -593,7 +594,7 @@ class NatsClient:
         (default: the caller's): a send still unfinished then may have left a
         partial frame, so the connection fails.
         """
-        self._raise_if_failed()
+        self._failure.check()
         await trio.lowlevel.checkpoint_if_cancelled()  # nothing sent yet: safe to stop
         if deadline is None:
             deadline = trio.current_effective_deadline()
@@ -606,27 +607,15 @@ class NatsClient:
             self._fail(
                 JobsUnavailable(f"timed out sending to {self._target}: dropped the connection")
             )
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure_copy()
-
-    def _failure_copy(self) -> JobsUnavailable:
-        # One instance per raise: tasks raising one object would tangle its traceback.
-        assert self._failure is not None
-        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
-        error.__cause__ = self._failure.__cause__
-        return error
+        self._failure.check()
 
     def _fail(self, failure: JobsUnavailable) -> None:
         """Stop for good: wake every waiting call with *failure*."""
-        if self._failure is not None:
+        if not self._failure.trip(failure):
             return
         logger.debug("NATS client stops: %s", failure)
-        self._failure = failure
         for waiter, _ in list(self._pending.values()):
-            waiter.fail(self._failure_copy())
+            waiter.fail(self._failure.copy())
         self._pending.clear()
 
     def _lost(self, exc: BaseException) -> JobsUnavailable:
