@@ -185,6 +185,8 @@ class MixResult:
     mb_per_s: float
     late: int
     cut_off: bool
+    in_flight_at_cut_off: int
+    """Messages sent but unanswered when the run was cut off (stored or not: unknown)."""
     generator_cpu_s: float
     generator_cpu_pct: float
     by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -202,6 +204,8 @@ class _Sender:
         self.samples: list[_Sample] = []
         self.errors: Counter[str] = Counter()
         self.failed: list[int] = []
+        self.in_flight: set[int] = set()
+        """Messages whose transaction began and has no reply yet (cut off, if any at the end)."""
         self.t0 = 0.0
         self.cut_off = False
 
@@ -230,6 +234,7 @@ class _Sender:
 
     async def _transaction(self, smtp: SmtpStream, ticket: _Ticket, kept: bool) -> None:
         started = trio.current_time()
+        self.in_flight.add(ticket.index)
         await smtp.start_transaction(MAIL_FROM, RCPT)
         headers = _headers(ticket.index, ticket.kind)
         body = self.bodies[ticket.kind][ticket.variant]
@@ -242,10 +247,12 @@ class _Sender:
             trio.current_time(), code,
         )  # fmt: skip
         self.samples.append(sample)
+        self.in_flight.discard(ticket.index)
 
     def _error(self, ticket: _Ticket, exc: BaseException) -> None:
         self.errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
         self.failed.append(ticket.index)
+        self.in_flight.discard(ticket.index)
 
     async def kept_worker(self, receive: trio.MemoryReceiveChannel[_Ticket]) -> None:
         """One kept connection; reconnects if the server closed it."""
@@ -335,7 +342,10 @@ def _summarize(sender: _Sender, rate: float, seconds: float, cpu: float) -> MixR
         generator_cpu_pct=round(100 * cpu / duration, 1),
         by_kind=by_kind,
         ok_indices=sorted(s.index for s in ok),
-        not_ok_indices=sorted({s.index for s in samples if s.code != 250} | set(sender.failed)),
+        in_flight_at_cut_off=len(sender.in_flight),
+        not_ok_indices=sorted(
+            {s.index for s in samples if s.code != 250} | set(sender.failed) | sender.in_flight
+        ),
     )
 
 

@@ -569,7 +569,11 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
         if send.get("errors"):
             problems.append(f"generator errors: {send['errors']}")
         if send.get("cut_off"):
-            problems.append("the generator was cut off before every message was answered")
+            unanswered = send["count"] - send["sent"]
+            problems.append(
+                f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: {unanswered} "
+                f"of {send['count']} unanswered (the server fell behind the offered rate)"
+            )
     if left != 0:
         problems.append(f"{left} jobs left in the database after the drain")
     info["valid"] = send is not None and drained is not None and not problems
