@@ -129,10 +129,10 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[Target]:
     achieved = None
     if sustained and sustained.get("valid"):
         send = sustained["send"]
-        all_ok = send["ok"] == send["count"]
-        achieved = send["achieved_rate"] / MIX_SUSTAINED_RATE if all_ok else 0.0
+        # both must hold: the rate, and (almost) every message offered got 250
+        achieved = min(send["achieved_rate"] / MIX_SUSTAINED_RATE, send["ok"] / send["count"])
     targets.append(
-        Target(f"mix at {MIX_SUSTAINED_RATE:g} msg/s: achieved/offered, every one 250",
+        Target(f"mix at {MIX_SUSTAINED_RATE:g} msg/s: min(achieved/offered, 250s/offered)",
                achieved, 0.98, True, "×")
     )  # fmt: skip
     at_100 = _mix_at(results, 100.0)
@@ -303,6 +303,13 @@ def _problems(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _notes(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for mix in results.get("mix") or []:
+        lines += [f"- mix at {mix['rate']:g} msg/s: {n}" for n in mix.get("notes", [])]
+    return lines
+
+
 def _latency_section(latency: Mapping[str, Any] | None) -> list[str]:
     if not latency:
         return ["Not run."]
@@ -398,6 +405,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         *(t.row() for t in evaluate_targets(results)),
         "",
     ]
+    notes = _notes(results)
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
     problems = _problems(results)
     if problems:
         lines += ["## Problems (figures marked INVALID)", "", *problems, ""]

@@ -490,9 +490,11 @@ def _hold_idle_and_load(
 def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
     """The production-like mix at *rate* msg/s against a fresh trismtp, a consumer draining.
 
-    Valid when the generator finished, got no connection error, and every
-    message that got 250 was delivered to the consumer exactly once, none
-    was delivered twice, and no job was left in the database after the drain.
+    Valid when the generator got no connection error, every message that got
+    250 was delivered to the consumer, none was delivered twice, and no job
+    was left in the database after the drain. A server that falls behind the
+    rate is cut off ``DRAIN_GRACE`` s after the last message fell due: that is
+    a figure (noted, and the sustained-rate target fails), not an invalid run.
     """
     opts = ctx.options
     rundir = ctx.rundir(f"trismtp-mix-{rate:g}")
@@ -568,12 +570,13 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
             problems.append(f"drained jobs never sent: {strangers[:5]} {drained.get('unknown')}")
         if send.get("errors"):
             problems.append(f"generator errors: {send['errors']}")
-        if send.get("cut_off"):
+        if send.get("cut_off"):  # a figure (it fell behind), not a failure of the run
             unanswered = send["count"] - send["sent"]
-            problems.append(
+            info["notes"] = [
                 f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: {unanswered} "
-                f"of {send['count']} unanswered (the server fell behind the offered rate)"
-            )
+                f"of {send['count']} never sent, {send.get('in_flight_at_cut_off')} unanswered "
+                "(the server fell behind the offered rate)"
+            ]
     if left != 0:
         problems.append(f"{left} jobs left in the database after the drain")
     info["valid"] = send is not None and drained is not None and not problems
