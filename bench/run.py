@@ -571,10 +571,11 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
         if send.get("errors"):
             problems.append(f"generator errors: {send['errors']}")
         if send.get("cut_off"):  # a figure (it fell behind), not a failure of the run
-            unanswered = send["count"] - send["sent"]
+            in_flight = send.get("in_flight_at_cut_off", 0)
+            never = send["count"] - send["sent"] - in_flight
             info["notes"] = [
-                f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: {unanswered} "
-                f"of {send['count']} never sent, {send.get('in_flight_at_cut_off')} unanswered "
+                f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: of "
+                f"{send['count']}, {never} never sent and {in_flight} sent but unanswered "
                 "(the server fell behind the offered rate)"
             ]
     if left != 0:
