@@ -458,7 +458,8 @@ def write_plots(results: Mapping[str, Any], outdir: Path) -> list[Path]:
         bars = ax.bar(xs, heights, width, label=server, color=colors[server])
         for bar, hatch, height in zip(bars, hatches, heights, strict=True):
             bar.set_hatch(hatch)
-            ax.annotate(f"{height:,.0f}", (bar.get_x() + width / 2, height), ha="center",
+            label = f"{height:,.1f}" if height < 10 else f"{height:,.0f}"
+            ax.annotate(label, (bar.get_x() + width / 2, height), ha="center",
                         va="bottom", fontsize=7)  # fmt: skip
     ax.set_yscale("log")
     ax.set_xticks(range(len(loads)), [ld["label"].replace(", ", "\n") for ld in loads], fontsize=8)
