@@ -33,7 +33,7 @@ faults: $(STAMP)  ## fault-injection scenarios and their figures
 	$(BIN)/python -m tests.faults.report .faults.jsonl
 
 # The benchmark (bench/README.md): trismtp vs aiosmtpd and Postfix's smtp-sink.
-# Scale down with e.g. `BENCH_MESSAGES=2000 BENCH_IDLE=2000 make bench`;
+# Scale down with e.g. `BENCH_MESSAGES=2000 BENCH_IDLE=2000 BENCH_MIX_SECONDS=20 make bench`;
 # more options: `make bench BENCH_ARGS=--help`.
 bench: $(STAMP)  ## throughput, latency and idle-connection benchmark into bench/results/
 	@for tool in smtp-source smtp-sink; do \

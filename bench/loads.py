@@ -32,6 +32,8 @@ class Load:
     """``-d``: keep the connection for the next message (else one connection each)."""
     size: int
     """``-l``: body bytes (headers come on top)."""
+    messages: int | None = None
+    """A fixed message count for this load (the 10 MB one); None: ``--messages``."""
 
     def argv(self, tool: str, port: int, messages: int) -> list[str]:
         """The smtp-source command line for *messages* messages to 127.0.0.1:*port*."""
@@ -42,14 +44,29 @@ class Load:
         ]  # fmt: skip
 
 
-def standard_loads(sessions: int = 20, concurrent: int = 1000) -> list[Load]:
-    """The loads of the issue: kept/new connection × 2 KB/100 KB, and many connections."""
+BIG_SIZE = 10 * 1024 * 1024
+"""The body of the large-message load: 10 MiB."""
+BIG_SESSIONS = 4
+
+
+def standard_loads(
+    sessions: int = 20, concurrent: int = 1000, big_messages: int = 40
+) -> list[Load]:
+    """The loads: kept/new connection × 2 KB/100 KB, many connections, and 10 MB messages."""
     return [
         Load("kept-2k", f"{sessions} sessions, kept conn., 2 KB", sessions, True, 2048),
         Load("new-2k", f"{sessions} sessions, new conn. each, 2 KB", sessions, False, 2048),
         Load("kept-100k", f"{sessions} sessions, kept conn., 100 KB", sessions, True, 102400),
         Load("new-100k", f"{sessions} sessions, new conn. each, 100 KB", sessions, False, 102400),
         Load("conc-2k", f"{concurrent} sessions, kept conn., 2 KB", concurrent, True, 2048),
+        Load(
+            "kept-10m",
+            f"{BIG_SESSIONS} sessions, kept conn., 10 MiB × {big_messages}",
+            sessions=BIG_SESSIONS,
+            kept=True,
+            size=BIG_SIZE,
+            messages=big_messages,
+        ),
     ]
 
 

@@ -10,7 +10,9 @@ Runs, in order (see bench/README.md for the method and caveats):
    whose job count must equal the messages sent);
 2. latency: trismtp at half its peak rate, open loop (:mod:`bench.latency`);
 3. idle: N idle connections to trismtp (:mod:`bench.idle`), RSS per
-   connection, and the throughput of a load alongside them.
+   connection, and the throughput of a load alongside them;
+4. mix: the production-like mix of issue 16 (:mod:`bench.mix`) at fixed
+   rates, open loop, with a consumer draining the jobs service meanwhile.
 
 Results go to bench/results/: results.json (raw), results.md, throughput.png,
 latency.png, latency-samples.raw. Scale down with ``BENCH_MESSAGES=2000``.
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loads import Load, run_smtp_source, standard_loads
+from bench.mix import DRAIN_GRACE as MIX_DRAIN_GRACE
 from bench.procs import Children, find_tool, raise_nofile, read_line
 from bench.report import write_report
 from bench.servers import (
@@ -73,6 +76,9 @@ class Options:
     latency_connections: int
     latency_rate: float | None
     idle: int
+    big_messages: int
+    mix_rates: tuple[float, ...]
+    mix_seconds: float
     load_timeout: float
     results: Path
     workdir: Path | None
@@ -103,13 +109,32 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     p.add_argument(
         "--servers",
-        default="trismtp,aiosmtpd,smtp-sink",
+        default="trismtp,aiosmtpd,aiosmtpd-sqlite,smtp-sink",
         help="comma-separated, of " + ", ".join(SERVERS) + " (default: all but trismtp-nats)",
     )
     p.add_argument(
         "--loads",
-        default="kept-2k,new-2k,kept-100k,new-100k,conc-2k",
-        help="comma-separated (default: all five)",
+        default="kept-2k,new-2k,kept-100k,new-100k,conc-2k,kept-10m",
+        help="comma-separated (default: all six)",
+    )
+    p.add_argument(
+        "--big-messages",
+        type=int,
+        default=_env_int("BENCH_BIG_MESSAGES", 40),
+        help="messages of the 10 MiB load, over 4 sessions (env BENCH_BIG_MESSAGES; default 40)",
+    )
+    p.add_argument(
+        "--mix-rates",
+        default=os.environ.get("BENCH_MIX_RATES", "100,150"),
+        help="msg/s of the production-like mix, one trismtp run each; empty skips it "
+        "(env BENCH_MIX_RATES; default 100,150)",
+    )
+    p.add_argument(
+        "--mix-seconds",
+        type=float,
+        default=float(_env_int("BENCH_MIX_SECONDS", 60)),
+        help="how long each mix run offers messages (env BENCH_MIX_SECONDS; default 60; "
+        "the issue's soak: 600)",
     )
     p.add_argument(
         "--latency-seconds",
@@ -147,6 +172,14 @@ def parse_args(argv: list[str] | None) -> Options:
     a = p.parse_args(argv)
     if a.messages <= 0 or a.repeat <= 0 or a.sessions <= 0 or a.concurrent <= 0:
         p.error("--messages, --repeat, --sessions and --concurrent must be positive")
+    if a.big_messages <= 0:
+        p.error("--big-messages must be positive")
+    try:
+        mix_rates = tuple(float(r) for r in a.mix_rates.split(",") if r.strip())
+    except ValueError:
+        p.error(f"--mix-rates: not a list of numbers: {a.mix_rates!r}")
+    if any(r <= 0 for r in mix_rates) or a.mix_seconds <= 0:
+        p.error("--mix-rates and --mix-seconds must be positive")
     servers = tuple(dict.fromkeys(s for s in a.servers.split(",") if s))
     unknown = [s for s in servers if s not in SERVERS]
     if unknown or not servers:
@@ -162,6 +195,9 @@ def parse_args(argv: list[str] | None) -> Options:
         latency_connections=a.latency_connections,
         latency_rate=a.latency_rate,
         idle=a.idle,
+        big_messages=a.big_messages,
+        mix_rates=mix_rates,
+        mix_seconds=a.mix_seconds,
         load_timeout=a.load_timeout,
         results=a.results,
         workdir=a.workdir,
@@ -254,7 +290,7 @@ class ThroughputRun:
 def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> ThroughputRun:
     """Start *server_name*, run *load*, stop it; check the count trismtp stored."""
     rundir = ctx.rundir(f"{server_name}-{load.key}")
-    messages = ctx.options.messages
+    messages = load.messages or ctx.options.messages
     try:
         server = ctx.start(server_name, rundir, max(1000, load.sessions + 100))
     except RuntimeError as exc:
@@ -295,9 +331,10 @@ def throughput_phase(ctx: Context, loads: list[Load]) -> list[ThroughputRun]:
                     extra += f", server CPU {run.server_cpu_seconds:.1f} s"
                 if run.broker_cpu_seconds is not None:
                     extra += f", nats-server CPU {run.broker_cpu_seconds:.1f} s"
+                mbs = f" = {run.rate * load.size / 1e6:.1f} MB/s" if load.size >= 1e6 else ""
                 print(
-                    f"  {server:12} {load.key:9} #{repeat}: {run.messages} msgs in "
-                    f"{run.seconds:.2f} s = {run.rate:,.0f} msg/s{extra} [{mark}]",
+                    f"  {server:15} {load.key:9} #{repeat}: {run.messages} msgs in "
+                    f"{run.seconds:.2f} s = {run.rate:,.1f} msg/s{mbs}{extra} [{mark}]",
                     flush=True,
                 )
     return runs
@@ -379,7 +416,8 @@ def idle_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
     n = opts.idle
     rundir = ctx.rundir("trismtp-idle")
     server = ctx.start("trismtp", rundir, max_connections=max(20000, 2 * n))
-    kept = next(ld for ld in standard_loads(opts.sessions, opts.concurrent) if ld.key == "kept-2k")
+    loads = standard_loads(opts.sessions, opts.concurrent, opts.big_messages)
+    kept = next(ld for ld in loads if ld.key == "kept-2k")
     warmup = min(500, opts.messages)
     info: dict[str, Any] = {"connections": n, "problems": [], "valid": False}
     problems: list[str] = info["problems"]
@@ -449,6 +487,116 @@ def _hold_idle_and_load(
         ctx.children.stop(client)
 
 
+def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
+    """The production-like mix at *rate* msg/s against a fresh trismtp, a consumer draining.
+
+    Valid when the generator got no connection error, every message that got
+    250 was delivered to the consumer, none was delivered twice, and no job
+    was left in the database after the drain. A server that falls behind the
+    rate is cut off ``DRAIN_GRACE`` s after the last message fell due: that is
+    a figure (noted, and the sustained-rate target fails), not an invalid run.
+    """
+    opts = ctx.options
+    rundir = ctx.rundir(f"trismtp-mix-{rate:g}")
+    sent_json, drained_json = rundir / "send.json", rundir / "drained.json"
+    server = ctx.start("trismtp", rundir)
+    assert server.rpc_url is not None
+    problems: list[str] = []
+    send: dict[str, Any] | None = None
+    drained: dict[str, Any] | None = None
+    try:
+        consumer = ctx.children.spawn(
+            f"mix-consumer-{rate:g}",
+            [sys.executable, "-m", "bench.mix", "consume", "--url", server.rpc_url,
+             "--out", str(drained_json)],
+            cwd=REPO,
+        )  # fmt: skip
+        sender = ctx.children.spawn(
+            f"mix-send-{rate:g}",
+            [sys.executable, "-m", "bench.mix", "send", "--port", str(server.port),
+             "--rate", f"{rate:g}", "--seconds", f"{opts.mix_seconds:g}",
+             "--out", str(sent_json)],
+            cwd=REPO,
+        )  # fmt: skip
+        try:
+            sender.popen.wait(opts.mix_seconds + MIX_DRAIN_GRACE + 120)
+        except subprocess.TimeoutExpired:
+            problems.append("mix generator timed out")
+        ctx.children.stop(sender)
+        if consumer.alive:
+            consumer.popen.send_signal(signal.SIGUSR1)  # drain, then stop when idle
+            try:
+                consumer.popen.wait(600)
+            except subprocess.TimeoutExpired:
+                problems.append("consumer did not finish draining in 600 s")
+        ctx.children.stop(consumer)
+        if sent_json.exists():
+            send = json.loads(sent_json.read_text(encoding="utf-8"))
+        else:
+            problems.append(f"mix generator wrote no result: {sender.log_tail(3)}")
+        if drained_json.exists():
+            drained = json.loads(drained_json.read_text(encoding="utf-8"))
+        else:
+            problems.append(f"consumer wrote no result: {consumer.log_tail(3)}")
+    finally:
+        peak, left = ctx.finish(server, rundir)
+    info: dict[str, Any] = {
+        "rate": rate,
+        "seconds": opts.mix_seconds,
+        "problems": problems,
+        "peak_rss_kib": peak,
+        "jobs_left": left,
+        "server_cpu_seconds": round(ctx.last_cpu_seconds or 0.0, 2),
+    }
+    if send is not None and drained is not None:
+        ok = set(send.pop("ok_indices"))
+        not_ok = set(send.pop("not_ok_indices"))
+        delivered = {int(k): v for k, v in drained.pop("delivered").items()}
+        info |= {"send": send, "consumer": drained}
+        lost = sorted(ok - delivered.keys())
+        twice = sorted(i for i, n in delivered.items() if n > 1)
+        strangers = sorted(delivered.keys() - ok - not_ok)
+        info |= {
+            "lost": len(lost),
+            "duplicates": len(twice),
+            "stored_without_250": len(delivered.keys() & not_ok),
+            "delivered": len(delivered),
+        }
+        if lost:
+            problems.append(f"{len(lost)} messages got 250 but were never drained: {lost[:5]}")
+        if twice:
+            problems.append(f"{len(twice)} messages drained more than once: {twice[:5]}")
+        if strangers or drained.get("unknown"):
+            problems.append(f"drained jobs never sent: {strangers[:5]} {drained.get('unknown')}")
+        if send.get("errors"):
+            problems.append(f"generator errors: {send['errors']}")
+        if send.get("cut_off"):  # a figure (it fell behind), not a failure of the run
+            in_flight = send.get("in_flight_at_cut_off", 0)
+            never = send["count"] - send["sent"] - in_flight
+            info["notes"] = [
+                f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: of "
+                f"{send['count']}, {never} never sent and {in_flight} sent but unanswered "
+                "(the server fell behind the offered rate)"
+            ]
+    if left != 0:
+        problems.append(f"{left} jobs left in the database after the drain")
+    info["valid"] = send is not None and drained is not None and not problems
+    return info
+
+
+def _mix_line(mix: dict[str, Any]) -> str:
+    send = mix.get("send") or {}
+    small = (send.get("by_kind") or {}).get("small", {}).get("dot_to_reply_ms", {})
+    mark = "ok" if mix["valid"] else "INVALID: " + "; ".join(mix["problems"])
+    return (
+        f"{send.get('ok')}/{send.get('count')} got 250 at {send.get('achieved_rate')} msg/s "
+        f"({send.get('mb_per_s')} MB/s), codes {send.get('codes')}, small dot→250 p50 "
+        f"{small.get('p50')} ms p99 {small.get('p99')} ms, lost {mix.get('lost')}, "
+        f"duplicates {mix.get('duplicates')}, generator CPU {send.get('generator_cpu_pct')} %, "
+        f"server CPU {mix['server_cpu_seconds']} s [{mark}]"
+    )
+
+
 def _json_line(line: bytes) -> dict[str, Any]:
     try:
         value = json.loads(line)
@@ -496,6 +644,9 @@ def _meta(opts: Options, loads: list[Load], nats_server: str | None) -> dict[str
         "concurrent": opts.concurrent,
         "repeat": opts.repeat,
         "idle_connections": opts.idle,
+        "big_messages": opts.big_messages,
+        "mix_rates": list(opts.mix_rates),
+        "mix_seconds": opts.mix_seconds,
         "servers": list(opts.servers),
         "loads": [load.key for load in loads],
     }
@@ -547,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = raise_nofile()
     if limit < max(opts.concurrent, opts.idle) + 1024:
         print(f"bench: warning: RLIMIT_NOFILE is only {limit}", file=sys.stderr)
-    loads = [ld for ld in standard_loads(opts.sessions, opts.concurrent) if ld.key in opts.loads]
+    every = standard_loads(opts.sessions, opts.concurrent, opts.big_messages)
+    loads = [ld for ld in every if ld.key in opts.loads]
     opts.results.mkdir(parents=True, exist_ok=True)
     if opts.workdir is not None:
         opts.workdir.mkdir(parents=True, exist_ok=True)
@@ -566,6 +718,13 @@ def main(argv: list[str] | None = None) -> int:
             if opts.idle > 0 and "trismtp" in opts.servers:
                 print(f"idle: {opts.idle} idle connections to trismtp", flush=True)
                 results["idle"] = idle_phase(ctx, runs)
+            if opts.mix_rates and "trismtp" in opts.servers:
+                results["mix"] = []
+                for rate in opts.mix_rates:
+                    print(f"mix: trismtp at {rate:g} msg/s for {opts.mix_seconds:g} s", flush=True)
+                    mix = mix_phase(ctx, rate)
+                    results["mix"].append(mix)
+                    print(f"  {_mix_line(mix)}", flush=True)
     finally:
         if not opts.keep_work:
             shutil.rmtree(workroot, ignore_errors=True)

@@ -6,6 +6,9 @@
   "nats+ws://…"``, publishing to a ``nats-server`` (JetStream, a fresh
   ``store_dir``) that is started beside it as another child process.
 * ``aiosmtpd``: :mod:`bench.aiosmtpd_null`, answers 250 and stores nothing.
+* ``aiosmtpd-sqlite``: :mod:`bench.aiosmtpd_sqlite`, the by-hand peer of
+  issue 16: parses with ``email``, JSON payload, SQLite WAL
+  ``synchronous=FULL`` commit per message, then 250.
 * ``smtp-sink``: Postfix's C test server, stores nothing. It is started as a
   plain child process, never the system's Postfix daemon.
 """
@@ -44,8 +47,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-SERVERS = ("trismtp", "trismtp-nats", "aiosmtpd", "smtp-sink")
-STORING_SERVERS = ("trismtp", "trismtp-nats")
+SERVERS = ("trismtp", "trismtp-nats", "aiosmtpd", "aiosmtpd-sqlite", "smtp-sink")
+STORING_SERVERS = ("trismtp", "trismtp-nats", "aiosmtpd-sqlite")
 """The servers that store every message, whose stored count must equal the messages sent."""
 NATS_START_TIMEOUT = 30.0
 """Seconds nats-server gets to accept connections on its WebSocket port."""
@@ -71,6 +74,8 @@ class RunningServer:
     """trismtp: the run's settings file."""
     nats_url: str | None = None
     """trismtp-nats: the ``nats+ws://`` URL of its nats-server."""
+    rpc_url: str | None = None
+    """trismtp: the ``ws://…/rpc`` URL of its embedded jobs service (for a consumer)."""
     helpers: list[Child] = field(default_factory=list)
     """Processes the server needs (nats-server), to stop after it, by PID."""
     helper_cpu_at_ready: float = 0.0
@@ -169,7 +174,8 @@ def _start_trismtp(
     )
     if nats_url:
         return RunningServer(name, port, child, config=config, nats_url=nats_url)
-    return RunningServer(name, port, child, database, config=config)
+    rpc_url = f"ws://{HOST}:{service_port}/rpc"
+    return RunningServer(name, port, child, database, config=config, rpc_url=rpc_url)
 
 
 def _nats_config(workdir: Path, port: int, ws_port: int) -> Path:
@@ -222,6 +228,18 @@ def _start_aiosmtpd(children: Children, workdir: Path) -> RunningServer:
     return RunningServer("aiosmtpd", port, child)
 
 
+def _start_aiosmtpd_sqlite(children: Children, workdir: Path) -> RunningServer:
+    port = free_port()
+    database = workdir / "jobs.sqlite3"
+    child = children.spawn(
+        f"aiosmtpd-sqlite-{workdir.name}",
+        [sys.executable, "-m", "bench.aiosmtpd_sqlite", "--port", str(port),
+         "--backlog", "4096", "--database", str(database)],
+        cwd=REPO,
+    )  # fmt: skip
+    return RunningServer("aiosmtpd-sqlite", port, child, database)
+
+
 def _start_smtp_sink(
     children: Children, workdir: Path, smtp_sink: str, max_connections: int
 ) -> RunningServer:
@@ -256,6 +274,8 @@ def start_server(
         server = _start_trismtp_nats(children, workdir, nats_server, max_connections)
     elif name == "aiosmtpd":
         server = _start_aiosmtpd(children, workdir)
+    elif name == "aiosmtpd-sqlite":
+        server = _start_aiosmtpd_sqlite(children, workdir)
     elif name == "smtp-sink":
         server = _start_smtp_sink(children, workdir, smtp_sink, max_connections)
     else:
@@ -272,7 +292,7 @@ def start_server(
 
 
 def count_jobs(database: Path) -> int | None:
-    """``SELECT COUNT(*) FROM jobs`` on a trismtp database; None if unreadable."""
+    """``SELECT COUNT(*) FROM jobs`` on a trismtp or aiosmtpd-sqlite database; None: unreadable."""
     if not database.exists():
         return None
     try:
