@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,21 @@ DEFAULT_CONFIG = Path("settings.toml")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Mechanism = Literal["PLAIN", "LOGIN"]
+
+# Mozilla's "intermediate" TLS 1.2 suites without DHE (Python loads no DH
+# parameters): forward secret and AEAD only. The CBC suites OpenSSL adds by
+# default (ECDHE-*-AES*-SHA256/384) are the ones testssl.sh flags for LUCKY13.
+# TLS 1.3 suites are OpenSSL's, all AEAD; a cipher string cannot change them.
+DEFAULT_TLS_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 class ConfigError(Exception):
@@ -110,6 +126,20 @@ class TlsSettings(_Section):
     starttls: bool = True
     required: bool = False
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: str = DEFAULT_TLS_CIPHERS
+
+    @field_validator("ciphers")
+    @classmethod
+    def _check_ciphers(cls, value: str) -> str:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"{value!r} selects no TLS 1.2 cipher suite (an OpenSSL cipher string, "
+                'e.g. "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305"; '
+                "TLS 1.3 suites cannot be named here)"
+            ) from None
+        return value
 
     @field_validator("implicit_listen")
     @classmethod
@@ -211,7 +241,10 @@ class SmtpSettings(_Section):
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
-    bare_newlines: Literal["reject", "normalize"] = "reject"
+    bare_newlines: Literal["reject", "normalize"] = "normalize"
+    # RFC 5321's 1000 (CRLF included) is the floor: fewer would refuse
+    # standard mail.
+    max_line_length: int = Field(default=1000, ge=1000)
     recipient_domains: list[str] = Field(default_factory=list)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -249,9 +282,10 @@ class NatsSettings(_Section):
     stream: str = Field(default="trismtp", min_length=1)
     subject: str = Field(default="trismtp.jobs", min_length=1)
     create_stream: bool = True
-    retention: Literal["workqueue", "limits", "interest"] = "workqueue"
+    retention: Literal["workqueue", "limits", "interest"] = "limits"
     duplicate_window: PositiveSeconds = 120.0
     replicas: int = Field(default=1, ge=1, le=5)
+    partitions: int = Field(default=1, ge=1, le=64)
     user: str = ""
     password: SecretStr = SecretStr("")
     token: SecretStr = SecretStr("")
@@ -271,6 +305,14 @@ class NatsSettings(_Section):
         if any(not t or any(c.isspace() for c in t) or t in ("*", ">") for t in tokens):
             raise ValueError("a subject is dot-separated tokens, without spaces or wildcards")
         return value
+
+    def targets(self) -> list[tuple[str, str]]:
+        """The (stream, subject) pairs jobs go to: ``stream``/``subject``, or with
+        ``partitions`` N > 1, ``stream-K``/``subject.K`` for K in 0…N-1, one for
+        each RoadRunner instance (docs/scaling.md)."""
+        if self.partitions == 1:
+            return [(self.stream, self.subject)]
+        return [(f"{self.stream}-{k}", f"{self.subject}.{k}") for k in range(self.partitions)]
 
     @model_validator(mode="after")
     def _one_credential(self) -> NatsSettings:
@@ -353,6 +395,8 @@ class JobsServiceSettings(_Section):
     dead_letter_pipeline: str = "dead-letter"
     dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
     disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
+    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    send_timeout: PositiveSeconds = 30.0
 
     @field_validator("listen")
     @classmethod
@@ -526,7 +570,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, file)) from None
+        raise ConfigError(_describe(exc, file, data, os.environ)) from None
     except SettingsError:
         # pydantic-settings could not decode a list or table variable.
         raise ConfigError(_undecodable_environment(os.environ)) from None
@@ -591,13 +635,65 @@ def _undecodable_environment(environ: Mapping[str, str]) -> str:
     return "an environment variable TRISMTP_… could not be decoded"
 
 
-def _describe(exc: ValidationError, file: Path | None) -> str:
+def _describe(
+    exc: ValidationError, file: Path | None, data: Mapping[str, Any], environ: Mapping[str, str]
+) -> str:
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown setting"
-    where = f" (in {file})" if file is not None else ""
+    origins = _origins(loc, file, data, environ)
+    where = f" ({origins})" if origins else ""
     if not key:
         return f"{message}{where}"
     return f"{key}: {message}{where}"
+
+
+def _origins(
+    loc: tuple[str, ...], file: Path | None, data: Mapping[str, Any], environ: Mapping[str, str]
+) -> str:
+    """Where the value at ``loc`` came from: ``from TRISMTP_…``, ``in FILE``, or both.
+
+    A variable that sets the key (or a section holding it) wins over the
+    file, so it alone is named; a table-level error (two keys that disagree)
+    names every variable under the table, and the file when it has the table.
+    """
+    lowered = tuple(part.lower() for part in loc)
+    setting: list[str] = []  # variables that set loc itself, or a table holding it
+    inside: list[str] = []  # variables that set a key under loc
+    for name, value, section, key in _setting_variables(environ):
+        path = (section, *key.split("__")) if key is not None else (section,)
+        if lowered[: len(path)] == path and (
+            len(path) == len(lowered) or _json_has(value, lowered[len(path) :])
+        ):
+            setting.append(name)
+        elif path[: len(lowered)] == lowered:
+            inside.append(name)
+    if setting:
+        return "from " + ", ".join(sorted(setting))
+    where = []
+    if inside:
+        where.append("from " + ", ".join(sorted(inside)))
+    if file is not None and (not inside or (_has(data, loc) and bool(loc or data))):
+        where.append(f"in {file}")
+    return " and ".join(where)
+
+
+def _has(data: Any, path: tuple[str, ...]) -> bool:
+    for part in path:
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _json_has(value: str, path: tuple[str, ...]) -> bool:
+    """A JSON table variable (``TRISMTP_SMTP='{…}'``) sets the key at ``path``."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return False
+    lowered = {k.lower(): v for k, v in data.items()} if isinstance(data, dict) else data
+    return _has(lowered, path[:1]) and (len(path) == 1 or _has(lowered[path[0]], path[1:]))

@@ -2,12 +2,13 @@
 
 With ``jobs.url = "nats+ws://…"`` every ``250 … queued as <id>`` is one
 message of the JetStream stream (``jobs.nats.stream``), in RoadRunner's
-format, with ``Nats-Msg-Id: <id>``; the ``trismtp jobs`` commands read the
+format, the job's id in its ``uuid`` header and no ``Nats-Msg-Id`` (which
+would make RoadRunner's requeue lose jobs); the ``trismtp jobs`` commands read the
 stream; ``examples/nats_consumer.py`` consumes it; a server that is down or
 refuses the credentials gives ``451 4.3.0``.
 
 nats-server (JetStream, WebSocket listener on 127.0.0.1) is started by
-:class:`tests.jobs.nats_server.NatsServer`: skipped without it, a failure
+:class:`tests.nats.nats_server.NatsServer`: skipped without it, a failure
 when CI=true. The stream is read back with trismtp's own NATS client
 (``STREAM.MSG.GET``, which neither consumes nor acknowledges).
 """
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -34,9 +35,10 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from trismtp.jobs.nats import NatsClient, StoredMessage, first_messages, stream_info
+from trismtp.nats import NatsClient, StoredMessage, first_messages, stream_info
+from trismtp.nats.roadrunner import accepted_message_size
 
-from ..jobs.nats_server import NatsServer
+from ..nats.nats_server import NatsServer, NatsServers
 from .trismtp_e2e import (
     CLI_TIMEOUT,
     UUID4_RE,
@@ -62,36 +64,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nats_consumer.py"
 
 
 # -- helpers --------------------------------------------------------------------
-
-
-class NatsServers:
-    """nats-servers made for one test (not started), all stopped by PID afterwards."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.servers: list[NatsServer] = []
-
-    def new(self, **kwargs: Any) -> NatsServer:
-        workdir = self.workdir / f"nats{len(self.servers) + 1}"
-        workdir.mkdir()
-        server = NatsServer(workdir, **kwargs)
-        self.servers.append(server)
-        return server
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-            print(f"----- nats-server {server.workdir.name} -----\n{server.log_tail()}")
-
-
-@pytest.fixture
-def nats_servers(tmp_path: Path) -> Iterator[NatsServers]:
-    """Request it before ``launch``: the daemons are then stopped first."""
-    servers = NatsServers(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def nats_daemon(
@@ -164,7 +136,9 @@ def transaction(smtp: smtplib.SMTP, subject: str, message_id: str | None) -> tup
     code, text = smtp.mail("sender@example.org")
     assert code == 250, (code, text)
     code, text = smtp.rcpt("rcpt@example.com")
-    assert code == 250, (code, text)
+    if code != 250:  # 451 at once while the daemon knows NATS is down
+        smtp.rset()
+        return code, f"{code} {text.decode()}"
     try:
         code, text = smtp.data(msg.as_bytes(policy=SMTP))
     except smtplib.SMTPDataError as exc:  # smtplib raises for anything but 250
@@ -184,11 +158,11 @@ def roadrunner_job(message: StoredMessage) -> tuple[dict[str, Any], dict[str, An
 
 
 def msg_ids(messages: list[StoredMessage]) -> list[str]:
-    """The Nats-Msg-Id of each message (one each)."""
+    """The job id of each message: its ``uuid`` header (one each)."""
     ids = []
     for message in messages:
-        values = message.headers.get("Nats-Msg-Id", [])
-        assert len(values) == 1, f"message {message.seq}: Nats-Msg-Id {values}"
+        values = message.headers.get("uuid", [])
+        assert len(values) == 1, f"message {message.seq}: uuid {values}"
         ids.append(values[0])
     return ids
 
@@ -215,7 +189,7 @@ def text_table(stdout: str) -> dict[str, dict[str, str]]:
 def test_one_message_is_one_roadrunner_message_in_the_stream(
     nats_servers: NatsServers, launch: Launcher
 ) -> None:
-    """(a) 250 → exactly one stream message: Nats-Msg-Id, headers, body, payload."""
+    """(a) 250 → exactly one stream message: headers (no Nats-Msg-Id), body, payload."""
     nats = nats_servers.new().start()
     daemon = nats_daemon(launch, nats)
     _, reply = send(daemon.smtp_port, "Grüße über NATS", message_id="one@e2e.test")
@@ -225,7 +199,6 @@ def test_one_message_is_one_roadrunner_message_in_the_stream(
     assert len(messages) == 1, messages
     (message,) = messages
     assert message.headers == {
-        "Nats-Msg-Id": [job_id],
         "uuid": [job_id],
         "payload_class": ["smtp:handler"],
     }
@@ -256,7 +229,8 @@ def test_one_message_is_one_roadrunner_message_in_the_stream(
     info = stream_state(nats)
     config = info["config"]
     assert config["subjects"] == [SUBJECT]
-    assert config["retention"] == "workqueue"
+    # limits, so that RoadRunner's pipeline can declare itself on it (test_e2e_roadrunner).
+    assert config["retention"] == "limits"
     assert config["storage"] == "file"
     assert config["duplicate_window"] == 120 * 10**9
     assert config["num_replicas"] == 1
@@ -356,7 +330,7 @@ def test_example_consumer_consumes_and_acks_everything(
     assert f"processed {count} jobs" in result.stderr, output
     assert PASSWORD not in result.stdout + result.stderr
 
-    # Acked, so gone: a work-queue stream drops what its consumer acknowledged.
+    # Acked and deleted (as RoadRunner's delete_after_ack does), so gone.
     credentials = {"user": USER, "password": PASSWORD}
     assert stream_state(nats, **credentials)["state"]["messages"] == 0
     assert stream_messages(nats, **credentials) == []
@@ -444,7 +418,7 @@ def test_two_daemons_push_into_one_stream_concurrently(
     messages = stream_messages(nats)
     ids = msg_ids(messages)
     duplicates = [job for job, n in Counter(ids).items() if n > 1]
-    assert not duplicates, f"Nats-Msg-Ids stored more than once: {duplicates[:5]}"
+    assert not duplicates, f"job ids stored more than once: {duplicates[:5]}"
     assert len(messages) == len(acked), "one stream message per 250"
     assert set(ids) == set(acked.values())
     # And each under its own email: the Message-ID in the payload is the one sent.
@@ -466,7 +440,7 @@ def test_nats_down_at_start_gives_451_then_250_once_it_runs(
     started later, the pusher connects and messages get 250 again."""
     nats = nats_servers.new()  # ports chosen, not started
     daemon = nats_daemon(launch, nats)
-    daemon.wait_for_log("cannot connect to the jobs service")
+    daemon.wait_for_log("cannot connect to the NATS server")
 
     started = time.monotonic()
     code, reply = send(daemon.smtp_port, "while down")
@@ -505,7 +479,7 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     were refused, and neither password anywhere in the daemon's output."""
     nats = nats_servers.new(user=USER, password=PASSWORD).start()
     daemon = nats_daemon(launch, nats, {"user": USER, "password": WRONG_PASSWORD})
-    daemon.wait_for_log("cannot connect to the jobs service")
+    daemon.wait_for_log("cannot connect to the NATS server")
 
     code, reply = send(daemon.smtp_port, "wrong password")
     assert code == 451, reply
@@ -516,7 +490,7 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     refused = [line for line in log.splitlines() if "refused the user and password" in line]
     assert refused, log
     assert "Authorization Violation" in refused[0], refused[0]
-    assert "cannot connect to the jobs service" in refused[0], refused[0]
+    assert "cannot connect to the NATS server" in refused[0], refused[0]
     outputs = [log, *(path.read_text(errors="replace") for path in daemon.workdir.glob("*.out"))]
     for text in outputs:
         assert WRONG_PASSWORD not in text
@@ -531,18 +505,22 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     assert with_nats(nats, no_stream, user=USER, password=PASSWORD)
 
 
-def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
+def test_a_message_over_what_max_payload_carries_gets_552_and_others_are_stored(
     nats_servers: NatsServers, launch: Launcher
 ) -> None:
-    # A job the server can never take must not be retried for ever with 451s.
+    # A job the server can never take must be refused for good, not retried
+    # with 451s: with the server's max_payload known, SIZE says what fits, and
+    # a larger message is refused by the SMTP side, before the pusher.
     nats = nats_servers.new(max_payload=64 * 1024).start()
     daemon = nats_daemon(launch, nats)
+    daemon.wait_for_log("connected to the NATS server")
     big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 100  # 100 KB
     results: dict[str, tuple[int, bytes]] = {}
 
     def deliver(name: str, body: bytes) -> None:
         with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=15) as smtp:
             smtp.ehlo()
+            results["size"] = (int(smtp.esmtp_features["size"]), b"")
             smtp.mail("sender@example.org")
             smtp.rcpt("rcpt@example.com")
             try:
@@ -561,15 +539,11 @@ def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert results["size"][0] == accepted_message_size(64 * 1024), results
     assert results["big"][0] == 552, results
     assert results["big"][1].startswith(b"5.3.4"), results
     assert results["small"][0] == 250, results
     messages = stream_messages(nats)
     assert msg_ids(messages) == [queued_id(f"250 {results['small'][1].decode()}")]
-    # Refused once, not retried until push_timeout.
-    pusher_lines = [
-        line
-        for line in daemon.log_text().splitlines()
-        if "trismtp.pusher" in line and "max_payload" in line
-    ]
-    assert len(pusher_lines) == 1, pusher_lines
+    # Refused by SMTP, so never retried nor sent.
+    assert "larger than the NATS server's max_payload" not in daemon.log_text()

@@ -1,6 +1,6 @@
 """The store under heavy and hostile load, on the real daemon (issue 12, parts 3-5).
 
-* Reads never hold up writes: 300 ``jobs.Stat`` in one WebSocket message with
+* Reads never hold up writes: 300 ``jobs.Stat`` sent at once with
   200 × 1 MB jobs stored, and ``jobs.Stat`` polled every second at 200k stored
   jobs, while SMTP clients send mail.
 * Reserve stays cheap with 20k leased jobs at the head of the queue.
@@ -89,26 +89,34 @@ def summary(scenario: str, **extra: Any) -> FaultSummary:
 # -- reads never hold up writes -------------------------------------------------
 
 
-async def test_300_stats_in_one_message_do_not_hold_up_mail(launch: Launcher) -> None:
-    """300 × jobs.Stat in one message, 200 × 1 MB stored → mail still gets 250 within 5 s."""
+async def test_300_stats_at_once_do_not_hold_up_mail(launch: Launcher) -> None:
+    """300 × jobs.Stat sent at once, 200 × 1 MB stored → mail still gets 250 within 5 s.
+
+    The issue sent them in one message; a batch is now at most 100 calls
+    (``MAX_BATCH``, -32600 past it), so they go as three batches of 100,
+    back to back on one connection."""
     daemon = launch.daemon(start=False)
     await build_store(daemon.database, 200, MiB, batch=20)
     await start(daemon)
-    stats = [{"jsonrpc": "2.0", "id": i, "method": "jobs.Stat"} for i in range(300)]
+    batches = [
+        [{"jsonrpc": "2.0", "id": b * 100 + i, "method": "jobs.Stat"} for i in range(100)]
+        for b in range(3)
+    ]
     load = LoadGenerator(daemon.smtp_port, clients=4, messages_per_client=5, tag="stat300")
 
     ws: WebSocketConnection
     async with open_websocket_url(daemon.url, max_message_size=64 * MiB) as ws:
         sent_at = trio.current_time()
-        await ws.send_message(json.dumps(stats))
+        for batch in batches:
+            await ws.send_message(json.dumps(batch))
         report = await load.run()
-        reply = json.loads(await ws.get_message())
+        replies = [json.loads(await ws.get_message()) for _ in batches]
         stats_took = trio.current_time() - sent_at
 
     slowest = report.max_latency(Outcome.ACKED)
     emit(
         summary(
-            "300 Stat in one message, 200 x 1 MB stored",
+            "300 Stat at once, 200 x 1 MB stored",
             slowest_250=slowest,
             stats_took=round(stats_took, 3),
         )
@@ -117,9 +125,9 @@ async def test_300_stats_in_one_message_do_not_hold_up_mail(launch: Launcher) ->
     assert report.replies_451 == 0
     assert slowest is not None
     assert slowest < 5.0
-    if isinstance(reply, list):  # a batch limit may refuse the array as a whole
-        assert len(reply) == 300
-        assert all(r["result"]["stats"][-1]["active"] >= 200 for r in reply)
+    answers = [r for reply in replies for r in reply]
+    assert len(answers) == 300
+    assert all(a["result"]["stats"][-1]["active"] >= 200 for a in answers)
 
 
 async def test_stat_every_second_at_200k_jobs_costs_mail_little(launch: Launcher) -> None:

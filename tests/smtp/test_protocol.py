@@ -609,6 +609,7 @@ def test_dot_unstuffing() -> None:
 
 
 NORMALIZE = ProtocolConfig(bare_newlines="normalize")
+REJECT = ProtocolConfig(bare_newlines="reject")
 
 
 def normalized(data: bytes) -> bytes:
@@ -624,11 +625,12 @@ def test_dot_after_bare_lf_or_cr_is_not_unstuffed() -> None:
 
 
 @pytest.mark.parametrize("body", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n\r\n", b"a\n\rb\r\n"])
-def test_bare_newline_is_refused_by_default(body: bytes) -> None:
-    transcript = drive([*ENVELOPE, body, END, MAIL, RCPT, DATA, BODY, END, QUIT])
+def test_bare_newline_is_refused_when_asked(body: bytes) -> None:
+    transcript = drive([*ENVELOPE, body, END, MAIL, RCPT, DATA, BODY, END, QUIT], config=REJECT)
     first, second = transcript.messages
     assert first.reply is not None
     assert first.reply.code == 554
+    assert "smtp.bare_newlines" in first.reply.lines()[0]  # tells the sender what to change
     assert first.data == b""
     assert second.reply is None
     assert second.data == BODY
@@ -644,9 +646,9 @@ def test_bare_newline_is_refused_by_default(body: bytes) -> None:
     ]
 
 
-def test_bare_newlines_normalized_when_asked() -> None:
+def test_bare_newlines_normalized_by_default() -> None:
     body = b"one\ntwo\rthree\r\r\nfour\n\r\n"
-    transcript = drive([*ENVELOPE, body, END], config=NORMALIZE)
+    transcript = drive([*ENVELOPE, body, END])
     (message,) = transcript.messages
     assert message.reply is None
     assert message.data == b"one\r\ntwo\r\nthree\r\n\r\nfour\r\n\r\n"
@@ -1206,3 +1208,29 @@ def test_accepting_a_refused_command_is_misuse(line: bytes) -> None:
     # Nothing changed: the refusal (or a 421) can still be sent.
     assert conn.state is State.READY
     conn.send(event.reply)
+
+
+def test_text_line_limit_follows_max_line_length_and_the_reply_names_it() -> None:
+    # A 4,097-octet header line, as applications' test mail has: refused
+    # under RFC 5321's 1000 with a reply that says which setting decides,
+    # accepted whole when the operator raised smtp.max_line_length.
+    header = b"X-Trace: " + b"t" * (4097 - len(b"X-Trace: ")) + b"\r\n"
+    assert len(header) == 4099
+    body = header + b"\r\nbody\r\n"
+    stream = b"".join([*ENVELOPE, body, END])
+
+    transcript = drive([stream])
+    (refused,) = transcript.messages
+    assert refused.reply is not None
+    assert refused.reply.code == 500
+    assert refused.reply.encode() == (
+        b"500 5.5.2 Line too long (over 1000 octets, the server's smtp.max_line_length)\r\n"
+    )
+
+    roomy = ProtocolConfig(max_line_length=4099)
+    transcript = drive([stream], config=roomy)
+    assert transcript.messages[0].data == body
+    assert transcript.statuses[-1] == "250 2.0.0"
+
+    transcript = drive([stream], config=ProtocolConfig(max_line_length=4098))
+    assert transcript.statuses[-1].startswith("500 5.5.2")

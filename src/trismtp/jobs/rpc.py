@@ -49,9 +49,8 @@ from trismtp.jobs.websocket import (
     JobsUnavailable,
     Stream,
     Target,
-    collapse,
-    map_exceptions,
     open_websocket,
+    run_client,
     unavailable,
 )
 
@@ -192,31 +191,19 @@ class JobsClient:
         """
         target = Target.parse(url, schemes=("ws", "wss"), what="jobs URL", token_sent=bool(token))
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
-        body_error: BaseException | None = None
-        error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                with map_exceptions(target), trio.fail_after(connect_timeout):
-                    ws, stream = await open_websocket(
-                        nursery, target, max_message_size=max_message_size, extra_headers=headers
-                    )
-                client = cls(ws, stream, target)
-                nursery.start_soon(client._read_loop)
-                nursery.start_soon(client._write_loop)
-                try:
-                    yield client
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    await client._aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = collapse(group, body_error=body_error, target=target)
-        if error is not None:
-            # Raised here, outside the except clause, so that the group does
-            # not become the error's __context__.
-            raise error
+
+        async def opener(nursery: trio.Nursery) -> JobsClient:
+            ws, stream = await open_websocket(
+                nursery, target, max_message_size=max_message_size, extra_headers=headers
+            )
+            return cls(ws, stream, target)
+
+        async with run_client(target, connect_timeout, opener) as client:
+            yield client
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._read_loop)
+        nursery.start_soon(self._write_loop)
 
     @property
     def closed(self) -> bool:

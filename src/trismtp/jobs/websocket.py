@@ -1,20 +1,23 @@
 """The client side of a WebSocket connection, shared by the jobs RPC and NATS clients.
 
-Both clients (:mod:`trismtp.jobs.rpc`, :mod:`trismtp.jobs.nats`) open a
+Both clients (:mod:`trismtp.jobs.rpc`, :mod:`trismtp.nats`) open a
 WebSocket the same way and must report its failures the same way: every
 transport problem becomes one :class:`JobsUnavailable` whose message names
 the server (never a secret from the URL) and says what went wrong. This
 module is that one place: the parsed target, the opening of the stream and
-handshake, and the translation of trio, trio-websocket and OS errors.
+handshake, the translation of trio, trio-websocket and OS errors, and
+:func:`run_client`, the life of a client whose connection needs tasks of its
+own (a reader, a writer) beside the callers.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -36,6 +39,7 @@ __all__ = [
     "collapse",
     "map_exceptions",
     "open_websocket",
+    "run_client",
     "unavailable",
 ]
 
@@ -198,14 +202,19 @@ def _describe_close(exc: ConnectionClosed) -> str:
 
 def _os_reason(exc: OSError) -> str:
     """Why a connect failed: trio says "all attempts … failed" and keeps the
-    reasons (Connection refused, …) in the group it chains; show the first."""
+    reasons in the group it chains; show the first, without the address each
+    of them repeats (the caller names the target once)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
     if exc.strerror:
         return exc.strerror
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup):
         for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.errno:
+                return os.strerror(inner.errno)
             if isinstance(inner, OSError) and inner.strerror:
-                return f"{inner.strerror} ({exc})"
+                return inner.strerror
     return str(exc)
 
 
@@ -239,3 +248,54 @@ def collapse(
     if error is body_error:
         return error
     return unavailable(error, target) or error
+
+
+class _Client(Protocol):
+    """What :func:`run_client` needs of a client."""
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """Start the tasks the connection needs (reader, writer) in *nursery*."""
+
+    async def _aclose(self) -> None:
+        """Fail the calls still waiting and close the connection."""
+
+
+_C = TypeVar("_C", bound=_Client)
+
+
+@asynccontextmanager
+async def run_client(
+    target: Target,
+    timeout: float,  # noqa: ASYNC109
+    opener: Callable[[trio.Nursery], Awaitable[_C]],
+) -> AsyncIterator[_C]:
+    """A client open for the block: *opener* connects it (within *timeout*
+    seconds), its tasks run in a nursery of their own, and leaving the block
+    closes it.
+
+    The nursery is what structured concurrency asks for, and what callers
+    should not see: failures of the connection come out as one
+    :class:`JobsUnavailable` (:func:`map_exceptions`, :func:`collapse`), the
+    block's own exception unchanged, never an exception group.
+    """
+    body_error: BaseException | None = None
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with map_exceptions(target), trio.fail_after(timeout):
+                client = await opener(nursery)
+            client._start_tasks(nursery)
+            try:
+                yield client
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                await client._aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = collapse(group, body_error=body_error, target=target)
+    if error is not None:
+        # Raised here, outside the except clause, so that the group does not
+        # become the error's __context__.
+        raise error

@@ -18,6 +18,15 @@ At the end of DATA the session turns the message into a job and awaits the
 pusher (:class:`~trismtp.jobs.pusher.Pusher`): ``250 … queued as <id>`` once
 the jobs service acknowledged it as durable, ``451 4.3.0`` otherwise.
 
+While the pusher knows it has no destination (``destination_down``), RCPT
+and DATA get ``451 4.3.0`` at once, before any upload: the answer at the end
+would be ``451`` anyway, ``push_timeout`` later. RCPT rather than the
+greeting or MAIL because a 4xx to RCPT is what greylisting sends, so every
+MTA retries it correctly, and some clients mishandle an early refusal (which
+is why Postfix delays its own to RCPT, ``smtpd_delay_reject``); DATA too,
+for a transaction whose recipients were accepted before the outage began.
+The connection stays open, so a pooled client can go on once it is over.
+
 Graceful shutdown (:meth:`SmtpServer.shutdown`), after hypercorn: the
 listeners close, the handler nursery gets a deadline of ``shutdown.grace``,
 and sessions that are between transactions are told ``421 4.3.2`` at once
@@ -38,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import count
 
@@ -47,7 +56,7 @@ import trio
 from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
-from trismtp.log import set_session
+from trismtp.log import RepeatLimiter, set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
@@ -89,9 +98,15 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+NO_DESTINATION = Reply(
+    451, "4.3.0", "Temporary failure, try again later (the jobs store is unreachable)"
+)
 
 PushJob = Callable[[str, str, str], Awaitable[None]]
 """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
+
+DestinationDown = Callable[[], str | None]
+"""Why jobs are known to have nowhere to go right now, else None."""
 
 
 def load_security(settings: SmtpSettings) -> tuple[ServerTls | None, UsersFile | None]:
@@ -171,10 +186,16 @@ class SmtpServer:
         tls: ServerTls | None = None,
         users: UsersFile | None = None,
         metrics: Metrics | None = None,
+        size_limit: Callable[[], int | None] | None = None,
+        destination_down: DestinationDown | None = None,
     ) -> None:
         self._settings = settings
+        # The destination's own limit (NATS max_payload), read per session so
+        # that SIZE in EHLO never promises more than the job can carry.
+        self._size_limit = size_limit
         self._jobs = jobs
         self._push = push
+        self._destination_down = destination_down
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         if (tls is None and settings.tls.enabled) or (users is None and settings.auth.users_file):
@@ -193,6 +214,7 @@ class SmtpServer:
             auth_without_tls=settings.auth.allow_without_tls,
             require_auth=settings.auth.required,
             bare_newlines=settings.bare_newlines,
+            max_line_length=settings.max_line_length,
             recipient_domains=frozenset(settings.recipient_domains),
         )
         limits = settings.limits
@@ -202,6 +224,8 @@ class SmtpServer:
         self._exempt = parse_networks(limits.exempt_networks)
         self._proxy_networks = parse_networks(settings.proxy_protocol.trusted_networks)
         self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
+        # Warnings a flood of connections repeats (refusals, bad PROXY headers).
+        self._repeats = RepeatLimiter(log)
         self._sessions: set[_Session] = set()
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
@@ -209,6 +233,12 @@ class SmtpServer:
         self._shutting_down = False
         self._listening = False
         self._metrics.watch_connections(self._sessions.__len__)
+
+    def _session_config(self) -> ProtocolConfig:
+        limit = self._size_limit() if self._size_limit is not None else None
+        if limit is None or limit >= self._config.max_message_size:
+            return self._config
+        return replace(self._config, max_message_size=limit)
 
     @property
     def connections(self) -> int:
@@ -250,6 +280,7 @@ class SmtpServer:
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(self._watch_writes)
+                    acceptors.start_soon(self._repeats.run)
                     for listeners, handler in (
                         (plain, self._handle),
                         (implicit, partial(self._handle, implicit_tls=True)),
@@ -275,6 +306,7 @@ class SmtpServer:
                     else:
                         self._listening = True
             # Accepting has stopped; the handler nursery waits for the sessions.
+        self._repeats.flush(final=True)
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting; let sessions finish within ``grace`` seconds."""
@@ -332,7 +364,7 @@ class SmtpServer:
                 next(self._session_ids),
                 str(peer),
                 peer.host,
-                ServerConnection(self._config),
+                ServerConnection(self._session_config()),
                 transport,
             )
             # From here on, every line this task logs names the session. The
@@ -342,7 +374,9 @@ class SmtpServer:
             if refusal is not None:
                 reason, reply = refusal
                 self._metrics.connection_refused(reason)
-                log.warning("refusing %s: %s", session.remote, reply.lines()[0])
+                self._repeats.warning(
+                    f"refused: {reason}", "refusing %s: %s", session.remote, reply.lines()[0]
+                )
                 if not implicit_tls:  # a client waiting for TLS would not understand it
                     with trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await transport.send_all(session.conn.send(reply))
@@ -401,7 +435,9 @@ class SmtpServer:
                     header = parse_proxy_header(buf)
                 except ProxyError as exc:
                     self._metrics.connection_refused("proxy_header")
-                    log.warning("%s: bad PROXY protocol header: %s; closing", peer, exc)
+                    self._repeats.warning(
+                        "bad PROXY header", "%s: bad PROXY protocol header: %s; closing", peer, exc
+                    )
                     return None
                 if header is not None:
                     client = peer if header.source is None else HostPort(*header.source)
@@ -411,7 +447,9 @@ class SmtpServer:
                     return None
                 buf += data
         self._metrics.connection_refused("proxy_header")
-        log.warning("%s: no PROXY protocol header in time; closing", peer)
+        self._repeats.warning(
+            "no PROXY header", "%s: no PROXY protocol header in time; closing", peer
+        )
         return None
 
     async def _start_tls(self, session: _Session) -> bool:
@@ -498,6 +536,8 @@ class SmtpServer:
                         await self._send(session, out)
                         out.clear()
                     reply = await self._authenticate(session, event, event.credentials)
+                elif event.verb in ("RCPT", "DATA") and reply.positive:
+                    reply = self._check_destination(session, event.verb, reply)
                 out += conn.send(reply)
                 if reply.code == 354:
                     data_started = trio.current_time()
@@ -558,6 +598,14 @@ class SmtpServer:
             for session in self._sessions:
                 if session.sending_since < stalled_since and session.scope is not None:
                     session.scope.cancel()
+
+    def _check_destination(self, session: _Session, verb: str, reply: Reply) -> Reply:
+        """``reply``, or 451 while jobs are known to have nowhere to go (module docstring)."""
+        down = self._destination_down() if self._destination_down is not None else None
+        if down is None:
+            return reply
+        log.info("from %s: %s refused with 451: %s", session.remote, verb, down)
+        return NO_DESTINATION
 
     def _count_error(self, session: _Session) -> bytes:
         """Count a 5xx reply; at ``max_errors``, the ``421`` that closes the session."""
@@ -666,11 +714,12 @@ class SmtpServer:
             return TOO_LARGE_FOR_STORE if exc.permanent else TEMPORARY_FAILURE
         self._metrics.message_accepted(size)
         log.info(
-            "from %s: queued as %s (%d bytes, %d recipients)",
+            "from %s: queued as %s (%d bytes, %d %s)",
             session.remote,
             job_id,
             size,
             recipients,
+            "recipient" if recipients == 1 else "recipients",
         )
         return Reply(250, "2.0.0", f"OK: queued as {job_id}")
 
