@@ -391,12 +391,12 @@ class JobsServiceSettings(_Section):
     token: SecretStr = SecretStr("")
     pipelines: list[str] = Field(default_factory=lambda: ["smtp"])
     max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    send_timeout: PositiveSeconds = 30.0
     max_attempts: int = Field(default=10, ge=0)
     dead_letter_pipeline: str = "dead-letter"
     dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
     disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
-    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
-    send_timeout: PositiveSeconds = 30.0
 
     @field_validator("listen")
     @classmethod

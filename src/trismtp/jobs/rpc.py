@@ -14,6 +14,10 @@ nursery that :meth:`JobsClient.connect` opens and closes:
   (a dict id → slot). Replies may come in any order; many calls can be in
   flight on one connection.
 
+The JSON-RPC framing itself (ids, matching replies, error objects) is the
+sans-io :class:`trismtp.jsonrpc.ClientProtocol`, shared with the anyio
+consumer library (:mod:`trismtp.consumer`); this module is its trio adapter.
+
 When the connection fails (refused, rejected, closed, or a reply we cannot
 understand) the client *fails*: it keeps the reason, wakes every waiting
 caller with :class:`JobsUnavailable`, and refuses new calls at once. It never
@@ -35,7 +39,6 @@ not as a ``TOO_LARGE`` reply.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -52,6 +55,23 @@ from trismtp.jobs.websocket import (
     open_websocket,
     run_client,
     unavailable,
+)
+from trismtp.jsonrpc import (
+    BATCH_EXPIRED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    LEASE_LOST,
+    METHOD_NOT_FOUND,
+    NO_SUCH_PIPELINE,
+    PARSE_ERROR,
+    STORAGE_UNAVAILABLE,
+    TOO_LARGE,
+    ClientProtocol,
+    LeaseLost,
+    ProtocolError,
+    RpcError,
+    encode_params,
 )
 
 __all__ = [
@@ -75,66 +95,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# JSON-RPC 2.0 error codes, and the jobs service's own (SPEC §6).
-PARSE_ERROR: Final = -32700
-INVALID_REQUEST: Final = -32600
-METHOD_NOT_FOUND: Final = -32601
-INVALID_PARAMS: Final = -32602
-INTERNAL_ERROR: Final = -32603
-NO_SUCH_PIPELINE: Final = -32001
-STORAGE_UNAVAILABLE: Final = -32003
-TOO_LARGE: Final = -32004
-# trismtp extension: PushBatch reached the store after its expires_at.
-BATCH_EXPIRED: Final = -32005
-# An Ack, Nack or Extend carried a lease token that is no longer current.
-LEASE_LOST: Final = -32006
-
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # Leaving the client waits this long for the close handshake, even when the
 # caller is being cancelled, so the service sees a clean close.
 CLOSE_TIMEOUT: Final = 2.0
-
-
-class RpcError(Exception):
-    """The jobs service answered the call with a JSON-RPC error object."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(code, message, data)
-        self.code = code
-        self.message = message
-        self.data = data
-
-    def __str__(self) -> str:
-        return f"{self.message} (JSON-RPC error {self.code})"
-
-
-class LeaseLost(RpcError):
-    """An Ack, Nack or Extend named jobs whose lease token is no longer current.
-
-    Those jobs were not touched (another consumer may hold them now); the
-    others of the call were acted on: :attr:`done` says how many.
-    """
-
-    @property
-    def stale(self) -> list[str]:
-        """The ids whose token was stale."""
-        data = self.data if isinstance(self.data, dict) else {}
-        stale = data.get("stale", [])
-        return [str(job_id) for job_id in stale] if isinstance(stale, list) else []
-
-    @property
-    def done(self) -> int:
-        """How many jobs of the call were acted on all the same."""
-        data = self.data if isinstance(self.data, dict) else {}
-        for key in ("acked", "nacked", "extended"):
-            value = data.get(key)
-            if isinstance(value, int):
-                return value
-        return 0
-
-
-class _BadReply(Exception):
-    """The service sent something that is not a JSON-RPC 2.0 response."""
 
 
 class _Slot:
@@ -164,7 +128,7 @@ class JobsClient:
         self._ws = ws
         self._stream = stream
         self._target = target
-        self._next_id = 1
+        self._protocol = ClientProtocol()
         self._pending: dict[int, _Slot] = {}
         self._failure: JobsUnavailable | None = None
         self._outbox, self._outbox_receive = trio.open_memory_channel[str](0)
@@ -217,24 +181,18 @@ class JobsClient:
         :class:`JobsUnavailable` if there is no connection or it is lost
         before the reply.
         """
-        return await self.call_encoded(
-            method, json.dumps(params, ensure_ascii=False, separators=(",", ":"))
-        )
+        return await self.call_encoded(method, encode_params(params))
 
     async def call_encoded(self, method: str, params_json: str) -> Any:
         """Like :meth:`call`, with *params_json* already encoded as a JSON object.
 
         The text goes on the wire as it is (the pusher encodes each job once
         and joins them); it must be valid JSON, or the service answers with a
-        parse error that no call can be matched to (see :meth:`_deliver`).
+        parse error that no call can be matched to (see
+        :class:`trismtp.jsonrpc.ClientProtocol`).
         """
         self._raise_if_failed()
-        request_id = self._next_id
-        self._next_id += 1
-        request = (
-            f'{{"jsonrpc":"2.0","id":{request_id},'
-            f'"method":{json.dumps(method)},"params":{params_json}}}'
-        )
+        request_id, request = self._protocol.request(method, params_json)
         slot = _Slot()
         self._pending[request_id] = slot
         try:
@@ -246,6 +204,7 @@ class JobsClient:
             await slot.done.wait()
         finally:
             self._pending.pop(request_id, None)
+            self._protocol.forget(request_id)
         if slot.error is not None:
             raise slot.error
         return slot.result
@@ -299,7 +258,7 @@ class JobsClient:
                 self._dispatch(await self._ws.get_message())
         except ConnectionClosed as exc:
             self._fail(self._lost(exc))
-        except _BadReply as exc:
+        except ProtocolError as exc:
             self._fail(JobsUnavailable(f"{self._target} sent an invalid reply: {exc}"))
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await self._ws.aclose(1002, "invalid JSON-RPC reply")
@@ -310,47 +269,7 @@ class JobsClient:
         return mapped
 
     def _dispatch(self, message: str | bytes) -> None:
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError) as exc:
-            raise _BadReply(f"not JSON ({exc})") from None
-        for reply in data if isinstance(data, list) else [data]:
-            self._deliver(reply)
-
-    def _deliver(self, reply: Any) -> None:
-        if not isinstance(reply, dict) or reply.get("jsonrpc") != "2.0":
-            raise _BadReply("not a JSON-RPC 2.0 response object")
-        reply_id = reply.get("id")
-        if "error" in reply:
-            error = _rpc_error(reply["error"])
-            if reply_id is None:
-                # The service could not tell which request this answers (it
-                # could not parse one), so no call can be matched to it. Fail
-                # every waiting call rather than let the culprit wait forever;
-                # the others learn nothing about their fate either way.
-                logger.error("the jobs service rejected a request it could not read: %s", error)
-                for waiting in self._pending.values():
-                    waiting.resolve(error=_rpc_error(reply["error"]))
-                return
-            result = None
-        elif "result" in reply:
-            error, result = None, reply["result"]
-        else:
-            raise _BadReply("a response needs a result or an error")
-        slot = self._pending.pop(reply_id, None) if type(reply_id) is int else None
-        if slot is None:
-            # The caller gave up (was cancelled) before its reply came.
-            logger.debug("reply to request %r, which no call waits for", reply_id)
-            return
-        slot.resolve(result=result, error=error)
-
-
-def _rpc_error(error: Any) -> RpcError:
-    if not isinstance(error, dict):
-        raise _BadReply("an error must be an object")
-    code, message = error.get("code"), error.get("message")
-    if type(code) is not int or not isinstance(message, str):
-        raise _BadReply("an error needs an integer code and a string message")
-    if code == LEASE_LOST:
-        return LeaseLost(code, message, error.get("data"))
-    return RpcError(code, message, error.get("data"))
+        for reply in self._protocol.receive(message):
+            slot = self._pending.pop(reply.id, None)
+            if slot is not None:
+                slot.resolve(result=reply.result, error=reply.error)

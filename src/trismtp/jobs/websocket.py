@@ -204,6 +204,10 @@ def _os_reason(exc: OSError) -> str:
     """Why a connect failed: trio says "all attempts … failed" and keeps the
     reasons in the group it chains; show the first, without the address each
     of them repeats (the caller names the target once)."""
+    if isinstance(exc, ssl.SSLError):
+        # Its errno is OpenSSL's error kind, not an errno: strerror(1) would
+        # say "Operation not permitted" for a certificate that fails to verify.
+        return str(exc)
     if exc.errno:
         return os.strerror(exc.errno)
     if exc.strerror:
