@@ -43,7 +43,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from trismtp.jobs.model import MAX_DELAY, MAX_PRIORITY, MIN_PRIORITY
+from trismtp.jobs.model import MAX_DELAY, MAX_PRIORITY, MIN_PRIORITY, check_pipeline_name
 
 ENV_PREFIX = "TRISMTP_"
 ENV_CONFIG = "TRISMTP_CONFIG"
@@ -381,24 +381,6 @@ class JobsSettings(_Section):
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by trismtp and cannot be overridden")
         return value
-
-
-MAX_PIPELINE_NAME = 256
-
-
-def check_pipeline_name(name: str) -> str:
-    """*name* if it can name a pipeline, else ValueError saying why.
-
-    One rule for the settings and the RPC: non-empty, no surrounding spaces,
-    no control characters, at most 256 characters.
-    """
-    if not name or name.strip() != name:
-        raise ValueError("pipeline names must be non-empty, without surrounding spaces")
-    if len(name) > MAX_PIPELINE_NAME:
-        raise ValueError(f"pipeline names must be at most {MAX_PIPELINE_NAME} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ValueError("pipeline names must not hold control characters")
-    return name
 
 
 class JobsServiceSettings(_Section):

@@ -1,6 +1,6 @@
 """The store under heavy and hostile load, on the real daemon (issue 12, parts 3-5).
 
-* Reads never hold up writes: 300 ``jobs.Stat`` in one WebSocket message with
+* Reads never hold up writes: 300 ``jobs.Stat`` sent at once with
   200 × 1 MB jobs stored, and ``jobs.Stat`` polled every second at 200k stored
   jobs, while SMTP clients send mail.
 * Reserve stays cheap with 20k leased jobs at the head of the queue.
@@ -44,19 +44,21 @@ pytestmark = pytest.mark.faults
 MiB = 1024 * 1024
 
 
-async def build_store(database: Path, count: int, payload_size: int, batch: int = 5000) -> None:
-    """*count* jobs of *payload_size* bytes in pipeline ``smtp``, pushed in big batches."""
+async def build_store(
+    database: Path, count: int, payload_size: int, batch: int = 5000, pipeline: str = "smtp"
+) -> None:
+    """*count* jobs of *payload_size* bytes in *pipeline*, pushed in big batches."""
     payload = json.dumps({"event": "EMAIL_RECEIVED", "filler": "x" * payload_size})
     async with JobStore.open(database) as store:
-        await store.declare("smtp")
+        await store.declare(pipeline)
         for first in range(0, count, batch):
             jobs = [
                 Job(
                     job="smtp.email",
-                    id=f"setup-{i}",
+                    id=f"setup-{pipeline}-{i}",
                     payload=payload,
                     headers={"uuid": [f"setup-{i}"]},
-                    options=JobOptions(pipeline="smtp"),
+                    options=JobOptions(pipeline=pipeline),
                 )
                 for i in range(first, min(count, first + batch))
             ]
@@ -87,26 +89,34 @@ def summary(scenario: str, **extra: Any) -> FaultSummary:
 # -- reads never hold up writes -------------------------------------------------
 
 
-async def test_300_stats_in_one_message_do_not_hold_up_mail(launch: Launcher) -> None:
-    """300 × jobs.Stat in one message, 200 × 1 MB stored → mail still gets 250 within 5 s."""
+async def test_300_stats_at_once_do_not_hold_up_mail(launch: Launcher) -> None:
+    """300 × jobs.Stat sent at once, 200 × 1 MB stored → mail still gets 250 within 5 s.
+
+    The issue sent them in one message; a batch is now at most 100 calls
+    (``MAX_BATCH``, -32600 past it), so they go as three batches of 100,
+    back to back on one connection."""
     daemon = launch.daemon(start=False)
     await build_store(daemon.database, 200, MiB, batch=20)
     await start(daemon)
-    stats = [{"jsonrpc": "2.0", "id": i, "method": "jobs.Stat"} for i in range(300)]
+    batches = [
+        [{"jsonrpc": "2.0", "id": b * 100 + i, "method": "jobs.Stat"} for i in range(100)]
+        for b in range(3)
+    ]
     load = LoadGenerator(daemon.smtp_port, clients=4, messages_per_client=5, tag="stat300")
 
     ws: WebSocketConnection
     async with open_websocket_url(daemon.url, max_message_size=64 * MiB) as ws:
         sent_at = trio.current_time()
-        await ws.send_message(json.dumps(stats))
+        for batch in batches:
+            await ws.send_message(json.dumps(batch))
         report = await load.run()
-        reply = json.loads(await ws.get_message())
+        replies = [json.loads(await ws.get_message()) for _ in batches]
         stats_took = trio.current_time() - sent_at
 
     slowest = report.max_latency(Outcome.ACKED)
     emit(
         summary(
-            "300 Stat in one message, 200 x 1 MB stored",
+            "300 Stat at once, 200 x 1 MB stored",
             slowest_250=slowest,
             stats_took=round(stats_took, 3),
         )
@@ -115,9 +125,9 @@ async def test_300_stats_in_one_message_do_not_hold_up_mail(launch: Launcher) ->
     assert report.replies_451 == 0
     assert slowest is not None
     assert slowest < 5.0
-    if isinstance(reply, list):  # a batch limit may refuse the array as a whole
-        assert len(reply) == 300
-        assert all(r["result"]["stats"][-1]["active"] >= 200 for r in reply)
+    answers = [r for reply in replies for r in reply]
+    assert len(answers) == 300
+    assert all(a["result"]["stats"][-1]["active"] >= 200 for a in answers)
 
 
 async def test_stat_every_second_at_200k_jobs_costs_mail_little(launch: Launcher) -> None:
@@ -128,7 +138,7 @@ async def test_stat_every_second_at_200k_jobs_costs_mail_little(launch: Launcher
     await build_store(daemon.database, 200_000, 2048, batch=20_000)
     await start(daemon)
     load = LoadGenerator(daemon.smtp_port, clients=8, tag="stat200k", max_duration=120)
-    phase, cycles = 2.0, 10
+    phase, cycles = 2.0, 12
     rates: dict[bool, list[float]] = {False: [], True: []}
     latencies: list[float] = []
     floor: list[float] = []
@@ -164,7 +174,11 @@ async def test_stat_every_second_at_200k_jobs_costs_mail_little(launch: Launcher
         await trio.to_thread.run_sync(poller.wait, 10)
 
     plain, with_stat = sum(rates[False]), sum(rates[True])
-    cost = 1 - with_stat / plain
+    # Each polled phase against the plain one just before it; the median of
+    # those pairs shrugs off a burst of the machine's other load.
+    cost = statistics.median(
+        1 - polled / alone for alone, polled in zip(rates[False], rates[True], strict=True)
+    )
     emit(
         summary(
             "Stat every second at 200k jobs",
@@ -184,42 +198,47 @@ async def test_stat_every_second_at_200k_jobs_costs_mail_little(launch: Launcher
 
 
 async def test_reserve_stays_fast_with_20k_leased_jobs_at_the_head(launch: Launcher) -> None:
-    """Reserve with 20k leased (unacked) jobs ahead of the ready ones costs what it
-    costs with none: < 5 ms, or within 2 ms of the same call with none leased (each
-    Reserve commits, so the disk's fsync sets the floor)."""
+    """Reserve on a pipeline with 20k leased (unacked) jobs ahead of the ready ones
+    costs what the same Reserve costs on a pipeline with none leased: each call
+    alternates between the two, so the disk's fsync and the machine's load
+    (which set the floor of any commit) weigh on both alike."""
     service = launch.jobs_service(start=False)
     await build_store(service.database, 40_000, 200, batch=20_000)
+    await build_store(service.database, 1000, 200, pipeline="fresh")
     await start(service)
 
-    async def reserve_one(client: JobsClient) -> float:
+    async def reserve_one(client: JobsClient, pipeline: str) -> float:
         started = trio.current_time()
-        result = await client.call("jobs.Reserve", {"pipeline": "smtp", "max": 1, "lease": 3600})
+        result = await client.call("jobs.Reserve", {"pipeline": pipeline, "max": 1, "lease": 3600})
         assert len(result["jobs"]) == 1
         return trio.current_time() - started
 
     async with JobsClient.connect(service.url) as client:
-        none_leased = [await reserve_one(client) for _ in range(100)]
-        for _ in range(20):  # the next 20k jobs leased and never acked
+        for _ in range(20):  # the oldest 20k jobs of smtp leased and never acked
             result = await client.call(
                 "jobs.Reserve", {"pipeline": "smtp", "max": 1000, "lease": 3600}
             )
             assert len(result["jobs"]) == 1000
-        leased = [await reserve_one(client) for _ in range(100)]
+        leased: list[float] = []
+        none_leased: list[float] = []
+        for _ in range(200):
+            leased.append(await reserve_one(client, "smtp"))
+            none_leased.append(await reserve_one(client, "fresh"))
         stats = (await client.call("jobs.Stat", {}))["stats"]
 
     [smtp] = [s for s in stats if s["pipeline"] == "smtp"]
     assert smtp["reserved"] == 20_200
-    base, median = statistics.median(none_leased), statistics.median(leased)
+    median, base = statistics.median(leased), statistics.median(none_leased)
     emit(
         summary(
             "Reserve with 20k leased at the head",
-            reserve_ms_median_none_leased=round(base * 1000, 2),
             reserve_ms_median=round(median * 1000, 2),
-            reserve_ms_p95=round(sorted(leased)[94] * 1000, 2),
+            reserve_ms_p95=round(sorted(leased)[189] * 1000, 2),
+            reserve_ms_median_none_leased=round(base * 1000, 2),
         )
     )
-    # Round trip over the loopback WebSocket and the commit's fsync included.
-    assert median < max(0.005, base + 0.002), (base, median)
+    # Before leased jobs sat at the end of the index, skipping 20k took ~33 ms.
+    assert median < 0.005 or median - base < 0.002, (median, base)
 
 
 # -- a full disk is drained ------------------------------------------------------

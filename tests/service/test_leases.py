@@ -246,6 +246,7 @@ async def test_a_job_bigger_than_max_bytes_still_comes_alone(service: Service) -
         ("jobs.Push", {"job": job("a", priority=2**63)}, "job.options.priority"),
         ("jobs.Push", {"job": job("a", delay=2**63)}, "job.options.delay"),
         ("jobs.Push", {"job": job("a", delay=10**9)}, "job.options.delay"),
+        ("jobs.Push", {"job": job("a", " ")}, "job.options.pipeline"),
         ("jobs.Reserve", {"pipeline": "smtp", "max": 1, "lease": 1e300}, "lease"),
         ("jobs.Reserve", {"pipeline": "smtp", "max": 1, "lease": 86401}, "lease"),
         ("jobs.Reserve", {"pipeline": "smtp", "max": 1001, "lease": 1}, "max"),

@@ -19,6 +19,7 @@ from trismtp.service.store import (
     DatabaseCorrupt,
     JobStore,
     NoSuchPipeline,
+    Policy,
     Reserved,
     Settled,
     StorageUnavailable,
@@ -669,3 +670,25 @@ async def test_a_read_over_its_inline_budget_runs_again_in_a_thread(
 
     assert (stat.active, stat.delayed, stat.reserved) == (0, 5000, 0)
     assert await store.list_pipelines() == ["smtp"]
+
+
+async def test_acked_ids_are_remembered_for_the_window_then_forgotten(
+    db_path: Path, clock: FakeClock
+) -> None:
+    async with JobStore.open(db_path, clock=clock, policy=Policy(dedupe_window=100)) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("a"), make_job("auto", auto_ack=True)])
+        reserved = await store.reserve("smtp", 10, lease=30)
+        assert await store.ack(refs(reserved, "a")) == Settled(1)
+
+        clock.advance(99)
+        await store.push_batch([make_job("a"), make_job("auto")])  # resends: done already
+        assert stored(db_path) == {}
+
+        clock.advance(2)  # past the window; the next deletion forgets the old ids
+        await store.push_batch([make_job("b")])
+        await store.ack(refs(await store.reserve("smtp", 1, lease=30)))
+        await store.push_batch([make_job("a"), make_job("auto")])
+        assert set(stored(db_path)) == {"a", "auto"}
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT id FROM acked").fetchall() == [("b",)]

@@ -7,10 +7,10 @@ key everywhere: the same id pushed twice is one job.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 PAYLOAD_CLASS = "smtp:handler"
 # A priority is stored as a SQLite integer (64-bit signed).
@@ -18,6 +18,25 @@ MIN_PRIORITY = -(2**63)
 MAX_PRIORITY = 2**63 - 1
 MAX_DELAY = 365 * 86400
 """Seconds: the longest job delay accepted (a year); more is a mistake, not a plan."""
+MAX_PIPELINE_NAME = 256
+
+
+def check_pipeline_name(name: str) -> str:
+    """*name* if it can name a pipeline, else ValueError saying why.
+
+    One rule for the settings, the RPC and jobs: non-empty, no surrounding
+    spaces, no control characters, at most 256 characters.
+    """
+    if not name or name.strip() != name:
+        raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+    if len(name) > MAX_PIPELINE_NAME:
+        raise ValueError(f"pipeline names must be at most {MAX_PIPELINE_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("pipeline names must not hold control characters")
+    return name
+
+
+PipelineName = Annotated[str, AfterValidator(check_pipeline_name)]
 
 
 class JobOptions(BaseModel):
@@ -26,7 +45,7 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     priority: int = Field(default=10, ge=MIN_PRIORITY, le=MAX_PRIORITY)
-    pipeline: str = Field(min_length=1)
+    pipeline: PipelineName
     delay: int = Field(default=0, ge=0, le=MAX_DELAY)
     auto_ack: bool = False
 

@@ -66,7 +66,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job
+from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job, PipelineName
 from trismtp.jobs.rpc import (
     BATCH_EXPIRED,
     INTERNAL_ERROR,
@@ -89,7 +89,7 @@ from trismtp.service.store import (
     Settled,
     StorageUnavailable,
 )
-from trismtp.settings import HostPort, JobsServiceSettings, check_pipeline_name
+from trismtp.settings import HostPort, JobsServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,6 @@ RequestId = str | int | float | None
 
 # -- params of each method (SPEC §6) -----------------------------------------
 
-PipelineName = Annotated[str, AfterValidator(check_pipeline_name)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 LeaseSeconds = Annotated[float, Field(gt=0, le=MAX_LEASE, allow_inf_nan=False)]
 Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)]

@@ -124,9 +124,9 @@ MAX_GROUP: Final = 128
 DEFAULT_MAX_ATTEMPTS: Final = 10
 DEFAULT_DEAD_LETTER: Final = "dead-letter"
 DEFAULT_DEDUPE_WINDOW: Final = 86400.0
-# Expired remembered ids deleted per ack, at most: pruning keeps pace with
-# acking without one call paying for a backlog.
-_PRUNE_BATCH: Final = 1000
+# Expired remembered ids deleted per job deleted, at most: forgetting keeps
+# pace with remembering, and no call pays for a backlog.
+_PRUNE_BATCH: Final = 2
 DEFAULT_DISK_RESERVE: Final = 32 * 1024 * 1024
 # Seconds between checks, while the store cannot write, of whether it can again.
 PROBE_INTERVAL: Final = 1.0
@@ -1315,7 +1315,7 @@ def _reserve(
                     return out
                 used += size
                 if job.options.auto_ack:
-                    _delete(db, now, seq, job.id, granted.token)
+                    _delete(db, now, seq, job.id, granted.token, policy.dedupe_window)
                 else:
                     db.execute(
                         "UPDATE queue SET token = ?, attempts = ?, available_at = ? WHERE seq = ?",
@@ -1377,12 +1377,19 @@ def _peek(
     return out
 
 
-def _delete(db: sqlite3.Connection, now: float, seq: int, job_id: str, token: str | None) -> None:
-    """Delete job *seq* for good and remember its id as done."""
+def _delete(
+    db: sqlite3.Connection, now: float, seq: int, job_id: str, token: str | None, window: float
+) -> None:
+    """Delete job *seq* for good and remember its id as done (for *window* s)."""
     db.execute("DELETE FROM queue WHERE seq = ?", (seq,))
     db.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
     db.execute(
         "INSERT OR REPLACE INTO acked (id, token, at) VALUES (?, ?, ?)", (job_id, token, now)
+    )
+    db.execute(
+        "DELETE FROM acked WHERE rowid IN"
+        " (SELECT rowid FROM acked WHERE at < ? ORDER BY at LIMIT ?)",
+        (now - window, _PRUNE_BATCH),
     )
 
 
@@ -1402,7 +1409,7 @@ def _ack(db: sqlite3.Connection, now: float, *, leases: list[LeaseRef], window: 
     for job_id, token in leases:
         current = _current(db, job_id, token)
         if current is not None:
-            _delete(db, now, current[0], job_id, token)
+            _delete(db, now, current[0], job_id, token, window)
             done += 1
         elif (
             db.execute("SELECT 1 FROM acked WHERE id = ? AND token = ?", (job_id, token)).fetchone()
@@ -1411,12 +1418,6 @@ def _ack(db: sqlite3.Connection, now: float, *, leases: list[LeaseRef], window: 
             done += 1  # acked already with this very token: a retried Ack
         else:
             stale.append(job_id)
-    # Forget done ids past the window, a bounded number per call.
-    db.execute(
-        "DELETE FROM acked WHERE rowid IN"
-        " (SELECT rowid FROM acked WHERE at < ? ORDER BY at LIMIT ?)",
-        (now - window, _PRUNE_BATCH),
-    )
     return Settled(done, stale)
 
 
