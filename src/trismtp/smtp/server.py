@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
 
@@ -51,6 +51,7 @@ from trismtp.log import set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
+from trismtp.smtp.budget import SMALL_OCTETS, Claim, MemoryBudget, cost
 from trismtp.smtp.limits import TOO_MANY_NEW_CONNECTIONS, AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
@@ -89,6 +90,8 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+NO_MEMORY_CLOSING = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
 PushJob = Callable[[str, str, str], Awaitable[None]]
 """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
@@ -123,6 +126,7 @@ class _Session:
     tls: dict[str, str] | None = None
     errors: int = 0
     auth_failures: int = 0
+    claim: Claim = field(default_factory=Claim)  # of the memory budget
 
     @property
     def idle(self) -> bool:
@@ -202,6 +206,10 @@ class SmtpServer:
         self._exempt = parse_networks(limits.exempt_networks)
         self._proxy_networks = parse_networks(settings.proxy_protocol.trusted_networks)
         self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
+        self._budget = MemoryBudget(settings.memory_budget_bytes())
+        # Octets of a message that can be held at once: the limit and one
+        # read past it (beyond the limit the protocol keeps only a tail).
+        self._claim_cap = settings.max_message_size + READ_SIZE
         self._sessions: set[_Session] = set()
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
@@ -209,11 +217,19 @@ class SmtpServer:
         self._shutting_down = False
         self._listening = False
         self._metrics.watch_connections(self._sessions.__len__)
+        budget = self._budget
+        self._metrics.watch_memory_budget(budget.total, lambda: budget.used, lambda: budget.waiting)
+        log.debug("memory budget for messages: %d bytes", budget.total)
 
     @property
     def connections(self) -> int:
         """Open SMTP connections."""
         return len(self._sessions)
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of the messages in flight."""
+        return self._budget
 
     @property
     def listening(self) -> bool:
@@ -363,6 +379,7 @@ class SmtpServer:
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
+                self._budget.release(session.claim)
                 if session in self._sessions:
                     self._sessions.discard(session)
                     if limited:
@@ -448,6 +465,9 @@ class SmtpServer:
         data_started = 0.0
         data_received = 0
         while True:
+            if session.claim.held and not conn.in_transaction:
+                # Answered, reset or refused: the message's memory is free.
+                self._budget.release(session.claim)
             event = conn.next_event()
             if event is NEED_DATA:
                 if self._shutting_down and session.idle:
@@ -483,6 +503,13 @@ class SmtpServer:
                     return
                 if conn.state is State.DATA:
                     data_received += len(data)
+                    waited = await self._claim_data(session, data_received, data_deadline)
+                    if waited is None:
+                        log.warning("from %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0])
+                        await self._send(session, conn.send(NO_MEMORY_CLOSING))
+                        return
+                    # Time spent waiting for memory is ours, not the client's.
+                    data_started += waited
                 conn.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
@@ -498,6 +525,8 @@ class SmtpServer:
                         await self._send(session, out)
                         out.clear()
                     reply = await self._authenticate(session, event, event.credentials)
+                elif reply.positive and event.verb in ("MAIL", "DATA"):
+                    reply = self._claim_upfront(session, event, reply)
                 out += conn.send(reply)
                 if reply.code == 354:
                     data_started = trio.current_time()
@@ -536,6 +565,52 @@ class SmtpServer:
                 reply = await self._push_job(session, *encoded)
                 self._metrics.message_answered(reply.code)
                 out += conn.send(reply)
+            # The job's JSON goes now, not when the next message replaces it.
+            del encoded
+
+    def _claim_upfront(self, session: _Session, event: Command, reply: Reply) -> Reply:
+        """``reply`` to MAIL or DATA, or ``452 4.3.1`` when the memory budget is full.
+
+        MAIL with ``SIZE=`` claims the declared size at once; DATA without
+        it claims a small message's worth. Refusing here, before the upload, lets the client
+        retry later instead of waiting with its message half sent.
+        """
+        if event.verb == "MAIL":
+            declared = event.params.get("SIZE")
+            if declared is None:
+                return reply
+            target = cost(min(int(declared), self._claim_cap))
+        else:
+            target = max(session.claim.held, cost(SMALL_OCTETS))
+        if self._budget.try_claim(session.claim, target):
+            return reply
+        self._metrics.memory_refusal()
+        log.info(
+            "from %s: %s refused: the memory budget (%d bytes) is full",
+            session.remote,
+            event.verb,
+            self._budget.total,
+        )
+        return NO_MEMORY
+
+    async def _claim_data(self, session: _Session, received: int, deadline: float) -> float | None:
+        """Claim memory for ``received`` octets of DATA; the seconds waited, None on timeout.
+
+        While the claim waits, the session does not read: the client's
+        writes block (TCP back-pressure) until other messages are answered.
+        """
+        if cost(min(received, self._claim_cap)) <= session.claim.held:
+            return 0.0
+        # Outgrown: all or nothing from here (see trismtp.smtp.budget).
+        target = cost(self._claim_cap)
+        if self._budget.try_claim(session.claim, target):
+            return 0.0
+        started = trio.current_time()
+        log.debug("from %s: waiting for memory (%d bytes)", session.remote, target)
+        with trio.move_on_at(deadline):
+            await self._budget.claim(session.claim, target)
+            return trio.current_time() - started
+        return None
 
     async def _send(self, session: _Session, data: bytes | bytearray) -> None:
         """Write replies; a client that stops reading is dropped after command_timeout.

@@ -1,0 +1,168 @@
+"""The memory budget: one bound on what the messages in flight cost.
+
+Theory of operation
+===================
+
+A message costs memory from its first DATA octet until its reply is sent:
+the bytes as received, the parse, the decoded parts, the job's JSON, the
+batch on the wire and (with the embedded jobs service) the same JSON decoded
+again in this process. Measured end to end, the peak of that is about
+:data:`COST_FACTOR` times the message's size (docs/guarantees.md gives the
+figures), whatever stage it is in. So a session *claims* ``cost(octets)``
+before it holds the octets, and keeps the claim until its transaction ends
+(reply sent, RSET, connection closed).
+
+Claims are all or nothing, which is what keeps sessions from deadlocking:
+
+* at MAIL with ``SIZE=n``, the session claims ``cost(n)``; at DATA without
+  one, ``cost(SMALL_OCTETS)``. If that does not fit now, the command gets
+  ``452 4.3.1`` and the client retries later, before it uploaded anything.
+* a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
+  claim back and waits for ``cost`` of the largest message it may still
+  become (``max_message_size``). Meanwhile the session does not read: TCP
+  pushes back on the client.
+
+So a session that waits holds no claim (only the few octets it read, at
+most its old claim's worth), and every session that holds one can finish
+without waiting again: nothing is claimed after the final dot.
+
+Small mail is not starved by big uploads (say, hundreds of clients that
+upload megabytes and never send the final dot): a claim larger than
+``cost(SMALL_OCTETS)`` is *large*, and large claims together may use the
+budget only up to ``total - reserve``. The reserve is left to small ones.
+
+The budget is pure bookkeeping with a trio event to wake waiters: no clocks,
+no sockets; the server decides how long a session may wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+__all__ = [
+    "COST_FACTOR",
+    "MESSAGE_OVERHEAD",
+    "SMALL_OCTETS",
+    "Claim",
+    "MemoryBudget",
+    "cost",
+    "default_budget",
+    "minimum_budget",
+]
+
+# Peak memory per octet of a message through upload, parse, encode, queue and
+# the embedded service's decode, measured with RSS (docs/guarantees.md,
+# "Memory"); rounded up.
+COST_FACTOR: Final = 6
+# Per message: the parsed headers, the envelope, the job's small fields.
+MESSAGE_OVERHEAD: Final = 64 * 1024
+# A message up to this size is "small": DATA without SIZE= claims this much,
+# and small claims may use the reserve. Most mail is smaller.
+SMALL_OCTETS: Final = 128 * 1024
+# The share of the budget kept for small messages.
+RESERVE_SHARE: Final = 8
+# The default budget: this many messages of max_message_size at once, …
+DEFAULT_MESSAGES: Final = 16
+# … but never more than this share of the machine's memory.
+DEFAULT_MEMORY_SHARE: Final = 4
+
+
+def cost(octets: int) -> int:
+    """The memory a message of ``octets`` may cost at its peak."""
+    return COST_FACTOR * octets + MESSAGE_OVERHEAD
+
+
+def minimum_budget(max_message_size: int) -> int:
+    """The smallest budget that lets one message of ``max_message_size`` through.
+
+    The largest claim (``max_message_size`` plus one read past it) must fit
+    in the large pool, which is the budget less its reserve.
+    """
+    largest = cost(max_message_size + 64 * 1024)
+    return -(-largest * RESERVE_SHARE // (RESERVE_SHARE - 1))
+
+
+def default_budget(max_message_size: int, physical_memory: int | None) -> int:
+    """The budget when ``smtp.memory_budget`` is 0 (the default).
+
+    ``DEFAULT_MESSAGES × max_message_size`` bytes (400 MiB with the default
+    25 MiB limit: two or three messages of the largest size at once, or
+    thousands of small ones), at most a quarter of ``physical_memory``, and
+    never less than :func:`minimum_budget`.
+    """
+    budget = DEFAULT_MESSAGES * max_message_size
+    if physical_memory:
+        budget = min(budget, physical_memory // DEFAULT_MEMORY_SHARE)
+    return max(budget, minimum_budget(max_message_size))
+
+
+@dataclass(eq=False, slots=True)
+class Claim:
+    """What one session holds of the budget."""
+
+    held: int = 0
+    large: bool = False
+
+
+class MemoryBudget:
+    """Claims against ``total`` bytes, with a reserve for small messages."""
+
+    def __init__(self, total: int, *, reserve: int | None = None) -> None:
+        self.total = total
+        self.reserve = total // RESERVE_SHARE if reserve is None else reserve
+        self.small_limit = cost(SMALL_OCTETS)
+        self.used = 0
+        self.large_used = 0
+        self.waiting = 0
+        self._released = trio.Event()
+
+    def try_claim(self, claim: Claim, target: int) -> bool:
+        """Raise ``claim`` to ``target`` bytes if that fits now; False if not."""
+        extra = target - claim.held
+        if extra <= 0:
+            return True
+        if self.used + extra > self.total:
+            return False
+        if claim.large:
+            if self.large_used + extra > self.total - self.reserve:
+                return False
+            self.large_used += extra
+        elif target > self.small_limit:
+            if self.large_used + target > self.total - self.reserve:
+                return False
+            claim.large = True
+            self.large_used += target
+        self.used += extra
+        claim.held = target
+        return True
+
+    async def claim(self, claim: Claim, target: int) -> None:
+        """Raise ``claim`` to ``target`` bytes, waiting until it fits.
+
+        A claim that does not fit now is given back while it waits (see the
+        module docstring), so waiting sessions never hold each other up.
+        """
+        if self.try_claim(claim, target):
+            return
+        self.release(claim)
+        self.waiting += 1
+        try:
+            while not self.try_claim(claim, target):
+                await self._released.wait()
+        finally:
+            self.waiting -= 1
+
+    def release(self, claim: Claim) -> None:
+        """Give back all of ``claim``."""
+        if not claim.held:
+            return
+        self.used -= claim.held
+        if claim.large:
+            self.large_used -= claim.held
+        claim.held = 0
+        claim.large = False
+        self._released.set()
+        self._released = trio.Event()
