@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -52,6 +52,7 @@ from trismtp.jobs.websocket import (
     collapse,
     map_exceptions,
     open_websocket,
+    send_text,
     unavailable,
 )
 
@@ -139,7 +140,7 @@ class JobsClient:
         self._next_id = 1
         self._pending: dict[int, _Slot] = {}
         self._failure: JobsUnavailable | None = None
-        self._outbox, self._outbox_receive = trio.open_memory_channel[str](0)
+        self._outbox, self._outbox_receive = trio.open_memory_channel[Sequence[str]](0)
 
     @classmethod
     @asynccontextmanager
@@ -205,20 +206,24 @@ class JobsClient:
             method, json.dumps(params, ensure_ascii=False, separators=(",", ":"))
         )
 
-    async def call_encoded(self, method: str, params_json: str) -> Any:
+    async def call_encoded(self, method: str, params_json: str | Sequence[str]) -> Any:
         """Like :meth:`call`, with *params_json* already encoded as a JSON object.
 
-        The text goes on the wire as it is (the pusher encodes each job once
-        and joins them); it must be valid JSON, or the service answers with a
-        parse error that no call can be matched to (see :meth:`_deliver`).
+        The text goes on the wire as it is; it may come in parts, sent one
+        after the other (the pusher encodes each job once and never joins
+        them: a batch of big jobs would be copied whole). It must be valid
+        JSON, or the service answers with a parse error that no call can be
+        matched to (see :meth:`_deliver`).
         """
         self._raise_if_failed()
         request_id = self._next_id
         self._next_id += 1
-        request = (
-            f'{{"jsonrpc":"2.0","id":{request_id},'
-            f'"method":{json.dumps(method)},"params":{params_json}}}'
-        )
+        params = [params_json] if isinstance(params_json, str) else params_json
+        request = [
+            f'{{"jsonrpc":"2.0","id":{request_id},"method":{json.dumps(method)},"params":',
+            *params,
+            "}",
+        ]
         slot = _Slot()
         self._pending[request_id] = slot
         try:
@@ -271,7 +276,9 @@ class JobsClient:
     async def _write_loop(self) -> None:
         try:
             async for request in self._outbox_receive:
-                await self._ws.send_message(request)
+                await send_text(self._ws, request)
+                # Not kept until the next request: it may be megabytes.
+                del request
         except ConnectionClosed as exc:
             self._fail(self._lost(exc))
         except trio.ClosedResourceError:

@@ -457,7 +457,10 @@ class _Service:
                 except ConnectionClosed:
                     in_flight.release()
                     break
-                nursery.start_soon(self._serve_message, ws, message, in_flight)
+                # Boxed, so the task can drop the text once decoded: it may
+                # be a batch of megabytes, and its jobs are decoded by then.
+                nursery.start_soon(self._serve_message, ws, [message], in_flight)
+                del message
         with trio.move_on_after(CLOSE_TIMEOUT):
             await ws.aclose()  # returns at once when the client closed first
         reason = ws.closed
@@ -472,10 +475,10 @@ class _Service:
             logger.debug("connection from %s closed: %s", peer, reason)
 
     async def _serve_message(
-        self, ws: WebSocketConnection, message: str | bytes, in_flight: trio.Semaphore
+        self, ws: WebSocketConnection, box: list[str | bytes], in_flight: trio.Semaphore
     ) -> None:
         try:
-            reply = await self.answer(message)
+            reply = await self._respond(await self._decode(box.pop()))
             if reply is not None:
                 # No checkpoint between the store's answer and this shield, so
                 # a committed write's reply is sent even if we are stopping.
@@ -488,10 +491,14 @@ class _Service:
 
     async def answer(self, message: str | bytes) -> str | None:
         """The reply to one message, or None when it holds only notifications."""
+        return await self._respond(await self._decode(message))
+
+    async def _decode(self, message: str | bytes) -> Request | list[Request] | RpcFailure:
         if len(message) >= THREAD_DECODE_THRESHOLD:
-            decoded = await trio.to_thread.run_sync(decode_message, message)
-        else:
-            decoded = decode_message(message)
+            return await trio.to_thread.run_sync(decode_message, message)
+        return decode_message(message)
+
+    async def _respond(self, decoded: Request | list[Request] | RpcFailure) -> str | None:
         if isinstance(decoded, RpcFailure):
             return _encode({"jsonrpc": "2.0", "id": None, "error": decoded.to_dict()})
         if isinstance(decoded, Request):

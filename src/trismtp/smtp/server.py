@@ -44,6 +44,7 @@ from itertools import count
 
 import trio
 
+from trismtp import allocator
 from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
@@ -379,7 +380,7 @@ class SmtpServer:
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
-                self._budget.release(session.claim)
+                self._release(session)
                 if session in self._sessions:
                     self._sessions.discard(session)
                     if limited:
@@ -467,7 +468,7 @@ class SmtpServer:
         while True:
             if session.claim.held and not conn.in_transaction:
                 # Answered, reset or refused: the message's memory is free.
-                self._budget.release(session.claim)
+                self._release(session)
             event = conn.next_event()
             if event is NEED_DATA:
                 if self._shutting_down and session.idle:
@@ -567,6 +568,13 @@ class SmtpServer:
                 out += conn.send(reply)
             # The job's JSON goes now, not when the next message replaces it.
             del encoded
+
+    def _release(self, session: _Session) -> None:
+        """Give the session's claim back; after the last large one, trim the heaps."""
+        large = session.claim.large
+        self._budget.release(session.claim)
+        if large and not self._budget.large_used:
+            allocator.trim()
 
     def _claim_upfront(self, session: _Session, event: Command, reply: Reply) -> Reply:
         """``reply`` to MAIL or DATA, or ``452 4.3.1`` when the memory budget is full.
