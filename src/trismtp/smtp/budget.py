@@ -53,10 +53,14 @@ __all__ = [
     "minimum_budget",
 ]
 
-# Peak memory per octet of a message through upload, parse, encode, queue and
-# the embedded service's decode, measured with RSS (docs/guarantees.md,
-# "Memory"); rounded up.
-COST_FACTOR: Final = 6
+# Memory per octet of a message in flight: its bytes as received, the parse,
+# the decoded parts, the payload's and the job's JSON, and (embedded jobs
+# service) the JSON received and decoded again, measured with RSS
+# (docs/guarantees.md, "Memory"): ~7x for messages in flight together. One
+# batch at a time is also being inserted into SQLite, which copies its jobs
+# twice more (~4x a job's size); that one-at-a-time share is not charged
+# per message.
+COST_FACTOR: Final = 8
 # Per message: the parsed headers, the envelope, the job's small fields.
 MESSAGE_OVERHEAD: Final = 64 * 1024
 # A message up to this size is "small": DATA without SIZE= claims this much,
@@ -64,8 +68,8 @@ MESSAGE_OVERHEAD: Final = 64 * 1024
 SMALL_OCTETS: Final = 128 * 1024
 # The share of the budget kept for small messages.
 RESERVE_SHARE: Final = 8
-# The default budget: this many messages of max_message_size at once, …
-DEFAULT_MESSAGES: Final = 16
+# The default budget: this many times max_message_size, …
+DEFAULT_MESSAGES: Final = 24
 # … but never more than this share of the machine's memory.
 DEFAULT_MEMORY_SHARE: Final = 4
 
@@ -88,10 +92,10 @@ def minimum_budget(max_message_size: int) -> int:
 def default_budget(max_message_size: int, physical_memory: int | None) -> int:
     """The budget when ``smtp.memory_budget`` is 0 (the default).
 
-    ``DEFAULT_MESSAGES × max_message_size`` bytes (400 MiB with the default
-    25 MiB limit: two or three messages of the largest size at once, or
-    thousands of small ones), at most a quarter of ``physical_memory``, and
-    never less than :func:`minimum_budget`.
+    ``DEFAULT_MESSAGES × max_message_size`` bytes (600 MiB with the default
+    25 MiB limit: two messages of the largest size at once, or thousands of
+    small ones), at most a quarter of ``physical_memory``, and never less
+    than :func:`minimum_budget`.
     """
     budget = DEFAULT_MESSAGES * max_message_size
     if physical_memory:
