@@ -140,7 +140,8 @@ class Metrics:
         )
         self.memory_refusals = Counter(
             "trismtp_memory_refusals",
-            "MAIL (with SIZE=) or DATA answered 452 4.3.1 because the memory budget was full.",
+            "MAIL (with SIZE=) or DATA answered 452 4.3.1, or an upload closed with 421 4.3.1,"
+            " because the memory budget was full.",
             registry=r,
         )
 
@@ -246,7 +247,7 @@ class Metrics:
         self.memory_waiting.set_function(waiting)
 
     def memory_refusal(self) -> None:
-        """A MAIL or DATA got ``452 4.3.1``: no room in the memory budget."""
+        """``452 4.3.1`` to MAIL or DATA, or ``421 4.3.1`` mid-upload: no room in the budget."""
         self.memory_refusals.inc()
 
     # -- what the pusher reports -------------------------------------------------

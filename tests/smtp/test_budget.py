@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,24 @@ async def test_a_waiting_claim_holds_nothing_and_gets_in_once_memory_is_released
         budget.release(holder)
         await got_in.wait()
     assert (waiter.held, budget.used, budget.waiting) == (500, 500, 0)
+
+
+async def test_a_claim_that_would_park_too_much_is_refused_at_once() -> None:
+    budget = MemoryBudget(1000, reserve=0)
+    budget.park_limit = 100
+    holder, first, second = Claim(), Claim(), Claim()
+    assert budget.try_claim(holder, 1000)
+    assert budget.try_claim(first, 0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(budget.claim, first, 500, parking=80))
+        await trio.testing.wait_all_tasks_blocked()
+        assert budget.parked == 80
+        # 80 + 30 octets would be held by sessions that wait: refused, not queued.
+        assert not await budget.claim(second, 500, parking=30)
+        assert (budget.waiting, second.held) == (1, 0)
+        budget.release(holder)
+    assert (budget.parked, first.held) == (0, 500)
 
 
 def test_the_default_follows_max_message_size_and_the_machine() -> None:

@@ -18,13 +18,17 @@ Claims are all or nothing, which is what keeps sessions from deadlocking:
   one, ``cost(SMALL_OCTETS)``. If that does not fit now, the command gets
   ``452 4.3.1`` and the client retries later, before it uploaded anything.
 * a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
-  claim back and waits for ``cost`` of the largest message it may still
-  become (``max_message_size``). Meanwhile the session does not read: TCP
-  pushes back on the client.
+  claim back and waits for ``cost`` of the next step: ``MEDIUM_OCTETS``,
+  then the largest message it may still become (``max_message_size``).
+  Meanwhile the session does not read: TCP pushes back on the client.
 
-So a session that waits holds no claim (only the few octets it read, at
-most its old claim's worth), and every session that holds one can finish
-without waiting again: nothing is claimed after the final dot.
+So a session that waits holds no claim, and every session that holds one
+can finish its step without waiting: nothing is claimed after the final dot.
+What a waiting session does hold are the octets it has read (at most
+``MEDIUM_OCTETS`` and a read): they are *parked*, and parked octets are
+bounded too, by ``park_limit`` (the reserve's size). A session that would
+pass it is not made to wait: it gets ``421 4.3.1`` and its MTA retries. So
+the memory of messages is bounded by ``total + park_limit``.
 
 Small mail is not starved by big uploads (say, hundreds of clients that
 upload megabytes and never send the final dot): a claim larger than
@@ -44,6 +48,7 @@ import trio
 
 __all__ = [
     "COST_FACTOR",
+    "MEDIUM_OCTETS",
     "MESSAGE_OVERHEAD",
     "SMALL_OCTETS",
     "Claim",
@@ -66,6 +71,8 @@ MESSAGE_OVERHEAD: Final = 64 * 1024
 # A message up to this size is "small": DATA without SIZE= claims this much,
 # and small claims may use the reserve. Most mail is smaller.
 SMALL_OCTETS: Final = 128 * 1024
+# The step after SMALL_OCTETS for a message without SIZE=: most attachments fit.
+MEDIUM_OCTETS: Final = 1024 * 1024
 # The share of the budget kept for small messages.
 RESERVE_SHARE: Final = 8
 # The default budget: this many times max_message_size, …
@@ -118,9 +125,12 @@ class MemoryBudget:
         self.total = total
         self.reserve = total // RESERVE_SHARE if reserve is None else reserve
         self.small_limit = cost(SMALL_OCTETS)
+        #: Octets that waiting sessions may hold (see the module docstring).
+        self.park_limit = self.reserve
         self.used = 0
         self.large_used = 0
         self.waiting = 0
+        self.parked = 0
         self._released = trio.Event()
 
     def try_claim(self, claim: Claim, target: int) -> bool:
@@ -143,21 +153,28 @@ class MemoryBudget:
         claim.held = target
         return True
 
-    async def claim(self, claim: Claim, target: int) -> None:
+    async def claim(self, claim: Claim, target: int, *, parking: int = 0) -> bool:
         """Raise ``claim`` to ``target`` bytes, waiting until it fits.
 
         A claim that does not fit now is given back while it waits (see the
-        module docstring), so waiting sessions never hold each other up.
+        module docstring), so waiting sessions never hold each other up;
+        ``parking`` is what the session holds meanwhile. False, and nothing
+        changed, when parking it would pass :attr:`park_limit`.
         """
         if self.try_claim(claim, target):
-            return
+            return True
+        if self.parked + parking > self.park_limit:
+            return False
         self.release(claim)
         self.waiting += 1
+        self.parked += parking
         try:
             while not self.try_claim(claim, target):
                 await self._released.wait()
         finally:
             self.waiting -= 1
+            self.parked -= parking
+        return True
 
     def release(self, claim: Claim) -> None:
         """Give back all of ``claim``."""

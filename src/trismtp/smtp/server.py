@@ -53,7 +53,7 @@ from trismtp.log import set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
-from trismtp.smtp.budget import SMALL_OCTETS, Claim, MemoryBudget, cost
+from trismtp.smtp.budget import MEDIUM_OCTETS, SMALL_OCTETS, Claim, MemoryBudget, cost
 from trismtp.smtp.limits import TOO_MANY_NEW_CONNECTIONS, AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
@@ -507,6 +507,7 @@ class SmtpServer:
                     data_received += len(data)
                     waited = await self._claim_data(session, data_received, data_deadline)
                     if waited is None:
+                        self._metrics.memory_refusal()
                         log.warning("from %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0])
                         await self._send(session, conn.send(NO_MEMORY_CLOSING))
                         return
@@ -603,21 +604,26 @@ class SmtpServer:
         return NO_MEMORY
 
     async def _claim_data(self, session: _Session, received: int, deadline: float) -> float | None:
-        """Claim memory for ``received`` octets of DATA; the seconds waited, None on timeout.
+        """Claim memory for ``received`` octets of DATA: the seconds waited.
 
         While the claim waits, the session does not read: the client's
         writes block (TCP back-pressure) until other messages are answered.
+        None when it cannot wait (too much is parked, see
+        :mod:`trismtp.smtp.budget`) or waited until ``deadline``.
         """
-        if cost(min(received, self._claim_cap)) <= session.claim.held:
+        needed = min(received, self._claim_cap)
+        if cost(needed) <= session.claim.held:
             return 0.0
-        # Outgrown: all or nothing from here (see trismtp.smtp.budget).
-        target = cost(self._claim_cap)
+        # Outgrown: all or nothing, a step at a time (see trismtp.smtp.budget).
+        step = MEDIUM_OCTETS if needed <= MEDIUM_OCTETS else self._claim_cap
+        target = cost(step)
         if self._budget.try_claim(session.claim, target):
             return 0.0
         started = trio.current_time()
         log.debug("from %s: waiting for memory (%d bytes)", session.remote, target)
         with trio.move_on_at(deadline):
-            await self._budget.claim(session.claim, target)
+            if not await self._budget.claim(session.claim, target, parking=received):
+                return None
             return trio.current_time() - started
         return None
 
