@@ -18,17 +18,18 @@ Claims are all or nothing, which is what keeps sessions from deadlocking:
   one, ``cost(SMALL_OCTETS)``. If that does not fit now, the command gets
   ``452 4.3.1`` and the client retries later, before it uploaded anything.
 * a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
-  claim back and waits for ``cost`` of the next step: ``MEDIUM_OCTETS``,
-  then the largest message it may still become (``max_message_size``).
-  Meanwhile the session does not read: TCP pushes back on the client.
+  claim back and waits for ``cost`` of the next of :data:`STEPS` (1 MiB,
+  4 MiB), then of the largest message it may still become
+  (``max_message_size``). Meanwhile the session does not read: TCP pushes
+  back on the client.
 
 So a session that waits holds no claim, and every session that holds one
 can finish its step without waiting: nothing is claimed after the final dot.
-What a waiting session does hold are the octets it has read (at most
-``MEDIUM_OCTETS`` and a read): they are *parked*, and parked octets are
-bounded too, by ``park_limit`` (the reserve's size). A session that would
-pass it is not made to wait: it gets ``421 4.3.1`` and its MTA retries. So
-the memory of messages is bounded by ``total + park_limit``.
+What a waiting session does hold are the octets it has read (at most its
+last step and a read): they are *parked*, and parked octets are bounded too,
+by ``park_limit`` (a quarter of the budget). A session that would pass it is
+not made to wait: it gets ``421 4.3.1`` and its MTA retries. So the memory
+of messages is bounded by ``total + park_limit``.
 
 Small mail is not starved by big uploads (say, hundreds of clients that
 upload megabytes and never send the final dot): a claim larger than
@@ -48,14 +49,15 @@ import trio
 
 __all__ = [
     "COST_FACTOR",
-    "MEDIUM_OCTETS",
     "MESSAGE_OVERHEAD",
     "SMALL_OCTETS",
+    "STEPS",
     "Claim",
     "MemoryBudget",
     "cost",
     "default_budget",
     "minimum_budget",
+    "next_step",
 ]
 
 # Memory per octet of a message in flight: its bytes as received, the parse,
@@ -71,8 +73,11 @@ MESSAGE_OVERHEAD: Final = 64 * 1024
 # A message up to this size is "small": DATA without SIZE= claims this much,
 # and small claims may use the reserve. Most mail is smaller.
 SMALL_OCTETS: Final = 128 * 1024
-# The step after SMALL_OCTETS for a message without SIZE=: most attachments fit.
-MEDIUM_OCTETS: Final = 1024 * 1024
+# What a message without SIZE= claims as it grows past SMALL_OCTETS, a step at
+# a time, before max_message_size: most attachments fit the first.
+STEPS: Final = (1024 * 1024, 4 * 1024 * 1024)
+# The share of the budget that waiting sessions may hold as octets read.
+PARK_SHARE: Final = 4
 # The share of the budget kept for small messages.
 RESERVE_SHARE: Final = 8
 # The default budget: this many times max_message_size, …
@@ -84,6 +89,11 @@ DEFAULT_MEMORY_SHARE: Final = 4
 def cost(octets: int) -> int:
     """The memory a message of ``octets`` may cost at its peak."""
     return COST_FACTOR * octets + MESSAGE_OVERHEAD
+
+
+def next_step(octets: int, largest: int) -> int:
+    """The octets to claim for a message without SIZE= that holds ``octets``."""
+    return next((step for step in STEPS if step >= octets), largest)
 
 
 def minimum_budget(max_message_size: int) -> int:
@@ -126,7 +136,7 @@ class MemoryBudget:
         self.reserve = total // RESERVE_SHARE if reserve is None else reserve
         self.small_limit = cost(SMALL_OCTETS)
         #: Octets that waiting sessions may hold (see the module docstring).
-        self.park_limit = self.reserve
+        self.park_limit = total // PARK_SHARE
         self.used = 0
         self.large_used = 0
         self.waiting = 0

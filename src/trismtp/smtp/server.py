@@ -53,7 +53,7 @@ from trismtp.log import set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
-from trismtp.smtp.budget import MEDIUM_OCTETS, SMALL_OCTETS, Claim, MemoryBudget, cost
+from trismtp.smtp.budget import SMALL_OCTETS, Claim, MemoryBudget, cost, next_step
 from trismtp.smtp.limits import TOO_MANY_NEW_CONNECTIONS, AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
@@ -615,8 +615,7 @@ class SmtpServer:
         if cost(needed) <= session.claim.held:
             return 0.0
         # Outgrown: all or nothing, a step at a time (see trismtp.smtp.budget).
-        step = MEDIUM_OCTETS if needed <= MEDIUM_OCTETS else self._claim_cap
-        target = cost(step)
+        target = cost(min(next_step(needed, self._claim_cap), self._claim_cap))
         if self._budget.try_claim(session.claim, target):
             return 0.0
         started = trio.current_time()
