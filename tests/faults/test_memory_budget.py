@@ -247,6 +247,7 @@ class _Outcome:
     message_id: str
     replies: list[str] = field(default_factory=list)
     job_id: str | None = None
+    cut_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,12 +290,19 @@ async def _burst(launch: Launcher, count: int, size: int, *, declare: bool = Fal
                 ready.set()
             await ready.wait()  # every upload starts at the same moment
             if reply.startswith("354"):
-                await client.upload(message + b".\r\n")
-                reply = await client.reply()
+                try:
+                    await client.upload(message + b".\r\n")
+                    reply = await client.reply()
+                except (trio.BrokenResourceError, _Refused):
+                    # 421 4.3.1 mid-upload: too much was held by waiting uploads.
+                    outcome.cut_off = True
+                    outcome.replies.append("closed by the server during the upload")
+                    return
                 outcome.replies.append(reply)
                 if reply.startswith("250 2.0.0 OK: queued as "):
                     outcome.job_id = reply.rsplit(" ", 1)[1]
-            await client.command("QUIT")
+            if not reply.startswith("421"):  # 421: the server closed the connection
+                await client.command("QUIT")
         finally:
             await client.aclose()
 
@@ -335,13 +343,15 @@ def _emit_burst(scenario: str, burst: _Burst) -> None:
                 "rss_idle_mib": _mib(burst.idle_kib),
                 "rss_growth_mib": _mib(burst.peak_kib - burst.idle_kib),
                 "rss_after_mib": _mib(burst.after_kib),
+                "cut_off_mid_upload": sum(o.cut_off for o in burst.outcomes),
             },
         )
     )
 
 
-def _assert_answered_and_stored(burst: _Burst) -> None:
-    assert all(r.startswith(("250 ", "4")) for r in burst.final), burst.final
+def _assert_answered_and_stored(burst: _Burst, *, cut_off_allowed: bool = False) -> None:
+    final = [o.replies[-1] for o in burst.outcomes if not (cut_off_allowed and o.cut_off)]
+    assert all(r.startswith(("250 ", "4")) for r in final), final
     assert burst.acked, f"no message was accepted: {burst.final}"
     for job_id, message_id in burst.acked.items():
         assert burst.stored.get(job_id) == message_id, f"{job_id} ({message_id}) not stored"
@@ -368,5 +378,7 @@ async def test_200_messages_of_5_mb_at_once(launch: Launcher, declare: bool) -> 
     burst = await _burst(launch, 200, 5_000_000, declare=declare)
     size = "SIZE=" if declare else "no SIZE="
     _emit_burst(f"memory: 200 x 5 MB at once, {size}", burst)
-    _assert_answered_and_stored(burst)
+    # 200 uploads waiting for memory may hold more than the budget allows
+    # them: the later ones are closed with 421 4.3.1 (their MTAs retry).
+    _assert_answered_and_stored(burst, cut_off_allowed=True)
     assert burst.after_kib - burst.idle_kib < IDLE_BOUND_MIB * MIB
