@@ -42,7 +42,7 @@ __all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "connect_nats", "is_nats_u
 # The RpcError code a JetStream refusal is reported with (storage unavailable).
 JETSTREAM_ERROR = -32003
 
-# JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
+# JSON-RPC framing around the pre-encoded jobs (sent in parts, never joined).
 _BATCH_OPEN = '{"jobs":['
 _BATCH_CLOSE = "]}"
 

@@ -18,8 +18,8 @@ Claims are all or nothing, which is what keeps sessions from deadlocking:
   one, ``cost(SMALL_OCTETS)``. If that does not fit now, the command gets
   ``452 4.3.1`` and the client retries later, before it uploaded anything.
 * a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
-  claim back and waits for ``cost`` of the next of :data:`STEPS` (1 MiB,
-  4 MiB), then of the largest message it may still become
+  claim back and waits for ``cost`` of the next of :data:`STEPS` (256 KiB,
+  1 MiB, 4 MiB), then of the largest message it may still become
   (``max_message_size``). Meanwhile the session does not read: TCP pushes
   back on the client.
 
@@ -69,13 +69,15 @@ __all__ = [
 # per message.
 COST_FACTOR: Final = 8
 # Per message: the parsed headers, the envelope, the job's small fields.
-MESSAGE_OVERHEAD: Final = 64 * 1024
+MESSAGE_OVERHEAD: Final = 16 * 1024
 # A message up to this size is "small": DATA without SIZE= claims this much,
-# and small claims may use the reserve. Most mail is smaller.
-SMALL_OCTETS: Final = 128 * 1024
+# and small claims may use the reserve. It is small enough for every one of
+# max_connections (1000) sessions to be in DATA at once within the default
+# budget (1000 x 272 KiB), and most plain mail fits.
+SMALL_OCTETS: Final = 32 * 1024
 # What a message without SIZE= claims as it grows past SMALL_OCTETS, a step at
-# a time, before max_message_size: most attachments fit the first.
-STEPS: Final = (1024 * 1024, 4 * 1024 * 1024)
+# a time, before max_message_size: HTML mail, then most attachments.
+STEPS: Final = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 # The share of the budget that waiting sessions may hold as octets read.
 PARK_SHARE: Final = 4
 # The share of the budget kept for small messages.
