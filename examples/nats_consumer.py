@@ -10,7 +10,7 @@ payload JSON (docs/payload.md) in base64, and the job's headers (``uuid``,
 This worker:
 
 1. connects to the NATS server's WebSocket listener with trismtp's own client
-   (:class:`trismtp.jobs.nats.NatsClient`, the one ``trismtp serve`` uses);
+   (:class:`trismtp.nats.NatsClient`, the one ``trismtp serve`` uses);
 2. creates the durable pull consumer ``--durable`` on ``--stream`` if it does
    not exist yet, with explicit acknowledgements: a message that is not
    acknowledged within ``--ack-wait`` seconds is delivered again;
@@ -28,10 +28,11 @@ It fetches what is waiting, up to ``--batch`` messages, in one pull request
 (``no_wait``); when nothing is, it waits (``FETCH_EXPIRES`` seconds per pull
 request, again and again) for the next message.
 
-With the stream's default ``workqueue`` retention, an acknowledged message is
-removed from the stream. To share the work, run several copies with the same
-``--durable``: each message goes to one of them. (A work-queue stream refuses
-a second consumer whose subjects overlap the first one's.)
+An acknowledged message is then deleted from the stream (``--keep`` leaves
+it), as RoadRunner's ``delete_after_ack`` does: trismtp's stream has
+``limits`` retention by default, so that RoadRunner can declare its pipeline
+on it, and would otherwise keep every message. To share the work, run
+several copies with the same ``--durable``: each message goes to one of them.
 
 Run it with trismtp's virtualenv, from the repository root::
 
@@ -61,8 +62,9 @@ from typing import Any
 
 import trio
 
-from trismtp.jobs.nats import JetStreamError, Msg, NatsClient
 from trismtp.jobs.rpc import JobsUnavailable
+from trismtp.nats import JetStreamError, Msg, NatsClient
+from trismtp.nats.jetstream import ERR_NO_MESSAGE
 
 API_TIMEOUT = 5.0
 """Seconds to wait for each JetStream API reply (and for each acknowledgement)."""
@@ -180,10 +182,36 @@ async def pull(
     return [reply for reply in replies if reply.status is None and reply.reply]
 
 
-async def ack(client: NatsClient, message: Msg) -> None:
-    """``+ACK``, as a request: JetStream answers once it has taken the ack."""
+async def ack(client: NatsClient, message: Msg, options: argparse.Namespace) -> None:
+    """``+ACK``, as a request: JetStream answers once it has taken the ack.
+
+    Then, unless ``--keep``, delete the message from the stream, as
+    RoadRunner's ``delete_after_ack`` does: on a ``limits`` stream (trismtp's
+    default) an acknowledged message otherwise stays until the stream's limits
+    drop it. On a work-queue stream the ack removed it already.
+    """
     assert message.reply is not None
     await client.request(message.reply, b"+ACK", API_TIMEOUT)
+    if not options.keep:
+        seq = stream_sequence(message.reply)
+        request = json.dumps({"seq": seq, "no_erase": True}).encode()
+        try:
+            await client.request(
+                f"$JS.API.STREAM.MSG.DELETE.{options.stream}", request, API_TIMEOUT
+            )
+        except JetStreamError as exc:
+            if exc.err_code != ERR_NO_MESSAGE:  # a work queue removed it on the ack
+                raise
+
+
+def stream_sequence(reply: str) -> int:
+    """The stream sequence in a JetStream ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…`` (9 tokens), or
+    with a domain and account hash after ``$JS.ACK`` (12 or more).
+    """
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 async def nak(client: NatsClient, message: Msg) -> None:
@@ -238,7 +266,7 @@ class Worker:
             print(f"failed ({exc!r}): giving the job back", file=sys.stderr)
             await nak(self.client, message)
         else:
-            await ack(self.client, message)
+            await ack(self.client, message, self.options)
             self.done += 1
 
 
@@ -281,6 +309,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=_positive, default=10, help="messages per fetch")
     parser.add_argument("--ack-wait", type=float, default=30.0, help="seconds to process one")
     parser.add_argument("--max", type=_positive, default=None, help="stop after N messages")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="do not delete a message from the stream after acknowledging it",
+    )
     parser.add_argument("--user", default="", help="NATS user")
     parser.add_argument(
         "--password",

@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 
 from trismtp.message import Envelope, build_payload
 
+from . import spec5
+from .payload_cases import CASES
+from .spec5 import check_payload
+
 ENVELOPE = Envelope(
     helo="client.example.org",
     mail_from="sender@example.org",
@@ -44,6 +48,7 @@ def payload(raw: bytes, *, include_raw: bool = True, **extra: Any) -> dict[str, 
     )
     # What the pusher does with it: JSON text, then UTF-8 on the wire.
     json.dumps(result, ensure_ascii=False).encode("utf-8")
+    check_payload(result, raw, include_raw=include_raw)
     return result
 
 
@@ -54,12 +59,7 @@ def crlf(text: str) -> bytes:
 
 def raw_of(result: dict[str, Any]) -> bytes:
     """The received bytes as a consumer gets them back from the payload."""
-    message = result["message"]
-    assert ("raw" in message) != ("raw_base64" in message)
-    if "raw" in message:
-        raw: bytes = message["raw"].encode("utf-8")
-        return raw
-    return base64.b64decode(message["raw_base64"], validate=True)
+    return spec5.raw_of(result["message"])
 
 
 def content(attachment: dict[str, Any]) -> bytes:
@@ -113,12 +113,12 @@ def test_plain_message_payload() -> None:
     assert message["headers"]["Date"] == ["Tue, 24 Nov 2026 11:00:00 +0100"]
     assert list(message["headers"]) == [
         "Received",
-        "Message-ID",
+        "Message-Id",
         "Date",
         "From",
         "To",
         "Subject",
-        "MIME-Version",
+        "Mime-Version",
         "Content-Type",
     ]
     assert result["attachments"] == []
@@ -242,7 +242,8 @@ def test_nested_mixed_alternative_related_with_inline_image_and_attachment() -> 
     assert image["content_type"] == "image/png"
     assert image["content_id"] == "logo@example.com"
     assert image["disposition"] == "inline"
-    assert image["filename"] is None
+    # No file name: one is made from the Content-ID and the type.
+    assert image["filename"] == "logo.png"
     assert content(image) == PNG
     assert image["size"] == len(PNG)
     assert pdf == {
@@ -328,7 +329,9 @@ Content-Transfer-Encoding: base64
         == "résumé.pdf"
     )
     assert one_attachment('attachment; filename="r\u00e9sum\u00e9.pdf"') == "résumé.pdf"
-    assert one_attachment("attachment") is None
+    # No name at all: "unnamed" (as the seed says) with the type's extension.
+    assert one_attachment("attachment") == "unnamed.pdf"
+    assert one_attachment("attachment", "application/x-unheard-of") == "unnamed"
 
 
 def test_encoded_words_in_subject_and_names() -> None:
@@ -417,7 +420,7 @@ Schöne Grüße — 日本語 ✓
     assert result["message"]["raw"] == raw.decode("utf-8")
 
 
-def test_invalid_utf8_message_comes_back_as_raw_base64() -> None:
+def test_invalid_utf8_message_has_raw_with_u_fffd_and_exact_raw_base64() -> None:
     raw = (
         b"Subject: Caf\xe9\r\n"
         b"Content-Type: text/plain; charset=iso-8859-1\r\n"
@@ -428,14 +431,22 @@ def test_invalid_utf8_message_comes_back_as_raw_base64() -> None:
 
     result = payload(raw)
 
-    assert "raw" not in result["message"]
-    assert raw_of(result) == raw
+    # raw is always a string, as the seed sent it (Buggregator reads it);
+    # the exact bytes are in raw_base64.
+    assert result["message"]["raw"] == (
+        "Subject: Caf\ufffd\r\n"
+        "Content-Type: text/plain; charset=iso-8859-1\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        "Un caf\ufffd cr\ufffdme, s'il vous pla\ufffdt.\r\n"
+    )
+    assert base64.b64decode(result["message"]["raw_base64"]) == raw
     assert result["message"]["body"] == "Un café crème, s'il vous plaît.\r\n"
     # Unlabelled 8-bit header bytes that are not UTF-8 are read as Latin-1.
     assert result["message"]["subject"] == "Café"
 
 
-def test_repeated_headers_keep_their_order_and_first_spelling() -> None:
+def test_repeated_headers_keep_their_order_under_the_canonical_key() -> None:
     raw = crlf(
         """Received: from c by b; Tue, 24 Nov 2026 10:00:02 +0000
 X-Tag: one
@@ -478,7 +489,7 @@ body
 
     assert headers["Subject"] == ["a subject folded over\tthree lines"]
     assert headers["X-Long"] == ["starts on the next line"]
-    assert headers["DKIM-Signature"] == ["v=1; a=rsa-sha256;\tb=abc"]
+    assert headers["Dkim-Signature"] == ["v=1; a=rsa-sha256;\tb=abc"]
 
 
 def test_quoted_printable_and_base64_text_parts() -> None:
@@ -506,7 +517,9 @@ PHA+Q2Fmw6k8L3A+
     assert message["html_body"] == "<p>Café</p>"
 
 
-def test_other_text_parts_become_attachments_and_empty_ones_vanish() -> None:
+def test_unnamed_text_parts_of_one_message_are_joined_and_empty_ones_vanish() -> None:
+    # A list manager's footer part, an empty part, and a calendar: the two
+    # text parts are what a reader sees, one after the other.
     raw = crlf(
         """Content-Type: multipart/mixed; boundary=b
 
@@ -532,12 +545,11 @@ BEGIN:VCALENDAR
 
     result = payload(raw)
 
-    assert result["message"]["body"] == "first"
-    second, calendar = result["attachments"]
-    assert (second["content_type"], content(second)) == ("text/plain", b"second")
+    assert result["message"]["body"] == "first\r\n\r\nsecond"
+    (calendar,) = result["attachments"]
     assert (calendar["content_type"], content(calendar)) == ("text/calendar", b"BEGIN:VCALENDAR")
-    assert second["filename"] is None
-    assert second["disposition"] is None
+    assert calendar["filename"] == "unnamed.ics"
+    assert calendar["disposition"] is None
 
 
 # --- broken and hostile input ----------------------------------------------------------
@@ -1022,6 +1034,11 @@ def test_encoded_word_subjects_and_names_come_back(text: str, cut: int, q: bool)
     # Surrounding whitespace is not part of a header value.
     assert result["message"]["subject"] == text.strip(" \t")
     assert result["envelope"]["from"][0]["email"] == "who@example.com"
+    # Adjacent encoded words join with no space between (RFC 2047 §6.2),
+    # whatever CPython's address parser does with them (gh-128110). A
+    # display name's own runs of white space may be normalised.
+    name = result["envelope"]["from"][0]["name"]
+    assert name.split() == text.split()
 
 
 @PROPERTY_SETTINGS
@@ -1063,3 +1080,12 @@ def test_plain_address_headers_read_the_same_as_with_the_modern_parser(value: st
     expected = [{"email": a.addr_spec, "name": a.display_name} for a in modern.addresses]
     result = payload(b"To: " + value.encode() + b"\r\nSubject: x\r\n\r\nbody\r\n")
     assert result["envelope"]["to"] == expected
+
+
+# --- cases of issues 11 and 14 (also sent through the daemon, tests/e2e) ---------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_payload_case(name: str) -> None:
+    case = CASES[name]
+    case.check(payload(case.raw))

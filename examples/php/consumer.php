@@ -46,7 +46,8 @@
  *   the job id (trismtp's docs/payload.md#deduplicating).
  * - Payload changes worth knowing: attachments have `content_type` and
  *   `content_id` (not `type`/`contentId`), no `path` (content is inline, base64),
- *   and `message.raw` may be `message.raw_base64` instead (docs/payload.md).
+ *   and `message.raw_base64` holds the exact bytes of mail that is not UTF-8
+ *   (`message.raw` is a string with U+FFFD there, as in 2.0; docs/payload.md).
  */
 
 declare(strict_types=1);

@@ -37,10 +37,10 @@ from trismtp.auth import (
     hash_password,
     read_users_text,
 )
-from trismtp.jobs.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.jobs.sinks import connect_nats, is_nats_url
 from trismtp.log import setup_logging
+from trismtp.nats import JetStreamError, NatsClient, first_messages, stream_info
 from trismtp.settings import ConfigError, HostPort, Settings, load_settings, section_names
 
 __all__ = ["main"]
@@ -274,7 +274,11 @@ def _jobs_stat(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return EXIT_OK
-    columns = ("pipeline", "driver", "active", "delayed", "reserved", "ready", "priority")
+    columns: tuple[str, ...] = ("pipeline", "driver", "active", "delayed", "reserved", "ready")
+    if any(stat.get("queue", stat.get("pipeline")) != stat.get("pipeline") for stat in stats):
+        # A NATS stream (one per partition) is not the pipeline's name: show it.
+        columns = ("pipeline", "queue", *columns[1:])
+    columns += ("priority",)
     rows = [[_cell(stat.get(c)) for c in columns] for stat in stats]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
@@ -286,9 +290,10 @@ def _jobs_stat(args: argparse.Namespace, settings: Settings) -> int:
 def _jobs_peek(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = args.pipeline or settings.jobs.pipeline
     if is_nats_url(_jobs_url(args, settings)):
-        stream = settings.jobs.nats.stream
-        jobs = _nats(args, settings, partial(_nats_peek, stream, args.n))
-        _print_jobs(jobs, as_json=args.json, pipeline=f"{stream} (NATS stream)")
+        streams = [stream for stream, _ in settings.jobs.nats.targets()]
+        jobs = _nats(args, settings, partial(_nats_peek, streams, args.n))
+        label = ", ".join(streams) + (" (NATS stream)" if len(streams) == 1 else " (NATS streams)")
+        _print_jobs(jobs, as_json=args.json, pipeline=label)
         return EXIT_OK
     result = _rpc(args, settings, "jobs.Peek", {"pipeline": pipeline, "max": args.n})
     _print_jobs(result.get("jobs", []), as_json=args.json, pipeline=pipeline)
@@ -451,31 +456,42 @@ def _nats(
 
 
 async def _nats_stat(settings: Settings, client: NatsClient) -> list[dict[str, Any]]:
-    """The stream as a row of ``jobs stat``: its messages are the queued jobs."""
+    """Each stream (one per partition) as a row of ``jobs stat``: its messages
+    are the queued jobs."""
     nats = settings.jobs.nats
-    info = await stream_info(client, nats.stream)
-    if info is None:
-        raise CommandError(f"no JetStream stream {nats.stream!r} (jobs.nats.stream)")
-    state = info.get("state", {})
-    return [
-        {
-            "pipeline": settings.jobs.pipeline,
-            "driver": "nats",
-            "queue": nats.stream,
-            "active": state.get("messages", 0),
-            "delayed": 0,
-            "reserved": None,
-            "ready": True,
-            "priority": settings.jobs.priority,
-            "bytes": state.get("bytes", 0),
-            "consumers": state.get("consumer_count", 0),
-            "subjects": info.get("config", {}).get("subjects", []),
-        }
-    ]
+    rows = []
+    for stream, _ in nats.targets():
+        info = await stream_info(client, stream)
+        if info is None:
+            raise CommandError(f"no JetStream stream {stream!r} (jobs.nats.stream)")
+        state = info.get("state", {})
+        rows.append(
+            {
+                "pipeline": settings.jobs.pipeline,
+                "driver": "nats",
+                "queue": stream,
+                "active": state.get("messages", 0),
+                "delayed": 0,
+                "reserved": None,
+                "ready": True,
+                "priority": settings.jobs.priority,
+                "bytes": state.get("bytes", 0),
+                "consumers": state.get("consumer_count", 0),
+                "subjects": info.get("config", {}).get("subjects", []),
+            }
+        )
+    return rows
 
 
-async def _nats_peek(stream: str, limit: int, client: NatsClient) -> list[dict[str, Any]]:
-    """The first jobs in the stream, without consuming them, as jobs-service jobs."""
+async def _nats_peek(streams: list[str], limit: int, client: NatsClient) -> list[dict[str, Any]]:
+    """The first jobs of each stream, without consuming them, as jobs-service jobs."""
+    jobs = []
+    for stream in streams:
+        jobs.extend(await _nats_peek_stream(stream, limit, client))
+    return jobs
+
+
+async def _nats_peek_stream(stream: str, limit: int, client: NatsClient) -> list[dict[str, Any]]:
     if await stream_info(client, stream) is None:
         raise CommandError(f"no JetStream stream {stream!r} (jobs.nats.stream)")
     jobs = []

@@ -117,6 +117,7 @@ class Daemon:
                             tls=self._tls,
                             users=self._users,
                             metrics=self.metrics,
+                            size_limit=lambda: pusher.max_message_size,
                         )
                         async with trio.open_nursery() as smtp_nursery:
                             bound = await smtp_nursery.start(self._smtp.serve)

@@ -40,9 +40,12 @@ produce surrogates).
 from __future__ import annotations
 
 import base64
+import binascii
+import bisect
 import datetime
 import email.policy
 import email.utils
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -50,9 +53,10 @@ from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import Message
+from email.parser import BytesParser
 from typing import Any
 
-__all__ = ["Envelope", "build_payload"]
+__all__ = ["Envelope", "build_payload", "canonical_header_key"]
 
 _EVENT = "EMAIL_RECEIVED"
 
@@ -91,9 +95,82 @@ _FLATTEN_POLICY: email.policy.EmailPolicy[Any] = email.policy.default.clone(
 
 _UTC = datetime.UTC
 
+# File name extensions for the content types of unnamed parts, the preferred
+# one first. A table of our own rather than the mimetypes module, whose
+# answers change with the Python version and the host's /etc/mime.types.
+_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "application/gzip": (".gz",),
+    "application/json": (".json",),
+    "application/msword": (".doc",),
+    "application/octet-stream": (".bin",),
+    "application/pdf": (".pdf",),
+    "application/pgp-signature": (".asc",),
+    "application/pkcs7-signature": (".p7s",),
+    "application/x-pkcs7-signature": (".p7s",),
+    "application/vnd.ms-excel": (".xls",),
+    "application/vnd.ms-powerpoint": (".ppt",),
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation": (".pptx",),
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": (".xlsx",),
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": (".docx",),
+    "application/xml": (".xml",),
+    "application/zip": (".zip",),
+    "audio/mpeg": (".mp3",),
+    "image/bmp": (".bmp",),
+    "image/gif": (".gif",),
+    "image/heic": (".heic",),
+    "image/jpeg": (".jpg", ".jpeg", ".jpe"),
+    "image/png": (".png",),
+    "image/svg+xml": (".svg",),
+    "image/tiff": (".tif", ".tiff"),
+    "image/webp": (".webp",),
+    "image/x-icon": (".ico",),
+    "message/global": (".eml",),
+    "message/rfc822": (".eml",),
+    "text/calendar": (".ics",),
+    "text/css": (".css",),
+    "text/csv": (".csv",),
+    "text/html": (".html", ".htm"),
+    "text/plain": (".txt",),
+    "text/vcard": (".vcf",),
+    "text/x-vcard": (".vcf",),
+    "text/xml": (".xml",),
+    "video/mp4": (".mp4",),
+}
+
+_TYPES_BY_EXTENSION = {ext: ctype for ctype, exts in _EXTENSIONS.items() for ext in exts} | {
+    ".xml": "application/xml",
+    ".eml": "message/rfc822",
+    ".vcf": "text/vcard",
+    ".p7s": "application/pkcs7-signature",
+}
+
+# Characters a derived file name keeps; anything else (a slash, a control
+# character) becomes "_", so the name is safe to write as is.
+_UNSAFE_NAME = re.compile(r"[^\w.+=-]+")
+_MAX_DERIVED_NAME = 100
+
 # policy.default's own registry (the standard header classes), shared: it
 # holds no state once built.
 _REGISTRY = HeaderRegistry()
+
+# Linear white space between two RFC 2047 encoded words.
+_ENCODED_WORD = r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?="
+_BETWEEN_ENCODED_WORDS = re.compile(rf"({_ENCODED_WORD})[ \t\r\n]+(?={_ENCODED_WORD})")
+
+# A Content-Type whose parameters follow the type without the ";".
+_TYPE_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_MISSING_SEMICOLON = re.compile(rf"({_TYPE_TOKEN}/{_TYPE_TOKEN})[ \t]+(?={_TYPE_TOKEN}\*?[ \t]*=)")
+
+# A uuencoded file in a plain body: "begin <mode> <name>", lines, "end".
+_UU_BEGIN = re.compile(r"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]+)\r?(?:\n|\Z)", re.MULTILINE)
+_UU_END = re.compile(r"^end[ \t]*\r?(?:\n|\Z)", re.MULTILINE)
+
+# A header line with white space before its colon (RFC 5322 §4.5 obsolete
+# syntax, "Subject :hi"), which the standard library takes for the body.
+_OBSOLETE_COLON = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
+
+# RFC 7230 token characters: what Go's CanonicalMIMEHeaderKey will rewrite.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # surrogateescape maps each undecodable byte 0x80-0xFF to U+DC80-U+DCFF.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
@@ -132,12 +209,11 @@ def build_payload(
     addresses: dict[str, list[dict[str, str]]] = {key: [] for key in _ADDRESS_FIELDS.values()}
     body = html_body = ""
     attachments: list[dict[str, Any]] = []
-    spelling: dict[str, str] = {}
     if parsed is not None:
         msg, whole = parsed
-        headers, spelling = _headers(msg, factory, addresses)
+        headers = _headers(msg, factory, addresses)
         if whole:
-            walk = _Walk()
+            walk = _Walk(reparse_budget=2 * len(raw))
             walk.run(msg)
             body = walk.body or ""
             html_body = walk.html_body or ""
@@ -146,8 +222,8 @@ def build_payload(
         del msg
     del parsed
 
-    subject = headers[spelling["subject"]][0] if "subject" in spelling else ""
-    message_id = headers[spelling["message-id"]][0] if "message-id" in spelling else ""
+    subject = headers["Subject"][0] if "Subject" in headers else ""
+    message_id = headers["Message-Id"][0] if "Message-Id" in headers else ""
 
     message: dict[str, Any] = {
         "id": message_id or None,
@@ -160,6 +236,10 @@ def build_payload(
         try:
             message["raw"] = raw.decode("utf-8")
         except UnicodeDecodeError:
+            # The seed always sent raw as a string (Go's JSON encoder turns
+            # invalid bytes into U+FFFD) and consumers read it unconditionally;
+            # the exact bytes come along in raw_base64.
+            message["raw"] = raw.decode("utf-8", "replace")
             message["raw_base64"] = base64.b64encode(raw).decode("ascii")
 
     return {
@@ -233,6 +313,7 @@ def _parse(raw: bytes, factory: _MemoHeaderFactory) -> tuple[Message, bool] | No
     header parser raises), then headers only (for nesting deep enough to
     exhaust the parser's recursion).
     """
+    raw = _repair_header_block(raw)
     modern = email.policy.default.clone(header_factory=factory)
     attempts: tuple[tuple[email.policy.Policy[Any], bool], ...] = (
         (modern, False),
@@ -268,29 +349,69 @@ def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: b
     return parser.close()
 
 
+def _repair_header_block(raw: bytes) -> bytes:
+    """``raw`` with "Name :value" header lines written "Name:value" for the parser.
+
+    Only the top-level header block is touched, and only the bytes the
+    parser sees: ``raw``/``size`` in the payload are the bytes received.
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return raw  # no header block at all
+    # The block ends at the first empty line, CRLF or bare LF; searched
+    # only as far as needed, since a message may be 25 MB of CRLF lines.
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    if not _OBSOLETE_COLON.search(raw, 0, end):
+        return raw
+    return _OBSOLETE_COLON.sub(rb"\1:", raw[:end]) + raw[end:]
+
+
 def _headers(
     msg: Message,
     factory: _MemoHeaderFactory,
     addresses: dict[str, list[dict[str, str]]],
-) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Every top-level header, decoded, and the key of each lowercased name.
+) -> dict[str, list[str]]:
+    """Every top-level header, decoded, under its canonical name.
 
     Fills ``addresses`` on the way.
     """
     headers: dict[str, list[str]] = {}
-    # Header names are case-insensitive; the first spelling seen is the key.
-    spelling: dict[str, str] = {}
+    # Header names are case-insensitive; every spelling of a name goes under
+    # its canonical key, as in the seed (Go's net/textproto).
+    keys: dict[str, str] = {}
     for name, value in msg.raw_items():
-        lower = name.lower()
-        key = spelling.get(lower)
+        key = keys.get(name)
         if key is None:
-            key = spelling[lower] = _clean(name)
-            headers[key] = []
-        headers[key].append(_decode_header(value))
-        field = _ADDRESS_FIELDS.get(lower)
+            key = keys[name] = canonical_header_key(_clean(name))
+        values = headers.get(key)
+        if values is None:
+            values = headers[key] = []
+        values.append(_decode_header(value))
+        field = _ADDRESS_FIELDS.get(name.lower())
         if field is not None:
             addresses[field].extend(_addresses(factory, name, value))
-    return headers, spelling
+    return headers
+
+
+# Mail uses a few dozen header names; remembering them makes the key a
+# dictionary lookup. Bounded, so a message of 10,000 made-up names costs
+# only their own computation.
+@functools.lru_cache(maxsize=1024)
+def canonical_header_key(name: str) -> str:
+    """``name`` as Go's ``textproto.CanonicalMIMEHeaderKey`` writes it.
+
+    The first letter and every letter after a hyphen upper-case, the other
+    letters lower-case (``MESSAGE-ID`` -> ``Message-Id``). A name that is not
+    an RFC 7230 token (a space, a non-ASCII or other invalid character) or is
+    empty comes back unchanged, as Go returns it.
+    """
+    if not _TOKEN.fullmatch(name):
+        return name
+    # str.capitalize on an ASCII token is exactly Go's rule for one word.
+    return "-".join(word.capitalize() for word in name.split("-"))
 
 
 def _unfold(value: str) -> str:
@@ -329,11 +450,22 @@ def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[
         # fraction of the cost (a fifth of all CPU for small mail, profiled).
         # Too long for the modern parser: the legacy one is linear.
         return _legacy_addresses(text)
+    if "=?" in text:
+        # RFC 2047 §6.2: white space between adjacent encoded words is not
+        # text. CPython's address parser keeps it (gh-128110, "Jürgen
+        # Schmürgen" with two spaces) up to 3.13 at least, so it gets the
+        # words already joined, which every version decodes right.
+        text = _BETWEEN_ENCODED_WORDS.sub(r"\1", text)
     found: list[dict[str, str]] = []
     try:
         header = factory(name, text)
         for address in header.addresses:
-            found.append({"email": _clean(address.addr_spec), "name": _clean(address.display_name)})
+            found.append(
+                {
+                    "email": _clean(address.addr_spec),
+                    "name": _clean(address.display_name).strip(" \t"),
+                }
+            )
     except Exception:
         # The modern address parser gave up (or a mailbox failed validation):
         # the legacy one is cruder but does not raise.
@@ -357,43 +489,122 @@ def _legacy_addresses(text: str) -> list[dict[str, str]]:
 # --- the MIME walk -------------------------------------------------------------
 
 
+class _Fragment:
+    """A text part that may become (part of) ``body`` or ``html_body``."""
+
+    __slots__ = ("ctype", "kind", "level", "part", "shown", "text")
+
+    def __init__(
+        self,
+        kind: str,
+        level: int,
+        text: str,
+        part: Message | None,
+        ctype: str,
+        shown: str | None,
+    ) -> None:
+        self.kind = kind  # "text/plain" or "text/html"
+        self.level = level  # embedded messages walked into to reach it
+        self.text = text
+        # Where its bytes are (None: they are the text), and what else an
+        # attachment needs. The attachment is built only if it is one: most
+        # fragments are bodies, and a body's bytes need no base64 copy.
+        self.part = part
+        self.ctype = ctype
+        self.shown = shown
+
+    def attachment(self) -> dict[str, Any]:
+        """The fragment as an entry of ``attachments``."""
+        data = self.text.encode("utf-8") if self.part is None else _leaf_bytes(self.part)
+        return _attachment(data, self.ctype, None, None, self.shown)
+
+
+# One entry of the walk's stack: (part, depth, parent is multipart/related,
+# level = embedded messages walked into).
+_Item = tuple[Message, int, bool, int]
+
+
 class _Walk:
     """Visits every part in document order and sorts leaves into body/html/attachments.
 
-    Iterative (an explicit stack) so that depth costs no recursion. The
-    first text/plain and text/html that are not attachments become the
-    bodies; every other leaf that holds anything becomes an attachment (a
-    second unnamed text part too, so no content is silently lost).
+    Iterative (an explicit stack) so that depth costs no recursion. Text
+    parts that have no file name and are not attachments are fragments of
+    the bodies; which of them win is decided at the end (see
+    :meth:`_finish` and docs/payload.md). Every other leaf that holds
+    anything becomes an attachment, in document order.
     """
 
-    __slots__ = ("attachments", "body", "html_body")
+    __slots__ = ("_items", "_reparse_budget", "attachments", "body", "html_body")
 
-    def __init__(self) -> None:
+    def __init__(self, *, reparse_budget: int) -> None:
         self.body: str | None = None
         self.html_body: str | None = None
         self.attachments: list[dict[str, Any]] = []
+        # Characters that parts with a missing ";" may still have parsed
+        # again. Each level of nested broken parts would parse its whole
+        # content once more: 50 levels of a 25 MB message, 50 parses.
+        # Twice the message covers a broken top level and one broken part
+        # as large as the rest.
+        self._reparse_budget = reparse_budget
+        self._items: list[dict[str, Any] | _Fragment] = []
 
     def run(self, root: Message) -> None:
         """Walk ``root`` and everything under it, to ``_MAX_DEPTH``."""
-        # (part, depth, parent is multipart/related)
-        stack: list[tuple[Message, int, bool]] = [(root, 0, False)]
+        stack: list[_Item] = [(root, 0, False, 0)]
         while stack:
-            part, depth, in_related = stack.pop()
+            part, depth, in_related, level = stack.pop()
             try:
-                self._visit(part, depth, in_related, stack)
+                self._visit(part, depth, in_related, level, stack)
             except Exception:  # a bad part loses only itself
                 continue
+        self._finish()
+
+    def _finish(self) -> None:
+        # The bodies come from the least deeply embedded message that has any
+        # text: the sender's own words win over a forwarded message's, even
+        # when the forward comes first. There, every fragment counts, in
+        # order: Apple Mail splits its HTML around inline images, and list
+        # managers append a text/plain footer part. Fragments of other levels
+        # stay what a reader can still open: attachments.
+        fragments = [item for item in self._items if isinstance(item, _Fragment)]
+        level = min((fragment.level for fragment in fragments), default=0)
+        plain: list[str] = []
+        html: list[str] = []
+        for item in self._items:
+            if not isinstance(item, _Fragment):
+                self.attachments.append(item)
+            elif item.level != level:
+                try:
+                    self.attachments.append(item.attachment())
+                except Exception:  # a bad part loses only itself
+                    continue
+            else:
+                (plain if item.kind == "text/plain" else html).append(item.text)
+        self._items = []
+        # A blank line between text fragments, as the seed joined them; HTML
+        # fragments are parts of one document.
+        self.body = "\r\n\r\n".join(plain)
+        self.html_body = "".join(html)
 
     def _visit(
         self,
         part: Message,
         depth: int,
         in_related: bool,
-        stack: list[tuple[Message, int, bool]],
+        level: int,
+        stack: list[_Item],
     ) -> None:
         ctype = _content_type(part)
+        if " " in ctype or "\t" in ctype:
+            # The subtype swallowed the parameters: a ";" is missing
+            # ("multipart/mixed boundary=b"). Read the part again with it.
+            repaired = _with_semicolon(part, self._reparse_budget)
+            if repaired is not None:
+                part, cost = repaired
+                ctype = _content_type(part)
+                self._reparse_budget -= cost
         if part.is_multipart() and not ctype.startswith("message/"):
-            self._descend(part, ctype, depth, stack)
+            self._descend(part, ctype, depth, level, stack)
             return
         disposition = _disposition(part)
         filename = _filename(part)
@@ -403,28 +614,17 @@ class _Walk:
             # sent as a file; then it is one attachment, as a mail client
             # shows it.
             if ctype in _EMBEDDED_MESSAGES and filename is None and disposition != "attachment":
-                self._descend(part, ctype, depth, stack)
+                self._descend(part, ctype, depth, level + 1, stack)
                 return
             try:
                 data = _flatten_body(part)
             except Exception:
                 # Regenerating failed; its parts are still worth having.
-                self._descend(part, ctype, depth, stack)
+                self._descend(part, ctype, depth, level + 1, stack)
                 return
 
         # RFC 2183 §2.8: an unknown disposition is treated as "attachment".
         attached = disposition is not None and disposition != "inline"
-        if filename is None and not attached:
-            # A multipart whose boundary never showed up is a leaf holding the
-            # whole body as text; a reader would want to see that text.
-            as_text = "text/plain" if ctype.startswith("multipart/") else ctype
-            if as_text == "text/plain" and self.body is None:
-                self.body = _text(part, _leaf_bytes(part))
-                return
-            if as_text == "text/html" and self.html_body is None:
-                self.html_body = _text(part, _leaf_bytes(part))
-                return
-
         content_id = _content_id(part)
         if attached:
             shown: str | None = "attachment"
@@ -434,27 +634,34 @@ class _Walk:
             shown = None
         if data is None:
             data = _leaf_bytes(part)
-        if not data and filename is None and content_id is None and not attached:
-            # An empty unnamed part (common in generated multiparts) carries
-            # nothing a consumer could use.
+        # A multipart whose boundary never showed up is a leaf holding the
+        # whole body as text; a reader would want to see that text.
+        as_text = "text/plain" if ctype.startswith("multipart/") else ctype
+        if filename is None and not attached and as_text in ("text/plain", "text/html"):
+            text = _text(part, data)
+            found: list[tuple[str, bytes]] = []
+            source: Message | None = part
+            if depth == 0 and as_text == "text/plain" and "begin " in text:
+                text, found = _split_uuencoded(text)
+                if found:
+                    source = None  # its bytes are now the text that is left
+            if text:
+                self._items.append(_Fragment(as_text, level, text, source, ctype, shown))
+            for name, file in found:
+                self._items.append(_attachment(file, _type_of(name), name, None, "attachment"))
+            # An empty unnamed text part carries nothing a consumer could use.
             return
-        self.attachments.append(
-            {
-                "filename": filename,
-                "content_type": ctype,
-                "size": len(data),
-                "content_id": content_id,
-                "disposition": shown,
-                "content": base64.b64encode(data).decode("ascii"),
-            }
-        )
+        if not data and filename is None and content_id is None and not attached:
+            return  # likewise for any other empty unnamed part
+        self._items.append(_attachment(data, ctype, filename, content_id, shown))
 
     @staticmethod
     def _descend(
         part: Message,
         ctype: str,
         depth: int,
-        stack: list[tuple[Message, int, bool]],
+        level: int,
+        stack: list[_Item],
     ) -> None:
         if depth >= _MAX_DEPTH:
             return
@@ -463,10 +670,116 @@ class _Walk:
             related = ctype == "multipart/related"
             # Reversed, so that popping the stack visits parts in document order.
             stack.extend(
-                (child, depth + 1, related)
+                (child, depth + 1, related, level)
                 for child in reversed(children)
                 if isinstance(child, Message)
             )
+
+
+def _attachment(
+    data: bytes, ctype: str, filename: str | None, content_id: str | None, shown: str | None
+) -> dict[str, Any]:
+    """One entry of ``attachments``."""
+    return {
+        "filename": filename or _fallback_filename(ctype, content_id),
+        "content_type": ctype,
+        "size": len(data),
+        "content_id": content_id,
+        "disposition": shown,
+        "content": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def _with_semicolon(part: Message, budget: int) -> tuple[Message, int] | None:
+    """``part`` read again with the ``;`` its Content-Type lacks, and its size; or None.
+
+    ``multipart/mixed boundary="b"`` is read by the standard library as the
+    subtype ``mixed boundary="b"`` with no boundary, so the parts are lost;
+    Stalwart and zbateson read the parameter. Only the part's own bytes are
+    parsed again, only for such a header, and only while the payload fits
+    ``budget`` characters.
+    """
+    try:
+        value = next((v for n, v in part.raw_items() if n.lower() == "content-type"), None)
+        if not isinstance(value, str):
+            return None
+        value = _unfold(value).strip()
+        match = _MISSING_SEMICOLON.match(value)
+        # The payload as parsed: get_payload() would decode 8-bit bytes
+        # with "replace" in the charset it cannot read either.
+        payload = getattr(part, "_payload", None)
+        if match is None or not isinstance(payload, str) or len(payload) > budget:
+            return None
+        fixed = f"{match.group(1)};{value[match.end(1) :]}"
+        head = "".join(
+            f"{name}: {fixed if name.lower() == 'content-type' else text}\r\n"
+            for name, text in part.raw_items()
+        )
+        source = (head + "\r\n" + payload).encode("utf-8", "surrogateescape")
+        reparsed: Message = BytesParser(policy=part.policy).parsebytes(source)
+    except Exception:  # the original reading stands
+        return None
+    return reparsed, len(payload)
+
+
+def _split_uuencoded(text: str) -> tuple[str, list[tuple[str, bytes]]]:
+    """``text`` without its uuencoded files, and the files as (name, bytes).
+
+    Mail from before MIME (and some tools still) carries files as
+    ``begin 644 name`` … ``end`` blocks in a plain body. A block whose lines
+    do not decode is left in the text.
+    """
+    files: list[tuple[str, bytes]] = []
+    kept: list[str] = []
+    # Each "begin" pairs with the first "end" after it, found by bisection,
+    # and no "begin" inside a block is tried again, decoded or not: every
+    # line is looked at once, however many "begin" lines a hostile body has.
+    ends = [end for end in _UU_END.finditer(text)]
+    starts = [end.start() for end in ends]
+    pos = done = 0
+    for begin in _UU_BEGIN.finditer(text):
+        if begin.start() < done:
+            continue
+        index = bisect.bisect_left(starts, begin.end())
+        if index == len(ends):
+            break
+        end = ends[index]
+        done = end.end()
+        data = _uudecode(text[begin.end() : end.start()])
+        name = _clean(begin.group(1).strip())
+        if data is None or not name:
+            continue  # not uuencode after all: the block stays text
+        kept.append(text[pos : begin.start()])
+        pos = end.end()
+        files.append((name, data))
+    if not files:
+        return text, []
+    kept.append(text[pos:])
+    return "".join(kept), files
+
+
+def _uudecode(lines: str) -> bytes | None:
+    """The bytes of uuencoded ``lines``, or None if they are not uuencode."""
+    out: list[bytes] = []
+    for line in lines.splitlines():
+        if not line.strip(" `"):
+            break  # the zero-length line that ends the data
+        try:
+            out.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            # Encoders pad the last line differently; cut to its length byte.
+            try:
+                size = (((ord(line[0]) - 32) & 63) * 4 + 5) // 3
+                out.append(binascii.a2b_uu(line[:size]))
+            except (binascii.Error, ValueError):
+                return None
+    return b"".join(out)
+
+
+def _type_of(filename: str) -> str:
+    """The content type a file name's extension stands for, by ``_EXTENSIONS``."""
+    suffix = filename.rpartition(".")[2].lower()
+    return _TYPES_BY_EXTENSION.get("." + suffix, "application/octet-stream")
 
 
 def _content_type(part: Message) -> str:
@@ -497,6 +810,25 @@ def _filename(part: Message) -> str | None:
     # compat32 (the fallback) does not.
     name = _decode_header(name) if "=?" in name else _clean(name)
     return name or None
+
+
+def _fallback_filename(ctype: str, content_id: str | None) -> str:
+    """A file name for a part that has none: from its Content-ID, else "unnamed".
+
+    Consumers written for the seed need a string (it sent ``"unnamed"``),
+    and one that a person can open: the local part of the Content-ID (where
+    Outlook keeps the original name, ``image001.png@01DA…``) made safe for a
+    file system, plus the extension of the content type unless it has one.
+    """
+    stem = ""
+    if content_id:
+        stem = _UNSAFE_NAME.sub("_", content_id.split("@", 1)[0]).strip("._")
+        stem = stem[:_MAX_DERIVED_NAME]
+    stem = stem or "unnamed"
+    extensions = _EXTENSIONS.get(ctype, ())
+    if extensions and not stem.lower().endswith(extensions):
+        stem += extensions[0]
+    return stem
 
 
 def _content_id(part: Message) -> str | None:

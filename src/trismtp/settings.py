@@ -239,6 +239,9 @@ class SmtpSettings(_Section):
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    # RFC 5321's 1000 (CRLF included) is the floor: fewer would refuse
+    # standard mail.
+    max_line_length: int = Field(default=1000, ge=1000)
     recipient_domains: list[str] = Field(default_factory=list)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -295,9 +298,10 @@ class NatsSettings(_Section):
     stream: str = Field(default="trismtp", min_length=1)
     subject: str = Field(default="trismtp.jobs", min_length=1)
     create_stream: bool = True
-    retention: Literal["workqueue", "limits", "interest"] = "workqueue"
+    retention: Literal["workqueue", "limits", "interest"] = "limits"
     duplicate_window: PositiveSeconds = 120.0
     replicas: int = Field(default=1, ge=1, le=5)
+    partitions: int = Field(default=1, ge=1, le=64)
     user: str = ""
     password: SecretStr = SecretStr("")
     token: SecretStr = SecretStr("")
@@ -317,6 +321,14 @@ class NatsSettings(_Section):
         if any(not t or any(c.isspace() for c in t) or t in ("*", ">") for t in tokens):
             raise ValueError("a subject is dot-separated tokens, without spaces or wildcards")
         return value
+
+    def targets(self) -> list[tuple[str, str]]:
+        """The (stream, subject) pairs jobs go to: ``stream``/``subject``, or with
+        ``partitions`` N > 1, ``stream-K``/``subject.K`` for K in 0…N-1, one for
+        each RoadRunner instance (docs/scaling.md)."""
+        if self.partitions == 1:
+            return [(self.stream, self.subject)]
+        return [(f"{self.stream}-{k}", f"{self.subject}.{k}") for k in range(self.partitions)]
 
     @model_validator(mode="after")
     def _one_credential(self) -> NatsSettings:

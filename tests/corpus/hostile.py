@@ -744,3 +744,33 @@ def _many_encoded_words() -> bytes:
 def _many_non_ascii_names() -> bytes:
     names = ",\n ".join(f'"Nämé {i}" <a{i}@example.org>' for i in range(20_000))
     return crlf("From: a@example.org\nTo: " + names + "\nSubject: many names\n\nbody\n")
+
+
+# Uuencoded files in a plain body become attachments (message.py,
+# _split_uuencoded). Pairing each "begin" with the next "end" by a lazy
+# regex took time quadratic in the number of "begin" lines: 8,000 of them
+# took 7 s before the pairing became one pass.
+
+
+@hostile("uuencode-begin-lines-without-end")
+def _uuencode_begins() -> bytes:
+    return crlf(HEAD + "Subject: begin, begin, begin\n\n" + "begin 644 a\n" * 150_000)
+
+
+@hostile("uuencode-block-of-begin-lines")
+def _uuencode_nested_begins() -> bytes:
+    lines = "begin 644 a\nM" + "!" * 60 + "\n"
+    return crlf(HEAD + "Subject: one long block\n\n" + lines * 60_000 + "end\n")
+
+
+@hostile("nested-multiparts-without-semicolons")
+def _nested_missing_semicolons() -> bytes:
+    # Every level lacks the ";" before its boundary, so each would be parsed
+    # again with its whole content (message.py, _with_semicolon): 50 parses
+    # of 3 MB. A budget of twice the message bounds that work.
+    part = "Content-Type: text/plain\n\n" + ("x" * 76 + "\n") * 40_000
+    for level in range(49, -1, -1):
+        part = (
+            f"Content-Type: multipart/mixed boundary=b{level}\n\n--b{level}\n{part}\n--b{level}--\n"
+        )
+    return crlf(HEAD + "Subject: deep\n" + part)

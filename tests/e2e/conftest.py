@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..nats.nats_server import NatsServers
 from .trismtp_e2e import (
     Daemon,
     JobsService,
@@ -34,3 +35,13 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
 def daemon(launch: Launcher) -> Daemon:
     """A running daemon with default test settings (embedded jobs service)."""
     return launch.daemon()
+
+
+@pytest.fixture
+def nats_servers(tmp_path: Path) -> Iterator[NatsServers]:
+    """Request it before ``launch``: the daemons are then stopped first."""
+    servers = NatsServers(tmp_path)
+    try:
+        yield servers
+    finally:
+        servers.close()

@@ -2,12 +2,13 @@
 
 With ``jobs.url = "nats+ws://…"`` every ``250 … queued as <id>`` is one
 message of the JetStream stream (``jobs.nats.stream``), in RoadRunner's
-format, with ``Nats-Msg-Id: <id>``; the ``trismtp jobs`` commands read the
+format, the job's id in its ``uuid`` header and no ``Nats-Msg-Id`` (which
+would make RoadRunner's requeue lose jobs); the ``trismtp jobs`` commands read the
 stream; ``examples/nats_consumer.py`` consumes it; a server that is down or
 refuses the credentials gives ``451 4.3.0``.
 
 nats-server (JetStream, WebSocket listener on 127.0.0.1) is started by
-:class:`tests.jobs.nats_server.NatsServer`: skipped without it, a failure
+:class:`tests.nats.nats_server.NatsServer`: skipped without it, a failure
 when CI=true. The stream is read back with trismtp's own NATS client
 (``STREAM.MSG.GET``, which neither consumes nor acknowledges).
 """
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -34,9 +35,9 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from trismtp.jobs.nats import NatsClient, StoredMessage, first_messages, stream_info
+from trismtp.nats import NatsClient, StoredMessage, first_messages, stream_info
 
-from ..jobs.nats_server import NatsServer
+from ..nats.nats_server import NatsServer, NatsServers
 from .trismtp_e2e import (
     CLI_TIMEOUT,
     UUID4_RE,
@@ -62,36 +63,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nats_consumer.py"
 
 
 # -- helpers --------------------------------------------------------------------
-
-
-class NatsServers:
-    """nats-servers made for one test (not started), all stopped by PID afterwards."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.servers: list[NatsServer] = []
-
-    def new(self, **kwargs: Any) -> NatsServer:
-        workdir = self.workdir / f"nats{len(self.servers) + 1}"
-        workdir.mkdir()
-        server = NatsServer(workdir, **kwargs)
-        self.servers.append(server)
-        return server
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-            print(f"----- nats-server {server.workdir.name} -----\n{server.log_tail()}")
-
-
-@pytest.fixture
-def nats_servers(tmp_path: Path) -> Iterator[NatsServers]:
-    """Request it before ``launch``: the daemons are then stopped first."""
-    servers = NatsServers(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def nats_daemon(
@@ -184,11 +155,11 @@ def roadrunner_job(message: StoredMessage) -> tuple[dict[str, Any], dict[str, An
 
 
 def msg_ids(messages: list[StoredMessage]) -> list[str]:
-    """The Nats-Msg-Id of each message (one each)."""
+    """The job id of each message: its ``uuid`` header (one each)."""
     ids = []
     for message in messages:
-        values = message.headers.get("Nats-Msg-Id", [])
-        assert len(values) == 1, f"message {message.seq}: Nats-Msg-Id {values}"
+        values = message.headers.get("uuid", [])
+        assert len(values) == 1, f"message {message.seq}: uuid {values}"
         ids.append(values[0])
     return ids
 
@@ -215,7 +186,7 @@ def text_table(stdout: str) -> dict[str, dict[str, str]]:
 def test_one_message_is_one_roadrunner_message_in_the_stream(
     nats_servers: NatsServers, launch: Launcher
 ) -> None:
-    """(a) 250 → exactly one stream message: Nats-Msg-Id, headers, body, payload."""
+    """(a) 250 → exactly one stream message: headers (no Nats-Msg-Id), body, payload."""
     nats = nats_servers.new().start()
     daemon = nats_daemon(launch, nats)
     _, reply = send(daemon.smtp_port, "Grüße über NATS", message_id="one@e2e.test")
@@ -225,7 +196,6 @@ def test_one_message_is_one_roadrunner_message_in_the_stream(
     assert len(messages) == 1, messages
     (message,) = messages
     assert message.headers == {
-        "Nats-Msg-Id": [job_id],
         "uuid": [job_id],
         "payload_class": ["smtp:handler"],
     }
@@ -256,7 +226,8 @@ def test_one_message_is_one_roadrunner_message_in_the_stream(
     info = stream_state(nats)
     config = info["config"]
     assert config["subjects"] == [SUBJECT]
-    assert config["retention"] == "workqueue"
+    # limits, so that RoadRunner's pipeline can declare itself on it (test_e2e_roadrunner).
+    assert config["retention"] == "limits"
     assert config["storage"] == "file"
     assert config["duplicate_window"] == 120 * 10**9
     assert config["num_replicas"] == 1
@@ -356,7 +327,7 @@ def test_example_consumer_consumes_and_acks_everything(
     assert f"processed {count} jobs" in result.stderr, output
     assert PASSWORD not in result.stdout + result.stderr
 
-    # Acked, so gone: a work-queue stream drops what its consumer acknowledged.
+    # Acked and deleted (as RoadRunner's delete_after_ack does), so gone.
     credentials = {"user": USER, "password": PASSWORD}
     assert stream_state(nats, **credentials)["state"]["messages"] == 0
     assert stream_messages(nats, **credentials) == []
@@ -444,7 +415,7 @@ def test_two_daemons_push_into_one_stream_concurrently(
     messages = stream_messages(nats)
     ids = msg_ids(messages)
     duplicates = [job for job, n in Counter(ids).items() if n > 1]
-    assert not duplicates, f"Nats-Msg-Ids stored more than once: {duplicates[:5]}"
+    assert not duplicates, f"job ids stored more than once: {duplicates[:5]}"
     assert len(messages) == len(acked), "one stream message per 250"
     assert set(ids) == set(acked.values())
     # And each under its own email: the Message-ID in the payload is the one sent.
@@ -570,6 +541,6 @@ def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
     pusher_lines = [
         line
         for line in daemon.log_text().splitlines()
-        if "trismtp.pusher" in line and "max_payload" in line
+        if "trismtp.pusher" in line and "larger than the NATS server's max_payload" in line
     ]
     assert len(pusher_lines) == 1, pusher_lines

@@ -1,15 +1,37 @@
-"""A real MIME message sent with smtplib becomes exactly one job (SPEC §4, §5)."""
+"""Real messages sent to the real daemon become jobs that keep the payload contract (SPEC §4, §5).
+
+Besides a full MIME message sent with smtplib: every case of
+tests/payload_cases.py (the messages of issues 11 and 14), the
+``smtp.max_line_length`` setting, and a PHP consumer written like
+Buggregator's job handler (tests/e2e/php/consumer.php, run with php-cli)
+reading the jobs the daemon stored.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import smtplib
+import subprocess
 from email.message import EmailMessage
 from email.policy import SMTP
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .trismtp_e2e import Daemon, b64decode, queued_id, run_cli
+from ..payload_cases import CASES, PNG
+from ..spec5 import check_payload
+from .trismtp_e2e import (
+    CLI_TIMEOUT,
+    Daemon,
+    Launcher,
+    StoredJob,
+    b64decode,
+    queued_id,
+    require_tool,
+    run_cli,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +100,8 @@ def test_smtplib_message_becomes_one_job_with_full_payload(daemon: Daemon) -> No
 
     message = payload["message"]
     assert message["subject"] == SUBJECT
-    assert message["headers"]["X-E2E"] == ["one"]
+    # Header keys in Go's canonical form, as the seed sent them.
+    assert message["headers"]["X-E2e"] == ["one"]
     assert "e2e-payload@example.org" in message["id"]
     assert message["body"].replace("\r\n", "\n") == TEXT
     assert message["html_body"].replace("\r\n", "\n") == HTML
@@ -109,3 +132,159 @@ def test_smtplib_message_becomes_one_job_with_full_payload(daemon: Daemon) -> No
     assert seen["options"] == {"priority": 10, "pipeline": "smtp", "delay": 0, "auto_ack": False}
     assert json.loads(seen["payload"]) == payload
     assert [j.id for j in daemon.jobs()] == [job_id]
+    check_payload(payload, logical)
+
+
+def send_all(daemon: Daemon, messages: dict[str, bytes]) -> dict[str, StoredJob]:
+    """Send each message in one SMTP session; each must get 250. Each one's job, by name."""
+    ids: dict[str, str] = {}
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, local_hostname="client.e2e.test") as smtp:
+        smtp.ehlo()
+        for name, raw in messages.items():
+            assert smtp.mail("sender@example.org")[0] == 250
+            assert smtp.rcpt("rcpt@example.com")[0] == 250
+            code, text = smtp.data(raw)
+            ids[name] = queued_id(f"{code} {text.decode()}")
+    jobs = {job.id: job for job in daemon.jobs()}
+    assert sorted(jobs) == sorted(ids.values()), "not exactly one job per message"
+    return {name: jobs[job_id] for name, job_id in ids.items()}
+
+
+def test_every_payload_case_through_the_daemon(daemon: Daemon) -> None:
+    # The messages of issues 11 and 14 (tests/payload_cases.py), with the
+    # same checks as through the parser alone, on what the daemon stored.
+    jobs = send_all(daemon, {name: case.raw for name, case in CASES.items()})
+    for name, job in jobs.items():
+        payload = job.payload
+        check_payload(payload, CASES[name].raw)
+        CASES[name].check(payload)
+
+
+LONG_HEADER = (
+    b"From: app@example.org\r\n"
+    b"Subject: long trace\r\n"
+    b"X-Trace: " + b"t" * (4097 - len(b"X-Trace: ")) + b"\r\n"
+    b"\r\n"
+    b"body\r\n"
+)
+
+
+def test_a_4097_character_header_line_needs_max_line_length(launch: Launcher) -> None:
+    strict = launch.daemon()
+    with smtplib.SMTP("127.0.0.1", strict.smtp_port) as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.org")
+        smtp.rcpt("rcpt@example.com")
+        code, text = smtp.data(LONG_HEADER)
+    # RFC 5321's limit by default, and the refusal names the setting.
+    assert (code, text.decode()) == (
+        500,
+        "5.5.2 Line too long (over 1000 octets, the server's smtp.max_line_length)",
+    )
+    assert strict.jobs() == []
+
+    roomy = launch.daemon({"smtp": {"max_line_length": 8192}})
+    (job,) = send_all(roomy, {"long": LONG_HEADER}).values()
+    check_payload(job.payload, LONG_HEADER)
+    assert job.payload["message"]["headers"]["X-Trace"] == ["t" * 4088]
+
+
+# --- a PHP consumer -------------------------------------------------------------
+
+PHP_CONSUMER = Path(__file__).parent / "php" / "consumer.php"
+
+
+def run_php_consumer(jobs: list[dict[str, Any]], out: Path) -> subprocess.CompletedProcess[str]:
+    """Feed ``jobs`` (RoadRunner Job objects) to consumer.php as JSON lines."""
+    php = require_tool("php")
+    return subprocess.run(
+        [php, str(PHP_CONSUMER), str(out)],
+        input="".join(json.dumps(job) + "\n" for job in jobs),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def as_job(stored: StoredJob) -> dict[str, Any]:
+    """A stored job as the RoadRunner Job JSON a consumer reserves (docs/payload.md)."""
+    return {
+        "job": stored.name,
+        "id": stored.id,
+        "payload": stored.payload_text,
+        "headers": stored.headers,
+        "options": {
+            "priority": stored.priority,
+            "pipeline": stored.pipeline,
+            "delay": stored.delay,
+            "auto_ack": stored.auto_ack,
+        },
+    }
+
+
+def test_php_consumer_written_like_buggregator_handles_every_job(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # The jobs are read from the daemon's store, not reserved over the RPC:
+    # the payload text is the same, and this test is about the payload.
+    names = ["inline-image-without-filename", "latin1-8bit", "all-uppercase-headers"]
+    jobs = send_all(daemon, {name: CASES[name].raw for name in names})
+    out = tmp_path / "attachments"
+
+    result = run_php_consumer([as_job(jobs[name]) for name in names], out)
+
+    assert result.returncode == 0, result.stderr
+    seen = {line["id"]: line for line in map(json.loads, result.stdout.splitlines())}
+    assert sorted(seen) == sorted(job.id for job in jobs.values())
+
+    image = seen[jobs["inline-image-without-filename"].id]
+    assert image["subject"] == "Daily chart"
+    assert image["attachments"] == [
+        {
+            "filename": "chart-1.png",
+            "type": "image/png",
+            "content_id": "chart-1@example.org",
+            "size": len(PNG),
+        }
+    ]
+    # Buggregator stores attachments as <event>/<filename>: the bytes are the image.
+    stored = out / jobs["inline-image-without-filename"].id / "chart-1.png"
+    assert stored.read_bytes() == PNG
+
+    latin1 = seen[jobs["latin1-8bit"].id]
+    assert latin1["subject"] == "Café crème"
+    assert latin1["text"] == "Un café crème, s'il vous plaît.\r\n"
+    # raw reached PHP as a string (U+FFFD for the Latin-1 bytes, as the seed).
+    raw = CASES["latin1-8bit"].raw
+    assert latin1["raw_is_utf8"] is True
+    assert latin1["raw_length"] == len(raw.decode("utf-8", "replace").encode("utf-8"))
+
+    loud = seen[jobs["all-uppercase-headers"].id]
+    assert loud["subject"] == "ALL CAPS"
+    assert loud["message_id"] == "<caps-1@example.org>"
+    assert loud["from"] == [{"email": "loud@example.org", "name": "Loud Sender"}]
+
+
+def test_php_consumer_fails_on_the_old_payload(daemon: Daemon, tmp_path: Path) -> None:
+    # The control: the same consumer on a payload as trismtp sent it before
+    # (a null filename, no raw for 8-bit mail) fails the way Buggregator did,
+    # so the test above can tell.
+    jobs = send_all(daemon, {"image": CASES["inline-image-without-filename"].raw})
+    job = as_job(next(iter(jobs.values())))
+    old = json.loads(job["payload"])
+    old["attachments"][0]["filename"] = None
+    job["payload"] = json.dumps(old)
+    eight_bit = dict(job, id="old-8bit")
+    old_8bit = json.loads(job["payload"])
+    old_8bit["attachments"] = []
+    del old_8bit["message"]["raw"]
+    old_8bit["message"]["raw_base64"] = base64.b64encode(CASES["latin1-8bit"].raw).decode()
+    eight_bit["payload"] = json.dumps(old_8bit)
+
+    result = run_php_consumer([job, eight_bit], tmp_path / "out")
+
+    assert result.returncode == 1
+    assert "TypeError" in result.stderr
+    assert "getFilename()" in result.stderr
+    assert 'job old-8bit: ErrorException: Undefined array key "raw"' in result.stderr

@@ -333,11 +333,14 @@ def check_payload(raw: bytes, *, include_raw: bool = True) -> dict[str, Any]:
     assert payload["size"] == len(raw)
     message = payload["message"]
     if include_raw:
-        assert ("raw" in message) != ("raw_base64" in message)
-        if "raw" in message:
-            assert message["raw"].encode("utf-8") == raw
-        else:
+        # raw is always a string (SPEC §5); raw_base64 is added, exact, when
+        # the bytes are not UTF-8.
+        assert isinstance(message["raw"], str)
+        if "raw_base64" in message:
             assert base64.b64decode(message["raw_base64"], validate=True) == raw
+            assert message["raw"] == raw.decode("utf-8", "replace")
+        else:
+            assert message["raw"].encode("utf-8") == raw
     else:
         assert "raw" not in message
         assert "raw_base64" not in message

@@ -1206,3 +1206,29 @@ def test_accepting_a_refused_command_is_misuse(line: bytes) -> None:
     # Nothing changed: the refusal (or a 421) can still be sent.
     assert conn.state is State.READY
     conn.send(event.reply)
+
+
+def test_text_line_limit_follows_max_line_length_and_the_reply_names_it() -> None:
+    # A 4,097-octet header line, as applications' test mail has: refused
+    # under RFC 5321's 1000 with a reply that says which setting decides,
+    # accepted whole when the operator raised smtp.max_line_length.
+    header = b"X-Trace: " + b"t" * (4097 - len(b"X-Trace: ")) + b"\r\n"
+    assert len(header) == 4099
+    body = header + b"\r\nbody\r\n"
+    stream = b"".join([*ENVELOPE, body, END])
+
+    transcript = drive([stream])
+    (refused,) = transcript.messages
+    assert refused.reply is not None
+    assert refused.reply.code == 500
+    assert refused.reply.encode() == (
+        b"500 5.5.2 Line too long (over 1000 octets, the server's smtp.max_line_length)\r\n"
+    )
+
+    roomy = ProtocolConfig(max_line_length=4099)
+    transcript = drive([stream], config=roomy)
+    assert transcript.messages[0].data == body
+    assert transcript.statuses[-1] == "250 2.0.0"
+
+    transcript = drive([stream], config=ProtocolConfig(max_line_length=4098))
+    assert transcript.statuses[-1].startswith("500 5.5.2")

@@ -64,7 +64,14 @@ from dataclasses import dataclass, field
 import trio
 
 from trismtp.jobs.rpc import BATCH_EXPIRED, JobsUnavailable, RpcError
-from trismtp.jobs.sinks import JobsTooLarge, Sink, open_sink
+from trismtp.jobs.sinks import (
+    JobsTooLarge,
+    JobsUncertain,
+    Sink,
+    expected_message_size,
+    is_nats_url,
+    open_sink,
+)
 from trismtp.metrics import Metrics
 from trismtp.settings import JobsSettings
 
@@ -126,7 +133,7 @@ class _Pending:
 
 def _still_waiting(batch: list[_Pending], margin: float = 0.0) -> list[_Pending]:
     now = trio.current_time() + margin
-    return [p for p in batch if not p.abandoned and p.deadline > now]
+    return [p for p in batch if not p.abandoned and not p.done.is_set() and p.deadline > now]
 
 
 class Pusher:
@@ -162,6 +169,8 @@ class Pusher:
         self._failures = 0
         self._connections = 0
         self._last_error = ""
+        self._size_limit = expected_message_size(url)
+        self._destination = f"NATS at {url}" if is_nats_url(url) else "the jobs service"
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
@@ -201,6 +210,14 @@ class Pusher:
     def queued(self) -> int:
         """Jobs waiting in the channel."""
         return self._receive.statistics().current_buffer_used
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest email whose job the destination always takes, if it has a
+        limit (NATS: from the server's ``max_payload``); SMTP advertises no more."""
+        if self._client is not None:
+            self._size_limit = self._client.max_message_size
+        return self._size_limit
 
     @property
     def connected(self) -> bool:
@@ -294,12 +311,8 @@ class Pusher:
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
-                    now = trio.current_time()
-                    self._metrics.batch_acked(len(live))
-                    for p in live:
-                        p.resolve(None)
-                        self._metrics.job_acked(now - p.queued_at)
-                        log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
+                    # Jobs _attempt already answered (too large) are not acked.
+                    self._acked([p for p in live if not p.done.is_set()])
                     return
                 if isinstance(error, RpcError) and error.code == BATCH_EXPIRED:
                     # A session in the batch gave up before the batch reached
@@ -366,6 +379,29 @@ class Pusher:
                 if p.job_id in too_large:
                     p.resolve(str(exc), permanent=True)
             log.error("%s: %s", ", ".join(exc.ids), exc)
+        except JobsUncertain as exc:
+            # Sending these again could store them twice, and JetStream's
+            # Nats-Msg-Id cannot be used to stop that (sinks.py says why):
+            # their clients get 451 and send them again as new jobs.
+            self._drop_client()
+            self._last_error = str(exc)
+            stored, unknown = set(exc.stored), set(exc.unknown)
+            self._acked([p for p in live if p.job_id in stored])
+            for p in live:
+                if p.job_id in unknown:
+                    p.resolve("the connection was lost before the destination acknowledged the job")
+            log.warning(
+                "connection to %s lost with %d jobs in flight: %d were acknowledged, "
+                "%d may or may not be stored and get 451 without being sent again (%s): %s",
+                self._destination,
+                len(live),
+                len(exc.stored),
+                len(exc.unknown),
+                ", ".join(exc.unknown),
+                exc,
+            )
+            if any(not p.done.is_set() for p in live):
+                return exc  # never sent: the next attempt sends them
         except RpcError as exc:
             return exc
         except JobsUnavailable as exc:
@@ -375,6 +411,17 @@ class Pusher:
             return exc
         self._failures = 0
         return None
+
+    def _acked(self, jobs: list[_Pending]) -> None:
+        """These jobs are durable: their sessions answer 250."""
+        if not jobs:
+            return
+        now = trio.current_time()
+        self._metrics.batch_acked(len(jobs))
+        for p in jobs:
+            p.resolve(None)
+            self._metrics.job_acked(now - p.queued_at)
+            log.debug("pushed job %s to pipeline %s", p.job_id, p.pipeline)
 
     async def _ensure_client(self) -> Sink | None:
         if self._client is not None:

@@ -11,8 +11,22 @@ sinks keep the pusher's contract:
   :class:`~trismtp.jobs.rpc.RpcError` when the destination refused the batch
   (the sessions get 451);
 * sending the same job id again stores nothing new: the jobs service keys
-  jobs by id, JetStream deduplicates on the ``Nats-Msg-Id`` header within the
-  stream's duplicate window.
+  jobs by id. JetStream cannot promise that for trismtp's jobs (below), so
+  the NATS sink never sends a job again whose fate it does not know: it
+  raises :class:`JobsUncertain` instead, and those sessions answer 451.
+
+Why no ``Nats-Msg-Id``: JetStream deduplicates on that header, but it stays
+in the stored message, and RoadRunner's NATS driver (v6) requeues a job by
+publishing its body again *with the headers it consumed*, then deleting the
+original. Inside the stream's duplicate window JetStream drops the requeued
+copy as a duplicate, the driver deletes the original, and the job is gone.
+So trismtp publishes without it, and a batch whose PubAcks were lost with
+the connection is not sent again: the jobs that got a PubAck are stored
+(250), the others get 451 and their MTA sends them again later, as a new
+job. A RoadRunner requeue can then never lose a job, and no job id is ever
+stored twice; the price is that a lost connection can turn into a second
+job for a message (a 451 whose publish had landed), which the consumer sees
+under a new id (docs/guarantees.md).
 
 The sink is chosen by the scheme of ``jobs.url``: ``ws://``/``wss://`` for a
 jobs service, ``nats+ws://``/``nats+wss://`` for JetStream.
@@ -20,24 +34,38 @@ jobs service, ``nats+ws://``/``nats+wss://`` for JetStream.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
-from trismtp.jobs.nats import (
+from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.nats import (
     JetStreamError,
     NatsClient,
     NatsMessage,
+    PublishIncomplete,
     ensure_stream,
-    roadrunner_message,
-    wire_size,
 )
-from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
+from trismtp.nats.protocol import DEFAULT_MAX_PAYLOAD
+from trismtp.nats.roadrunner import JobTooLarge, accepted_message_size, fit_roadrunner_message
 from trismtp.settings import JobsSettings, NatsSettings
 
-__all__ = ["JETSTREAM_ERROR", "JobsTooLarge", "Sink", "connect_nats", "is_nats_url", "open_sink"]
+log = logging.getLogger("trismtp.pusher")
+
+__all__ = [
+    "JETSTREAM_ERROR",
+    "JobsTooLarge",
+    "JobsUncertain",
+    "Sink",
+    "connect_nats",
+    "expected_message_size",
+    "is_nats_url",
+    "open_sink",
+]
 
 # The RpcError code a JetStream refusal is reported with (storage unavailable).
 JETSTREAM_ERROR = -32003
@@ -59,12 +87,31 @@ class JobsTooLarge(Exception):
         self.limit = limit
 
 
+class JobsUncertain(JobsUnavailable):
+    """The connection failed with a batch in flight: some jobs are stored, the
+    fate of the others is unknown, and they must not be sent again.
+
+    ``stored`` are the ids that are durable (answer 250); ``unknown`` the
+    ids that may or may not be (answer 451, never send again).
+    """
+
+    def __init__(self, message: str, stored: Sequence[str], unknown: Sequence[str]) -> None:
+        super().__init__(message)
+        self.stored = list(stored)
+        self.unknown = list(unknown)
+
+
 class Sink(Protocol):
     """One open connection to a destination."""
 
     @property
     def closed(self) -> bool:
         """True once the connection failed; the pusher then opens another."""
+        ...
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest email whose job this destination always takes, if it has a limit."""
         ...
 
     async def push_batch(self, jobs: Sequence[tuple[str, str]], expires_at: float | None) -> None:
@@ -74,6 +121,12 @@ class Sink(Protocol):
         if the batch reaches it later; a sink that cannot do that ignores it.
         """
         ...
+
+
+def expected_message_size(url: str) -> int | None:
+    """:attr:`Sink.max_message_size` for *url* before a connection tells it:
+    for NATS, what a server with the default ``max_payload`` takes."""
+    return accepted_message_size(DEFAULT_MAX_PAYLOAD) if is_nats_url(url) else None
 
 
 def is_nats_url(url: str) -> bool:
@@ -102,6 +155,10 @@ class RpcSink:
     def closed(self) -> bool:
         return self._client.closed
 
+    @property
+    def max_message_size(self) -> int | None:
+        return None
+
     async def push_batch(self, jobs: Sequence[tuple[str, str]], expires_at: float | None) -> None:
         # In parts, never joined: see JobsClient.call_encoded.
         params = [_BATCH_OPEN]
@@ -121,27 +178,61 @@ class NatsSink:
         self._client = client
         self._settings = settings
         self._timeout = timeout
+        self._subjects = [subject for _, subject in settings.targets()]
+
+    def _subject(self, job_id: str) -> str:
+        # A job's partition follows from its id alone: the same everywhere,
+        # spread evenly over the partitions.
+        if len(self._subjects) == 1:
+            return ""
+        return self._subjects[zlib.crc32(job_id.encode()) % len(self._subjects)]
 
     @property
     def closed(self) -> bool:
         return self._client.closed
 
+    @property
+    def max_message_size(self) -> int | None:
+        return accepted_message_size(self._client.max_payload)
+
     async def push_batch(self, jobs: Sequence[tuple[str, str]], expires_at: float | None) -> None:
-        # JetStream has no deadline for a publish; the pusher's own deadline
-        # and Nats-Msg-Id deduplication of its retries stand in for it.
+        # JetStream has no deadline for a publish: the pusher's own deadline
+        # stands in for it.
         timeout = self._timeout
         if expires_at is not None:
             timeout = max(0.001, min(timeout, expires_at - time.time()))
-        messages = [NatsMessage(job_id, *roadrunner_message(encoded)) for job_id, encoded in jobs]
         limit = self._client.max_payload
-        fit = [m for m in messages if wire_size(m) <= limit]
-        if fit:
+        messages: list[NatsMessage] = []
+        ids: list[str] = []
+        too_large: list[str] = []
+        for job_id, encoded in jobs:
             try:
-                await self._client.publish_batch(self._settings.subject, fit, timeout)
+                fitted = fit_roadrunner_message(encoded, limit)
+            except JobTooLarge:
+                too_large.append(job_id)
+                continue
+            if fitted.omitted:
+                log.warning(
+                    "job %s is larger than the NATS server's max_payload of %d bytes whole: "
+                    "sent without %s (the raw message has them; see docs/scaling.md)",
+                    job_id,
+                    limit,
+                    ", ".join(fitted.omitted),
+                )
+            # No Nats-Msg-Id: see the module docstring.
+            messages.append(NatsMessage("", fitted.data, fitted.headers, self._subject(job_id)))
+            ids.append(job_id)
+        if messages:
+            try:
+                await self._client.publish_batch(self._settings.subject, messages, timeout)
             except JetStreamError as exc:
                 raise RpcError(JETSTREAM_ERROR, f"JetStream: {exc}") from None
-        if len(fit) < len(messages):
-            raise JobsTooLarge([m.msg_id for m in messages if wire_size(m) > limit], limit)
+            except PublishIncomplete as exc:
+                stored = [i for i, ack in zip(ids, exc.acks, strict=True) if ack is not None]
+                unknown = [i for i, ack in zip(ids, exc.acks, strict=True) if ack is None]
+                raise JobsUncertain(str(exc), stored, unknown) from exc
+        if too_large:
+            raise JobsTooLarge(too_large, limit)
 
 
 def connect_nats(
@@ -166,17 +257,42 @@ async def _open_nats(url: str, settings: JobsSettings) -> AsyncIterator[NatsSink
     nats = settings.nats
     async with connect_nats(url, nats, timeout=min(5.0, settings.push_timeout)) as client:
         if nats.create_stream:
-            try:
-                await ensure_stream(
-                    client,
-                    nats.stream,
-                    [nats.subject],
-                    retention=nats.retention,
-                    duplicate_window=nats.duplicate_window,
-                    replicas=nats.replicas,
-                )
-            except JetStreamError as exc:
-                raise JobsUnavailable(
-                    f"cannot create JetStream stream {nats.stream!r}: {exc}"
-                ) from None
+            for stream, subject in nats.targets():
+                try:
+                    info = await ensure_stream(
+                        client,
+                        stream,
+                        [subject],
+                        retention=nats.retention,
+                        duplicate_window=nats.duplicate_window,
+                        replicas=nats.replicas,
+                    )
+                except JetStreamError as exc:
+                    raise JobsUnavailable(
+                        f"cannot create JetStream stream {stream!r}: {exc}"
+                    ) from None
+                _warn_if_fewer_replicas(stream, info, nats.replicas)
+        log.debug(
+            "NATS max_payload is %d bytes: SMTP advertises a SIZE of at most %d",
+            client.max_payload,
+            accepted_message_size(client.max_payload),
+        )
         yield NatsSink(client, nats, settings.push_timeout)
+
+
+def _warn_if_fewer_replicas(stream: str, info: dict[str, Any], wanted: int) -> None:
+    # RoadRunner's pipeline declaration rewrites the stream's config with
+    # num_replicas 0 (read as 1): on a cluster that quietly drops R3 to R1.
+    config = info.get("config")
+    have = config.get("num_replicas") if isinstance(config, dict) else None
+    if isinstance(have, int) and have < wanted:
+        log.warning(
+            "JetStream stream %s has %d replica(s), [jobs.nats] replicas asks for %d: "
+            "a RoadRunner pipeline declaration resets it (docs/scaling.md); "
+            "nats stream edit %s --replicas %d",
+            stream,
+            max(have, 1),
+            wanted,
+            stream,
+            wanted,
+        )

@@ -1,6 +1,6 @@
 """The client side of a WebSocket connection, shared by the jobs RPC and NATS clients.
 
-Both clients (:mod:`trismtp.jobs.rpc`, :mod:`trismtp.jobs.nats`) open a
+Both clients (:mod:`trismtp.jobs.rpc`, :mod:`trismtp.nats`) open a
 WebSocket the same way and must report its failures the same way: every
 transport problem becomes one :class:`JobsUnavailable` whose message names
 the server (never a secret from the URL) and says what went wrong. This

@@ -29,8 +29,9 @@ Limits are enforced as bytes arrive, never after buffering them whole:
 * a command line longer than 512 octets is discarded as it streams in and
   answered ``500`` when its end arrives;
 * in ``DATA``, bytes past ``max_message_size`` or in a text line longer than
-  1000 octets are dropped as they arrive, only a short tail is kept to find
-  the terminator, and the reply after the final dot is ``552`` or ``500``.
+  ``max_line_length`` octets (1000) are dropped as they arrive, only a short
+  tail is kept to find the terminator, and the reply after the final dot is
+  ``552`` or ``500``.
 
 Only ``<CRLF>.<CRLF>`` ends ``DATA``; a dot is removed only where it starts a
 line that follows a CRLF. A bare LF or CR is data, never a line end for the
@@ -160,6 +161,8 @@ class ProtocolConfig:
     require_auth: bool = False
     #: A bare CR or LF in a message: "reject" it (554) or "normalize" to CRLF.
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    #: The longest text line accepted in DATA, CRLF included (RFC 5321: 1000).
+    max_line_length: int = MAX_TEXT_LINE
     #: Recipient domains accepted (lower case; ".example.com" also takes its
     #: subdomains); empty: any. Others get 550 5.7.1.
     recipient_domains: frozenset[str] = frozenset()
@@ -258,6 +261,14 @@ class ServerConnection:
 
     def __init__(self, config: ProtocolConfig | None = None) -> None:
         self.config = config or ProtocolConfig()
+        # Names the setting: the sender's postmaster reads this reply, and
+        # the catch-all's operator is often the same person.
+        self._text_line_too_long = Reply(
+            500,
+            "5.5.2",
+            f"Line too long (over {self.config.max_line_length} octets, "
+            "the server's smtp.max_line_length)",
+        )
         self.state = State.GREETING
         self.helo = ""
         self.mail_from = ""
@@ -700,8 +711,8 @@ class ServerConnection:
         end = body.find(_TERMINATOR, max(self._scanned - 4, 0))
         limit = len(body) if end < 0 else end + 2
         if self._body_error is None:
-            if _has_long_line(body, self._line_start, limit):
-                self._body_error = _LINE_TOO_LONG
+            if _has_long_line(body, self._line_start, limit, self.config.max_line_length):
+                self._body_error = self._text_line_too_long
             elif end < 0 and self._body_size > self.config.max_message_size + len(_TERMINATOR):
                 # Only while the terminator is missing: once it is found,
                 # _body_size also counts the pipelined commands after it.
@@ -817,17 +828,17 @@ def _domain_accepted(address: str, domains: frozenset[str]) -> bool:
     return any(d.startswith(".") and (domain.endswith(d) or domain == d[1:]) for d in domains)
 
 
-def _has_long_line(buf: bytearray, start: int, end: int) -> bool:
-    """Is there a text line of over 1000 octets (CRLF included) in ``buf[start:end]``?
+def _has_long_line(buf: bytearray, start: int, end: int, longest: int) -> bool:
+    """Is there a text line of over ``longest`` octets (CRLF included) in ``buf[start:end]``?
 
-    ``start`` is the start of a line. A line is too long when 1000 octets in
-    a row hold no LF (998 characters, CR, LF is the most RFC 5321 allows).
-    Rather than walk line by line, look at 1000 octets at a time and jump
-    past the last LF among them: a few C-level scans per 100 KB.
+    ``start`` is the start of a line. A line is too long when ``longest``
+    octets in a row hold no LF (with RFC 5321's 1000: 998 characters, CR,
+    LF). Rather than walk line by line, look at ``longest`` octets at a time
+    and jump past the last LF among them: a few C-level scans per 100 KB.
     """
     pos = start
-    while end - pos >= MAX_TEXT_LINE:
-        lf = buf.rfind(b"\n", pos, pos + MAX_TEXT_LINE)
+    while end - pos >= longest:
+        lf = buf.rfind(b"\n", pos, pos + longest)
         if lf < 0:
             return True
         pos = lf + 1

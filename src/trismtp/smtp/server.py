@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import count
 
@@ -177,8 +177,12 @@ class SmtpServer:
         tls: ServerTls | None = None,
         users: UsersFile | None = None,
         metrics: Metrics | None = None,
+        size_limit: Callable[[], int | None] | None = None,
     ) -> None:
         self._settings = settings
+        # The destination's own limit (NATS max_payload), read per session so
+        # that SIZE in EHLO never promises more than the job can carry.
+        self._size_limit = size_limit
         self._jobs = jobs
         self._push = push
         # Without the daemon's metrics, count into a registry nobody reads.
@@ -199,6 +203,7 @@ class SmtpServer:
             auth_without_tls=settings.auth.allow_without_tls,
             require_auth=settings.auth.required,
             bare_newlines=settings.bare_newlines,
+            max_line_length=settings.max_line_length,
             recipient_domains=frozenset(settings.recipient_domains),
         )
         limits = settings.limits
@@ -222,6 +227,12 @@ class SmtpServer:
         budget = self._budget
         self._metrics.watch_memory_budget(budget.total, lambda: budget.used, lambda: budget.waiting)
         log.debug("memory budget for messages: %d bytes", budget.total)
+
+    def _session_config(self) -> ProtocolConfig:
+        limit = self._size_limit() if self._size_limit is not None else None
+        if limit is None or limit >= self._config.max_message_size:
+            return self._config
+        return replace(self._config, max_message_size=limit)
 
     @property
     def connections(self) -> int:
@@ -350,7 +361,7 @@ class SmtpServer:
                 next(self._session_ids),
                 str(peer),
                 peer.host,
-                ServerConnection(self._config),
+                ServerConnection(self._session_config()),
                 transport,
             )
             # From here on, every line this task logs names the session. The

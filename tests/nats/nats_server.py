@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from ..e2e.trismtp_e2e import HOST, free_port, require_tool, wait_until
 
@@ -47,7 +48,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        """What :meth:`trismtp.jobs.nats.NatsClient.connect` takes."""
+        """What :meth:`trismtp.nats.NatsClient.connect` takes."""
         return f"nats+ws://{HOST}:{self.ws_port}"
 
     @property
@@ -129,3 +130,23 @@ class NatsServer:
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class NatsServers:
+    """nats-servers made for one test (not started), all stopped by PID afterwards."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: list[NatsServer] = []
+
+    def new(self, **kwargs: Any) -> NatsServer:
+        workdir = self.workdir / f"nats{len(self.servers) + 1}"
+        workdir.mkdir()
+        server = NatsServer(workdir, **kwargs)
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+            print(f"----- nats-server {server.workdir.name} -----\n{server.log_tail()}")
