@@ -335,7 +335,7 @@ MESSAGE = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
 
 
 async def test_messages_and_pushes_are_counted(nursery: trio.Nursery, tmp_path: Path) -> None:
-    it = await start_instrumented(nursery, tmp_path)
+    it = await start_instrumented(nursery, tmp_path, bare_newlines="reject")
     assert it.smtp.listening
     await until(lambda: it.pusher.connected, "the pusher to connect")
     assert it.pusher.unavailable is None

@@ -79,7 +79,31 @@ def test_settings_file_from_environment_and_working_directory(
         ('[jobs]\ntoken = "a"\n[jobs_service]\ntoken = "b"\n', {}, "jobs.token differs"),
         ("", {"TRISMTP_SMTP__LISTEN": "127.0.0.1:25"}, "TRISMTP_SMTP__LISTEN: not valid JSON"),
         ('[log]\nlevel = "loud"\n', {}, "log.level"),
-        ("", {"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "big"}, "smtp.max_message_size"),
+        (
+            "",
+            {"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "big"},
+            "smtp.max_message_size: .* \\(from TRISMTP_SMTP__MAX_MESSAGE_SIZE\\)$",
+        ),
+        (
+            "[smtp]\nmax_message_size = 5\n",
+            {"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "big"},
+            "smtp.max_message_size: .* \\(from TRISMTP_SMTP__MAX_MESSAGE_SIZE\\)$",
+        ),
+        (
+            "",
+            {"TRISMTP_SMTP": '{"max_message_size": "big"}'},
+            "smtp.max_message_size: .* \\(from TRISMTP_SMTP\\)$",
+        ),
+        (
+            "[smtp]\nmax_message_size = 'big'\n",
+            {"TRISMTP_SMTP__HOSTNAME": "mx"},
+            "smtp.max_message_size: .* \\(in .*s.toml\\)$",
+        ),
+        (
+            "[smtp.tls]\nrequired = true\n",
+            {"TRISMTP_SMTP__TLS__CERTIFICATE": "c.pem"},
+            "smtp.tls: .* \\(from TRISMTP_SMTP__TLS__CERTIFICATE and in .*s.toml\\)$",
+        ),
         ("", {"TRISMTP_SMTP__LISTN": "x"}, "TRISMTP_SMTP__LISTN: unknown setting smtp.listn"),
         ("", {"TRISMTP_SMPT__LISTEN": "x"}, "TRISMTP_SMPT__LISTEN: unknown setting section"),
         ("not toml [", {}, "not valid TOML"),

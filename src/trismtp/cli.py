@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -62,6 +64,16 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``trismtp`` console script."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "sendmail":  # installed as a sendmail link
+            argv = ["sendmail", *argv]
+    if argv[:1] == ["sendmail"]:
+        # sendmail's own command line (-t, -oi, -fADDR, -F NAME…) is not
+        # argparse's, and its exit statuses are sysexits: see trismtp.sendmail.
+        from trismtp import sendmail
+
+        sendmail.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -161,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     consume = jobs_commands.add_parser(
         "consume", parents=[config_option, url_option], help="reserve jobs, print, ack them"
     )
-    consume.add_argument("--pipeline", required=True, help="pipeline to consume from")
+    consume.add_argument("--pipeline", help="pipeline to consume from (default: jobs.pipeline)")
     consume.add_argument("-n", type=_positive, default=1, help="at most N jobs (default 1)")
     consume.add_argument(
         "--no-ack", action="store_true", help="print the jobs and put them back in the queue"
@@ -186,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--delete", action="store_true", help="remove the user from the file")
     passwd.set_defaults(run=_passwd, needs_settings=False)
+
+    # Listed for --help only: main() hands "sendmail" to trismtp.sendmail.
+    commands.add_parser(
+        "sendmail",
+        add_help=False,
+        help="submit one message from stdin to the daemon, as sendmail does "
+        "(PHP mail(), cron, mailx); see trismtp sendmail --help",
+    )
     return parser
 
 
@@ -301,9 +321,11 @@ def _jobs_peek(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
+    pipeline = args.pipeline or settings.jobs.pipeline
+
     async def consume(client: JobsClient) -> list[dict[str, Any]]:
         result = await client.call(
-            "jobs.Reserve", {"pipeline": args.pipeline, "max": args.n, "lease": 60}
+            "jobs.Reserve", {"pipeline": pipeline, "max": args.n, "lease": 60}
         )
         jobs: list[dict[str, Any]] = result.get("jobs", [])
         ids = [job["id"] for job in jobs]
@@ -314,7 +336,13 @@ def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
         return jobs
 
     jobs = _with_client(args, settings, consume)
-    _print_jobs(jobs, as_json=args.json, pipeline=args.pipeline)
+    _print_jobs(jobs, as_json=args.json, pipeline=pipeline)
+    if jobs:
+        # Say what happened to them: acked jobs are gone for good. With
+        # --json, stdout holds only the jobs.
+        done = "put back" if args.no_ack else "acked"
+        count = f"{len(jobs)} job" + ("s" if len(jobs) != 1 else "")
+        print(f"{done} {count} in pipeline {pipeline!r}", file=sys.stderr if args.json else None)
     return EXIT_OK
 
 
@@ -413,7 +441,11 @@ def _run_server(run: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(run)
     except* OSError as group:
-        raise CommandError(f"cannot start: {_first(group)}") from None
+        # Our listeners raise OSError(errno, "X cannot listen on ADDR: reason"):
+        # the text alone, without "[Errno 98]".
+        exc = _first(group)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CommandError(f"cannot start: {reason}") from None
     except* StorageUnavailable as group:
         raise CommandError(f"cannot open the jobs database: {_first(group)}") from None
 
@@ -450,7 +482,9 @@ def _nats(
     try:
         return trio.run(run)
     except JobsUnavailable as exc:
-        raise CommandError(f"cannot reach the NATS server at {url}: {exc}") from None
+        server = "start nats-server (JetStream and a websocket listener)"
+        hint = f"check --url, or {server}" if args.url else f"{server}, or check jobs.url"
+        raise CommandError(_unreachable("the NATS server", url, exc, hint)) from None
     except JetStreamError as exc:
         raise CommandError(f"JetStream: {exc}") from None
 
@@ -521,9 +555,46 @@ def _with_client(
     try:
         return trio.run(run)
     except JobsUnavailable as exc:
-        raise CommandError(f"cannot reach the jobs service at {url}: {exc}") from None
+        if args.url:
+            hint = "check --url, or start the daemon (trismtp serve)"
+        elif settings.jobs.url == "embedded":
+            hint = (
+                "is the daemon running? Start it with trismtp serve and the same settings "
+                "(jobs_service.listen), or give --url"
+            )
+        else:
+            hint = "start the jobs service (trismtp jobs serve) or check jobs.url, or give --url"
+        raise CommandError(_unreachable("the jobs service", url, exc, hint)) from None
     except RpcError as exc:
         raise CommandError(f"the jobs service answered error {exc.code}: {exc.message}") from None
+
+
+def _unreachable(what: str, url: str, exc: JobsUnavailable, hint: str) -> str:
+    """One line: what could not be reached and why, named once, and what to do."""
+    if _refused(exc):
+        return f"cannot reach {what} at {url}: connection refused (nothing listens there); {hint}"
+    # The message names its target itself: keep only the reason.
+    reason = re.sub(r"^cannot connect to \S+: ", "", str(exc))
+    return f"cannot reach {what} at {url}: {reason}"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Was a connection refused somewhere in the causes of ``exc``?"""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError) or (
+            isinstance(item, OSError) and item.errno == errno.ECONNREFUSED
+        ):
+            return True
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        todo.extend(e for e in (item.__cause__, item.__context__) if e is not None)
+    return False
 
 
 def _print_jobs(jobs: list[dict[str, Any]], *, as_json: bool, pipeline: str) -> None:

@@ -118,6 +118,7 @@ class Daemon:
                             users=self._users,
                             metrics=self.metrics,
                             size_limit=lambda: pusher.max_message_size,
+                            destination_down=lambda: pusher.outage,
                         )
                         async with trio.open_nursery() as smtp_nursery:
                             bound = await smtp_nursery.start(self._smtp.serve)

@@ -238,7 +238,7 @@ class SmtpSettings(_Section):
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
-    bare_newlines: Literal["reject", "normalize"] = "reject"
+    bare_newlines: Literal["reject", "normalize"] = "normalize"
     # RFC 5321's 1000 (CRLF included) is the floor: fewer would refuse
     # standard mail.
     max_line_length: int = Field(default=1000, ge=1000)
@@ -575,7 +575,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, file)) from None
+        raise ConfigError(_describe(exc, file, data, os.environ)) from None
     except SettingsError:
         # pydantic-settings could not decode a list or table variable.
         raise ConfigError(_undecodable_environment(os.environ)) from None
@@ -640,13 +640,65 @@ def _undecodable_environment(environ: Mapping[str, str]) -> str:
     return "an environment variable TRISMTP_… could not be decoded"
 
 
-def _describe(exc: ValidationError, file: Path | None) -> str:
+def _describe(
+    exc: ValidationError, file: Path | None, data: Mapping[str, Any], environ: Mapping[str, str]
+) -> str:
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown setting"
-    where = f" (in {file})" if file is not None else ""
+    origins = _origins(loc, file, data, environ)
+    where = f" ({origins})" if origins else ""
     if not key:
         return f"{message}{where}"
     return f"{key}: {message}{where}"
+
+
+def _origins(
+    loc: tuple[str, ...], file: Path | None, data: Mapping[str, Any], environ: Mapping[str, str]
+) -> str:
+    """Where the value at ``loc`` came from: ``from TRISMTP_…``, ``in FILE``, or both.
+
+    A variable that sets the key (or a section holding it) wins over the
+    file, so it alone is named; a table-level error (two keys that disagree)
+    names every variable under the table, and the file when it has the table.
+    """
+    lowered = tuple(part.lower() for part in loc)
+    setting: list[str] = []  # variables that set loc itself, or a table holding it
+    inside: list[str] = []  # variables that set a key under loc
+    for name, value, section, key in _setting_variables(environ):
+        path = (section, *key.split("__")) if key is not None else (section,)
+        if lowered[: len(path)] == path and (
+            len(path) == len(lowered) or _json_has(value, lowered[len(path) :])
+        ):
+            setting.append(name)
+        elif path[: len(lowered)] == lowered:
+            inside.append(name)
+    if setting:
+        return "from " + ", ".join(sorted(setting))
+    where = []
+    if inside:
+        where.append("from " + ", ".join(sorted(inside)))
+    if file is not None and (not inside or (_has(data, loc) and bool(loc or data))):
+        where.append(f"in {file}")
+    return " and ".join(where)
+
+
+def _has(data: Any, path: tuple[str, ...]) -> bool:
+    for part in path:
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _json_has(value: str, path: tuple[str, ...]) -> bool:
+    """A JSON table variable (``TRISMTP_SMTP='{…}'``) sets the key at ``path``."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return False
+    lowered = {k.lower(): v for k, v in data.items()} if isinstance(data, dict) else data
+    return _has(lowered, path[:1]) and (len(path) == 1 or _has(lowered[path[0]], path[1:]))

@@ -9,7 +9,7 @@ said 250: every one of them must still become exactly one payload.
 Most entries are written with CRLF, as they arrive over SMTP; a few keep bare
 LF or CR on purpose. :func:`for_smtp` gives the form the end-to-end test
 sends: every line end made CRLF and a final CRLF added (SMTP carries lines,
-and the server refuses bare CR/LF by default). Every entry keeps its lines
+and the server may be set to refuse bare CR/LF). Every entry keeps its lines
 within :data:`MAX_SMTP_LINE` octets so that it can be sent at all.
 
 To add an entry, write a function returning the bytes and decorate it with

@@ -102,7 +102,13 @@ DOMAINS = ["example.com", ".example.net"]
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """max_errors = 5 and a recipient allow-list; every session ends closed."""
-    settings = {"smtp": {"recipient_domains": DOMAINS, "limits": {"max_errors": MAX_ERRORS}}}
+    settings = {
+        "smtp": {
+            "recipient_domains": DOMAINS,
+            "limits": {"max_errors": MAX_ERRORS},
+            "bare_newlines": "reject",  # refused messages count as errors
+        }
+    }
     with launcher(tmp_path_factory.mktemp("guard")) as launch:
         yield launch.daemon(settings)
 

@@ -103,6 +103,7 @@ def test_port_in_use_message_names_the_address(tmp_path: Path, busy_port: int, w
     _, line = start_on_busy_port(tmp_path, busy_port, which)
     assert "in use" in line.lower(), line
     assert str(busy_port) in line, line
+    assert "Errno" not in line, line  # the reason in words, no errno in the middle
 
 
 @pytest.mark.parametrize("command", [["serve"], ["jobs", "serve"]])
@@ -125,3 +126,52 @@ def test_environment_list_that_is_not_json_exits_2(tmp_path: Path) -> None:
     result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__LISTEN": "127.0.0.1:25"})
     assert result.returncode == 2
     assert "TRISMTP_SMTP__LISTEN: not valid JSON" in one_line_error(result)
+
+
+@pytest.mark.parametrize("with_file", [False, True], ids=["no file", "file sets it too"])
+def test_bad_environment_value_names_the_variable_not_the_file(
+    tmp_path: Path, with_file: bool
+) -> None:
+    # settings.toml in the working directory is read by default; the variable
+    # wins over it, so the variable is what the user must fix.
+    (tmp_path / "settings.toml").write_text(
+        "[smtp]\nmax_message_size = 1000\n" if with_file else "[smtp]\n", encoding="utf-8"
+    )
+    result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__MAX_MESSAGE_SIZE": "abc"})
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "smtp.max_message_size" in line, line
+    assert "TRISMTP_SMTP__MAX_MESSAGE_SIZE" in line, line
+    assert "settings.toml" not in line, line
+
+
+def test_bad_file_value_still_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "settings.toml").write_text("[smtp]\nmax_message_size = 'abc'\n")
+    result = run_cli("config", cwd=tmp_path, env_extra={"TRISMTP_SMTP__HOSTNAME": "mx"})
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "smtp.max_message_size" in line, line
+    assert "settings.toml" in line, line
+    assert "TRISMTP_" not in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        ([], "trismtp serve"),  # the defaults: the embedded jobs service
+        (["--url", f"ws://{HOST}:{{port}}/rpc"], "--url"),
+        (["--url", f"nats+ws://{HOST}:{{port}}"], "nats-server"),
+    ],
+    ids=["embedded", "jobs service url", "nats url"],
+)
+def test_jobs_stat_with_nothing_listening_says_what_to_do(
+    tmp_path: Path, args: list[str], what: str
+) -> None:
+    port = free_port()
+    write_settings(tmp_path / "settings.toml", {"jobs_service": {"listen": f"{HOST}:{port}"}})
+    result = run_cli("jobs", "stat", *(a.format(port=port) for a in args), cwd=tmp_path)
+    assert result.returncode == 1
+    line = one_line_error(result)
+    assert "connection refused" in line.lower(), line
+    assert line.count(str(port)) == 1, f"the address once, not repeated: {line}"
+    assert what in line, f"{what!r} is what to do: {line}"

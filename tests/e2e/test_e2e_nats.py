@@ -135,7 +135,9 @@ def transaction(smtp: smtplib.SMTP, subject: str, message_id: str | None) -> tup
     code, text = smtp.mail("sender@example.org")
     assert code == 250, (code, text)
     code, text = smtp.rcpt("rcpt@example.com")
-    assert code == 250, (code, text)
+    if code != 250:  # 451 at once while the daemon knows NATS is down
+        smtp.rset()
+        return code, f"{code} {text.decode()}"
     try:
         code, text = smtp.data(msg.as_bytes(policy=SMTP))
     except smtplib.SMTPDataError as exc:  # smtplib raises for anything but 250
@@ -437,7 +439,7 @@ def test_nats_down_at_start_gives_451_then_250_once_it_runs(
     started later, the pusher connects and messages get 250 again."""
     nats = nats_servers.new()  # ports chosen, not started
     daemon = nats_daemon(launch, nats)
-    daemon.wait_for_log("cannot connect to the jobs service")
+    daemon.wait_for_log("cannot connect to the NATS server")
 
     started = time.monotonic()
     code, reply = send(daemon.smtp_port, "while down")
@@ -476,7 +478,7 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     were refused, and neither password anywhere in the daemon's output."""
     nats = nats_servers.new(user=USER, password=PASSWORD).start()
     daemon = nats_daemon(launch, nats, {"user": USER, "password": WRONG_PASSWORD})
-    daemon.wait_for_log("cannot connect to the jobs service")
+    daemon.wait_for_log("cannot connect to the NATS server")
 
     code, reply = send(daemon.smtp_port, "wrong password")
     assert code == 451, reply
@@ -487,7 +489,7 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     refused = [line for line in log.splitlines() if "refused the user and password" in line]
     assert refused, log
     assert "Authorization Violation" in refused[0], refused[0]
-    assert "cannot connect to the jobs service" in refused[0], refused[0]
+    assert "cannot connect to the NATS server" in refused[0], refused[0]
     outputs = [log, *(path.read_text(errors="replace") for path in daemon.workdir.glob("*.out"))]
     for text in outputs:
         assert WRONG_PASSWORD not in text

@@ -104,7 +104,8 @@ def send(port: int, subject: str) -> bytes:
 
 
 def test_health_readiness_and_message_counters(launch: Launcher) -> None:
-    daemon, port = metrics_daemon(launch)
+    # bare_newlines = reject: a refused message to count.
+    daemon, port = metrics_daemon(launch, {"smtp": {"bare_newlines": "reject"}})
     assert http_get(port, "/healthz") == (200, "ok\n")
     wait_until(lambda: ready(port) == (200, "ready\n"), WAIT, "/readyz 200", detail=daemon.log_tail)
     assert http_get(port, "/nope")[0] == 404

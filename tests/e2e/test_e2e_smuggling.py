@@ -2,9 +2,10 @@
 
 Each sequence below ends DATA in some lenient server; here each must stay
 inside the message, so the "smuggled" second transaction is just text of the
-first. With ``smtp.bare_newlines = "reject"`` (the default) the message with
-the bare CR or LF is refused with 554 and no job exists; with "normalize" it
-is one 250, one job, and the smuggled lines are text in its raw. Either way
+first. With ``smtp.bare_newlines = "reject"`` the message with the bare CR
+or LF is refused with 554 (naming the setting) and no job exists; with
+"normalize" (the default) it is one 250, one job, and the smuggled lines are
+text in its raw. Either way
 the smuggled MAIL/RCPT/DATA never run.
 """
 
@@ -28,13 +29,17 @@ SMUGGLED = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["reject", "normalize"])
+@pytest.fixture(scope="module", params=["reject", "normalize", "default"])
 def smuggling_daemon(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Daemon]:
-    """One daemon per bare_newlines mode for every sequence: these tests only add jobs."""
+    """One daemon per bare_newlines mode for every sequence: these tests only add jobs.
+
+    "default" leaves the setting out: it must behave as "normalize".
+    """
+    smtp = {} if request.param == "default" else {"bare_newlines": request.param}
     with launcher(tmp_path_factory.mktemp("smuggling")) as launch:
-        yield launch.daemon({"smtp": {"bare_newlines": request.param}})
+        yield launch.daemon({"smtp": smtp})
 
 
 @pytest.mark.parametrize(
@@ -60,9 +65,10 @@ def test_bare_cr_or_lf_dot_does_not_end_data(smuggling_daemon: Daemon, ending: b
         conn.wait_closed()
 
     codes = [reply.code for reply in replies]
-    if daemon.settings["smtp"]["bare_newlines"] == "reject":
+    if daemon.settings["smtp"].get("bare_newlines") == "reject":
         assert codes == [554, 221], f"replies after the DATA: {[str(r) for r in replies]}"
         assert replies[0].lines[0].startswith("5.6.0")
+        assert "smtp.bare_newlines" in replies[0].lines[0], replies[0]
         assert [job for job in daemon.jobs() if job.id not in before] == []
         return
     assert codes == [250, 221], f"replies after the DATA: {[str(r) for r in replies]}"
@@ -78,3 +84,24 @@ def test_bare_cr_or_lf_dot_does_not_end_data(smuggling_daemon: Daemon, ending: b
     # Not unstuffed, and every bare CR and LF made CRLF.
     normalized = re.sub("\r\n|\r|\n", "\r\n", ending.decode())
     assert "innocent text" + normalized + "MAIL FROM:<evil@x>" in raw
+
+
+def test_lf_only_file_is_accepted_by_default(smuggling_daemon: Daemon) -> None:
+    # What `curl --upload-file msg.eml` sends for a hand-written file: every
+    # line ends in LF alone, then the CRLF.CRLF curl adds.
+    daemon = smuggling_daemon
+    body = b"From: <sender@example.org>\nTo: <rcpt@example.com>\nSubject: LF only\n\nhello\n"
+    with daemon.connect() as conn:
+        conn.start()
+        conn.transaction("sender@example.org", ["rcpt@example.com"])
+        conn.send(body + b"\r\n.\r\n")
+        reply = conn.reply()
+        conn.quit()
+    if daemon.settings["smtp"].get("bare_newlines") == "reject":
+        assert reply.last.startswith("554 5.6.0"), reply
+        assert "smtp.bare_newlines" in reply.last, "the refusal names the setting"
+        return
+    job_id = queued_id(reply)
+    [job] = [job for job in daemon.jobs() if job.id == job_id]
+    assert job.payload["message"]["subject"] == "LF only"
+    assert job.payload["message"]["raw"].startswith("From: <sender@example.org>\r\nTo: ")

@@ -247,6 +247,8 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self.log_path = workdir / f"{name}.log"
+        self.env_extra: dict[str, str] = {}
+        """Environment variables added to :func:`clean_env` (``TRISMTP_…`` settings)."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class Process:
             self.popen = subprocess.Popen(
                 [*trismtp_argv(), *self.args],
                 cwd=self.workdir,
-                env=clean_env(),
+                env={**clean_env(), **self.env_extra},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=log,

@@ -389,7 +389,10 @@ def summarize(scenario: str, report: LoadReport, check: StoreCheck, **extra: Any
         max_latency_451=report.max_latency(Outcome.TEMPFAIL),
         max_latency_250=report.max_latency(Outcome.ACKED),
         duration=report.duration,
-        extra=extra,
+        # 451s to RCPT or DATA while the daemon knew its store was down.
+        extra={"deferred_before_upload": report.deferred_before_upload, **extra}
+        if report.deferred_before_upload
+        else extra,
     )
 
 

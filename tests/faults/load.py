@@ -21,6 +21,12 @@ What a client does with the reply to the dot is what an MTA does:
   attempt is *unanswered*; the client reconnects and sends the same message
   again.
 
+A ``4xx`` (but ``421``) to RCPT or DATA, which the daemon answers while it
+knows its store is down, is what greylisting sends and what an MTA retries:
+the client sends RSET and, after a short pause, the same message again on the
+same connection. No dot was sent, so it is not an attempt; it is counted in
+``deferred_before_upload``.
+
 A refused connection, a ``421`` or a broken connection before the dot is not
 an attempt: the client reconnects, with a short jittered pause, and tries the
 same message again.
@@ -120,6 +126,8 @@ class LoadReport:
     protocol_errors: tuple[str, ...]
     """Replies that no MTA expects to MAIL/RCPT/DATA, or unknown replies to the dot."""
     duration: float
+    deferred_before_upload: int = 0
+    """4xx replies to RCPT or DATA: the daemon knew its store was down."""
 
     @property
     def acked(self) -> dict[str, str]:
@@ -138,7 +146,13 @@ class LoadReport:
 
     @property
     def replies_451(self) -> int:
+        """``451`` replies to a final dot."""
         return len(self.attempts(Outcome.TEMPFAIL))
+
+    @property
+    def deferred(self) -> int:
+        """Every ``451``: to a final dot, or to RCPT/DATA before the upload."""
+        return self.replies_451 + self.deferred_before_upload
 
     @property
     def unanswered(self) -> int:
@@ -164,9 +178,11 @@ class _Lost(Exception):
 class _Refused(Exception):
     """The server answered a command with something that ends this attempt."""
 
-    def __init__(self, code: int, text: str) -> None:
+    def __init__(self, code: int, text: str, *, deferrable: bool = False) -> None:
         super().__init__(text)
         self.code = code
+        self.deferrable = deferrable
+        """A reply to RCPT or DATA, which an MTA may get 4xx to and retry."""
 
 
 class _Conn:
@@ -219,7 +235,9 @@ class _Conn:
         await self.send(line.encode() + b"\r\n", limit)
         code, text = await self.reply(limit)
         if code != expect:
-            raise _Refused(code, f"{line.split(':')[0]!r} got {text!r}")
+            verb = line.split(":")[0]
+            deferrable = verb in ("RCPT TO", "DATA")
+            raise _Refused(code, f"{verb!r} got {text!r}", deferrable=deferrable)
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -289,6 +307,7 @@ class LoadGenerator:
         self._messages: list[MessageRecord] = []
         self._connect_failures = 0
         self._dropped_before_dot = 0
+        self._deferred_before_upload = 0
         self._protocol_errors: list[str] = []
         self._started_at: float | None = None
         self._ended_at: float | None = None
@@ -315,8 +334,9 @@ class LoadGenerator:
 
     @property
     def tempfails(self) -> int:
-        """``451`` replies so far."""
-        return self._tempfails
+        """``451`` replies so far: to a final dot, or to RCPT/DATA before the upload
+        (the daemon knew its store was down)."""
+        return self._tempfails + self._deferred_before_upload
 
     @property
     def unanswered(self) -> int:
@@ -341,6 +361,7 @@ class LoadGenerator:
             dropped_before_dot=self._dropped_before_dot,
             protocol_errors=tuple(self._protocol_errors),
             duration=end - start,
+            deferred_before_upload=self._deferred_before_upload,
         )
 
     # -- running ---------------------------------------------------------------
@@ -417,10 +438,27 @@ class LoadGenerator:
                         continue
                 try:
                     outcome = await self._attempt(conn, *current)
-                except (_Lost, _Refused) as exc:
+                except _Refused as exc:
+                    if 400 <= exc.code < 500 and exc.code != 421 and exc.deferrable:
+                        # Deferred before the upload: RSET, and again later.
+                        self._deferred_before_upload += 1
+                        try:
+                            await conn.command("RSET", 250, self.command_timeout)
+                        except (_Lost, _Refused):
+                            await conn.close()
+                            conn = None
+                        await self._pause()
+                        continue
                     # Before the dot: not an attempt; reconnect and send it again.
-                    if isinstance(exc, _Refused) and exc.code != 421:
+                    if exc.code != 421:
                         self._protocol_errors.append(str(exc))
+                    self._dropped_before_dot += 1
+                    await conn.close()
+                    conn = None
+                    await self._pause()
+                    continue
+                except _Lost:
+                    # Before the dot: not an attempt; reconnect and send it again.
                     self._dropped_before_dot += 1
                     await conn.close()
                     conn = None

@@ -78,6 +78,8 @@ class _Stall:
     rss_after: int
     fds_before: int
     fds_after: int
+    log: str
+    """The daemon's log."""
 
 
 async def _stall_under_load(
@@ -131,7 +133,9 @@ async def _stall_under_load(
         nursery.cancel_scope.cancel()
     report = load.report()
     check = check_store(report, service.database)
-    return _Stall(report, check, rss_before, peak, rss_after, fds_before, fds_after)
+    return _Stall(
+        report, check, rss_before, peak, rss_after, fds_before, fds_after, daemon.log_text()
+    )
 
 
 def _emit(name: str, stall: _Stall, **extra: Any) -> None:
@@ -182,6 +186,9 @@ async def test_service_stall_gives_451_in_time_and_bounded_memory(launch: Launch
     )
     _emit("2 service SIGSTOP > push_timeout", result, push_timeout=push_timeout, stall_s=stall)
     _assert_bounded(result, push_timeout)
+    # The log gives the cause: a stall, not a refused or lost connection.
+    assert "within jobs.push_timeout: no reply from the jobs service in time" in result.log
+    assert "RCPT refused" not in result.log, "a stall is not a known outage"
 
 
 async def test_full_channel_makes_sessions_wait_then_451(launch: Launcher) -> None:
@@ -215,6 +222,10 @@ async def test_full_channel_makes_sessions_wait_then_451(launch: Launcher) -> No
         batch_max_jobs=batch_max_jobs,
     )
     _assert_bounded(result, push_timeout)
+    # Sessions whose job waited for room or in the queue past push_timeout
+    # say the cause: overload, not a lost connection.
+    assert "overloaded, more mail than the jobs service takes" in result.log
+    assert "RCPT refused" not in result.log, "a stall is not a known outage"
 
 
 def _raise_nofile(target: int) -> None:

@@ -73,6 +73,7 @@ QUEUED = Reply(250, "2.0.0", "OK: queued as X")
 
 CONFIGS = {
     "default": ProtocolConfig(),
+    "reject": ProtocolConfig(bare_newlines="reject"),
     "small": ProtocolConfig(max_message_size=200, max_recipients=2),
     "normalize": ProtocolConfig(max_message_size=1500, bare_newlines="normalize"),
     "tls-auth": ProtocolConfig(

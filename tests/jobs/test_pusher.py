@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,15 @@ from trismtp.jobs.model import Job, JobOptions
 from trismtp.jobs.pusher import Pusher, PushFailed
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, embedded_url
+
+
+async def until(condition: Callable[[], object], what: str, within: float) -> None:
+    """Poll *condition* until it holds; fail after *within* seconds."""
+    deadline = trio.current_time() + within
+    while not condition():
+        if trio.current_time() >= deadline:
+            raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+        await trio.sleep(0.01)
 
 
 def make_job(n: int, pipeline: str = "smtp", size: int = 10) -> Job:
@@ -225,4 +235,43 @@ async def test_expiring_batches_are_stored_when_in_time(
             job = make_job(n)
             sessions.start_soon(pusher.push, job.id, job.to_json(), "smtp")
     assert len(stored_ids(service_settings.database)) == 20
+    pusher.close()
+
+
+async def test_a_full_queue_is_reported_as_overload() -> None:
+    # No run() task: nothing drains the channel, so its one place stays taken.
+    pusher = Pusher(JobsSettings(push_timeout=0.3, queue_size=1), "ws://127.0.0.1:1/rpc")
+
+    async def first() -> None:
+        with pytest.raises(PushFailed, match="no ack"):  # it got in, and waited for an ack
+            await pusher.push("job-1", make_job(1).to_json(), "smtp")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5), pytest.raises(PushFailed, match=r"stayed full .* overloaded"):
+            await pusher.push("job-2", make_job(2).to_json(), "smtp")
+
+
+async def test_outage_is_known_while_nothing_listens_and_ends_on_reconnect(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    with trio.socket.socket() as sock:  # the port, held but not listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        pusher = Pusher(JobsSettings(push_timeout=10), f"ws://127.0.0.1:{port}/rpc")
+        assert pusher.outage is None, "not known before the first connect"
+        nursery.start_soon(pusher.run)
+        await until(lambda: pusher.outage is not None, "the pusher to know", 5)
+    assert pusher.outage is not None
+    assert pusher.outage.startswith("no connection to the jobs service: "), pusher.outage
+    assert "Connection refused" in pusher.outage
+
+    # The service comes up on that port: the idle pusher reconnects by itself.
+    await start_service(
+        nursery, service_settings.model_copy(update={"listen": f"127.0.0.1:{port}"})
+    )
+    await until(lambda: pusher.outage is None, "the outage to end", 10)
+    assert pusher.connected
+    await pusher.push("job-1", make_job(1).to_json(), "smtp")
     pusher.close()

@@ -609,6 +609,7 @@ def test_dot_unstuffing() -> None:
 
 
 NORMALIZE = ProtocolConfig(bare_newlines="normalize")
+REJECT = ProtocolConfig(bare_newlines="reject")
 
 
 def normalized(data: bytes) -> bytes:
@@ -624,11 +625,12 @@ def test_dot_after_bare_lf_or_cr_is_not_unstuffed() -> None:
 
 
 @pytest.mark.parametrize("body", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n\r\n", b"a\n\rb\r\n"])
-def test_bare_newline_is_refused_by_default(body: bytes) -> None:
-    transcript = drive([*ENVELOPE, body, END, MAIL, RCPT, DATA, BODY, END, QUIT])
+def test_bare_newline_is_refused_when_asked(body: bytes) -> None:
+    transcript = drive([*ENVELOPE, body, END, MAIL, RCPT, DATA, BODY, END, QUIT], config=REJECT)
     first, second = transcript.messages
     assert first.reply is not None
     assert first.reply.code == 554
+    assert "smtp.bare_newlines" in first.reply.lines()[0]  # tells the sender what to change
     assert first.data == b""
     assert second.reply is None
     assert second.data == BODY
@@ -644,9 +646,9 @@ def test_bare_newline_is_refused_by_default(body: bytes) -> None:
     ]
 
 
-def test_bare_newlines_normalized_when_asked() -> None:
+def test_bare_newlines_normalized_by_default() -> None:
     body = b"one\ntwo\rthree\r\r\nfour\n\r\n"
-    transcript = drive([*ENVELOPE, body, END], config=NORMALIZE)
+    transcript = drive([*ENVELOPE, body, END])
     (message,) = transcript.messages
     assert message.reply is None
     assert message.data == b"one\r\ntwo\r\nthree\r\n\r\nfour\r\n\r\n"

@@ -46,6 +46,19 @@ connect, and :attr:`Pusher.connected` (``/readyz``) tells the truth between
 messages: a load balancer that waits for readiness before sending mail
 would otherwise wait for ever.
 
+While the pusher *knows* it has no destination (a connect failed, or the
+connection was lost, and it has not reconnected since), :attr:`Pusher.outage`
+says why, and the SMTP server refuses new recipients and DATA with ``451``
+at once instead of taking an upload it would answer ``451`` to
+``push_timeout`` later. What it cannot know (a destination that stalls
+without closing the connection) still costs the sessions their
+``push_timeout``. Reconnecting while idle ends the outage as soon as the
+destination is back.
+
+Log lines name the destination as what it is ("jobs service" or "NATS
+server") and give the cause of a failure: refused or lost connection, no
+reply in time (stalled or overloaded), or a queue that stayed full.
+
 Shutdown: the daemon closes the send side only after every session has
 ended, so :meth:`run` drains everything that was queued, delivers it, and
 returns. The receive side is never closed while jobs are queued.
@@ -170,7 +183,12 @@ class Pusher:
         self._connections = 0
         self._last_error = ""
         self._size_limit = expected_message_size(url)
-        self._destination = f"NATS at {url}" if is_nats_url(url) else "the jobs service"
+        # Why the destination is known to be unreachable; None when it is
+        # connected or not known to be down (see outage).
+        self._down: str | None = None
+        # Why the last delivery failed, for the sessions' log lines.
+        self._cause = ""
+        self._what = "NATS server" if is_nats_url(url) else "jobs service"
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
@@ -188,17 +206,29 @@ class Pusher:
         size = len(encoded) if encoded.isascii() else len(encoded.encode())
         now = trio.current_time()
         pending = _Pending(job_id, encoded, size, pipeline, now + timeout, now)
+        queued = False
         try:
             with trio.move_on_after(timeout):
                 await self._send.send(pending)
+                queued = True
                 await pending.done.wait()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PushFailed("the pusher is stopped") from None
         finally:
             if not pending.done.is_set():
                 pending.abandoned = True
+        if not queued:
+            raise PushFailed(
+                f"the pusher's queue (jobs.queue_size = {self._settings.queue_size}) stayed "
+                f"full for jobs.push_timeout ({timeout:g} s): overloaded, more mail than the "
+                f"{self._what} takes"
+            )
         if not pending.done.is_set():
-            raise PushFailed(f"no ack within jobs.push_timeout ({timeout:g} s)")
+            cause = self.outage or self._cause
+            raise PushFailed(
+                f"no ack from the {self._what} within jobs.push_timeout ({timeout:g} s)"
+                + (f": {cause}" if cause else "")
+            )
         if pending.error is not None:
             raise PushFailed(pending.error, permanent=pending.permanent)
 
@@ -233,7 +263,26 @@ class Pusher:
             reason = "the connection was lost"
         else:
             reason = self._last_error or "not connected yet"
-        return f"no connection to the jobs service: {reason}"
+        return f"no connection to the {self._what}: {reason}"
+
+    @property
+    def outage(self) -> str | None:
+        """Why the destination is *known* to be unreachable, else None.
+
+        Known: the connection closed, or the last connect failed, and no
+        connection has been made since. Not known, so None: connected, the
+        first connect still under way, or a call that stalled (the
+        destination may answer yet). The SMTP server refuses mail before the
+        upload while this is set (module docstring).
+        """
+        if self._client is not None:
+            # Closed is known at once; the idle loop reconnects within IDLE_CHECK.
+            if self._client.closed:
+                return f"no connection to the {self._what}: the connection was lost"
+            return None
+        if self._down is None:
+            return None
+        return f"no connection to the {self._what}: {self._down}"
 
     # -- the pusher task ----------------------------------------------------
 
@@ -306,8 +355,14 @@ class Pusher:
 
     async def _deliver(self, batch: list[_Pending]) -> None:
         live = _still_waiting(batch, self._margin)
+        # Why the jobs left unanswered are: what the last attempt ran into.
+        cause = (
+            f"they waited in the queue past jobs.push_timeout: overloaded, more mail "
+            f"than the {self._what} takes"
+        )
         while live:
             deadline = max(p.deadline for p in live)
+            cause = f"no reply from the {self._what} in time (stalled or overloaded)"
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
@@ -324,33 +379,43 @@ class Pusher:
                             "deadline: are its clock and this host's in step?",
                             left,
                         )
+                    cause = f"the {self._what} refused the batch as expired"
                     live = _still_waiting(live, self._margin)
                     continue
                 if isinstance(error, RpcError):
                     for p in live:
-                        p.resolve(f"jobs service error {error.code}: {error.message}")
+                        p.resolve(f"{self._what} error {error.code}: {error.message}")
                     log.error(
-                        "jobs service refused a batch of %d jobs (%s): error %d: %s",
+                        "the %s refused a batch of %d jobs (%s): error %d: %s",
+                        self._what,
                         len(live),
                         ", ".join(p.job_id for p in live),
                         error.code,
                         error.message,
                     )
                     return
+                cause = self.outage or f"{self._what} unavailable: {error}"
                 await trio.sleep(self._backoff())
             live = _still_waiting(live, self._margin)
         # Jobs left out for want of time are not answered early: their
         # sessions give up at their own deadline, push_timeout after the DATA.
         failed = [p for p in batch if not p.done.is_set()]
         now = trio.current_time()
+        timeout = self._settings.push_timeout
         for p in failed:
             if p.deadline <= now:
-                p.resolve("jobs service unavailable")
+                p.resolve(
+                    f"no ack from the {self._what} within jobs.push_timeout "
+                    f"({timeout:g} s): {cause}"
+                )
         if failed:
+            self._cause = cause
             log.error(
-                "could not push %d jobs (%s) within jobs.push_timeout: jobs service unavailable",
+                "could not push %d %s (%s) within jobs.push_timeout: %s",
                 len(failed),
+                "job" if len(failed) == 1 else "jobs",
                 ", ".join(p.job_id for p in failed),
+                cause,
             )
 
     async def _attempt(self, live: list[_Pending]) -> RpcError | JobsUnavailable | None:
@@ -385,15 +450,16 @@ class Pusher:
             # their clients get 451 and send them again as new jobs.
             self._drop_client()
             self._last_error = str(exc)
+            self._down = str(exc)
             stored, unknown = set(exc.stored), set(exc.unknown)
             self._acked([p for p in live if p.job_id in stored])
             for p in live:
                 if p.job_id in unknown:
-                    p.resolve("the connection was lost before the destination acknowledged the job")
+                    p.resolve(f"the connection was lost before the {self._what} acknowledged it")
             log.warning(
-                "connection to %s lost with %d jobs in flight: %d were acknowledged, "
+                "%s connection lost with %d jobs in flight: %d were acknowledged, "
                 "%d may or may not be stored and get 451 without being sent again (%s): %s",
-                self._destination,
+                self._what,
                 len(live),
                 len(exc.stored),
                 len(exc.unknown),
@@ -405,11 +471,13 @@ class Pusher:
         except RpcError as exc:
             return exc
         except JobsUnavailable as exc:
-            log.warning("jobs service connection lost: %s", exc)
+            log.warning("%s connection lost: %s", self._what, exc)
             self._last_error = str(exc)
+            self._down = str(exc)
             self._drop_client()
             return exc
         self._failures = 0
+        self._cause = ""
         return None
 
     def _acked(self, jobs: list[_Pending]) -> None:
@@ -428,8 +496,11 @@ class Pusher:
             if not self._client.closed:
                 return self._client
             # Lost between batches (a batch that fails drops the client itself).
-            log.warning("the connection to the jobs service was lost between batches; reconnecting")
+            log.warning(
+                "the connection to the %s was lost between batches; reconnecting", self._what
+            )
             self._last_error = "the connection was lost"
+            self._down = self._last_error
         self._drop_client()
         assert self._nursery is not None
         # The release event is ours before the connection exists: should this
@@ -441,16 +512,18 @@ class Pusher:
         except JobsUnavailable as exc:
             self._failures += 1
             self._last_error = str(exc)
+            self._down = str(exc)
             if self._failures == 1 or math.log2(self._failures).is_integer():
-                log.warning("cannot connect to the jobs service at %s: %s", self._url, exc)
+                log.warning("cannot connect to the %s at %s: %s", self._what, self._url, exc)
             return None
+        self._down = None
         self._connections += 1
         if self._connections > 1:
             self._metrics.reconnected()
         if self._failures or self._connections > 1:
-            log.info("reconnected to the jobs service at %s", self._url)
+            log.info("reconnected to the %s at %s", self._what, self._url)
         else:
-            log.info("connected to the jobs service at %s", self._url)
+            log.info("connected to the %s at %s", self._what, self._url)
         return self._client
 
     async def _hold_connection(

@@ -10,6 +10,7 @@ handshake, and the translation of trio, trio-websocket and OS errors.
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -204,14 +205,19 @@ def _describe_close(exc: ConnectionClosed) -> str:
 
 def _os_reason(exc: OSError) -> str:
     """Why a connect failed: trio says "all attempts … failed" and keeps the
-    reasons (Connection refused, …) in the group it chains; show the first."""
+    reasons in the group it chains; show the first, without the address each
+    of them repeats (the caller names the target once)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
     if exc.strerror:
         return exc.strerror
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup):
         for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.errno:
+                return os.strerror(inner.errno)
             if isinstance(inner, OSError) and inner.strerror:
-                return f"{inner.strerror} ({exc})"
+                return inner.strerror
     return str(exc)
 
 

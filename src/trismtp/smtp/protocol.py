@@ -36,8 +36,9 @@ Limits are enforced as bytes arrive, never after buffering them whole:
 Only ``<CRLF>.<CRLF>`` ends ``DATA``; a dot is removed only where it starts a
 line that follows a CRLF. A bare LF or CR is data, never a line end for the
 purpose of ending the message, which is what defeats SMTP smuggling. A
-message that holds one is then refused (``554 5.6.0``, the default) or has
-every bare CR and LF turned into CRLF (``bare_newlines = "normalize"``).
+message that holds one then has every bare CR and LF turned into CRLF
+(``bare_newlines = "normalize"``, the default) or is refused (``554 5.6.0``,
+``"reject"``).
 
 STARTTLS and AUTH
 -----------------
@@ -159,8 +160,8 @@ class ProtocolConfig:
     auth_without_tls: bool = False
     #: MAIL before a successful AUTH gets 530 5.7.0.
     require_auth: bool = False
-    #: A bare CR or LF in a message: "reject" it (554) or "normalize" to CRLF.
-    bare_newlines: Literal["reject", "normalize"] = "reject"
+    #: A bare CR or LF in a message: "normalize" it to CRLF or "reject" it (554).
+    bare_newlines: Literal["reject", "normalize"] = "normalize"
     #: The longest text line accepted in DATA, CRLF included (RFC 5321: 1000).
     max_line_length: int = MAX_TEXT_LINE
     #: Recipient domains accepted (lower case; ".example.com" also takes its
@@ -245,7 +246,12 @@ _TOO_LARGE = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 
 _TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _NOT_HTTP = Reply(421, "4.7.0", "This is an SMTP server, not HTTP; closing connection")
-_BARE_NEWLINE = Reply(554, "5.6.0", "Message has a bare CR or LF; lines must end with CRLF")
+# Names the setting: the sender's operator may be the daemon's too.
+_BARE_NEWLINE = Reply(
+    554,
+    "5.6.0",
+    "Message has a bare CR or LF; lines must end with CRLF (smtp.bare_newlines = reject)",
+)
 _HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )

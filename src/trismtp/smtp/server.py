@@ -18,6 +18,15 @@ At the end of DATA the session turns the message into a job and awaits the
 pusher (:class:`~trismtp.jobs.pusher.Pusher`): ``250 … queued as <id>`` once
 the jobs service acknowledged it as durable, ``451 4.3.0`` otherwise.
 
+While the pusher knows it has no destination (``destination_down``), RCPT
+and DATA get ``451 4.3.0`` at once, before any upload: the answer at the end
+would be ``451`` anyway, ``push_timeout`` later. RCPT rather than the
+greeting or MAIL because a 4xx to RCPT is what greylisting sends, so every
+MTA retries it correctly, and some clients mishandle an early refusal (which
+is why Postfix delays its own to RCPT, ``smtpd_delay_reject``); DATA too,
+for a transaction whose recipients were accepted before the outage began.
+The connection stays open, so a pooled client can go on once it is over.
+
 Graceful shutdown (:meth:`SmtpServer.shutdown`), after hypercorn: the
 listeners close, the handler nursery gets a deadline of ``shutdown.grace``,
 and sessions that are between transactions are told ``421 4.3.2`` at once
@@ -92,11 +101,17 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+NO_DESTINATION = Reply(
+    451, "4.3.0", "Temporary failure, try again later (the jobs store is unreachable)"
+)
 NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 NO_MEMORY_CLOSING = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
 PushJob = Callable[[str, str, str], Awaitable[None]]
 """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
+
+DestinationDown = Callable[[], str | None]
+"""Why jobs are known to have nowhere to go right now, else None."""
 
 
 def load_security(settings: SmtpSettings) -> tuple[ServerTls | None, UsersFile | None]:
@@ -178,6 +193,7 @@ class SmtpServer:
         users: UsersFile | None = None,
         metrics: Metrics | None = None,
         size_limit: Callable[[], int | None] | None = None,
+        destination_down: DestinationDown | None = None,
     ) -> None:
         self._settings = settings
         # The destination's own limit (NATS max_payload), read per session so
@@ -185,6 +201,7 @@ class SmtpServer:
         self._size_limit = size_limit
         self._jobs = jobs
         self._push = push
+        self._destination_down = destination_down
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         if (tls is None and settings.tls.enabled) or (users is None and settings.auth.users_file):
@@ -539,8 +556,12 @@ class SmtpServer:
                         await self._send(session, out)
                         out.clear()
                     reply = await self._authenticate(session, event, event.credentials)
-                elif reply.positive and event.verb in ("MAIL", "DATA"):
-                    reply = self._claim_upfront(session, event, reply)
+                elif reply.positive and event.verb in ("MAIL", "RCPT", "DATA"):
+                    if event.verb != "MAIL":
+                        reply = self._check_destination(session, event.verb, reply)
+                    # No memory is claimed for a message that would be refused.
+                    if reply.positive and event.verb != "RCPT":
+                        reply = self._claim_upfront(session, event, reply)
                 out += conn.send(reply)
                 if reply.code == 354:
                     data_started = trio.current_time()
@@ -659,6 +680,14 @@ class SmtpServer:
                 if session.sending_since < stalled_since and session.scope is not None:
                     session.scope.cancel()
 
+    def _check_destination(self, session: _Session, verb: str, reply: Reply) -> Reply:
+        """``reply``, or 451 while jobs are known to have nowhere to go (module docstring)."""
+        down = self._destination_down() if self._destination_down is not None else None
+        if down is None:
+            return reply
+        log.info("from %s: %s refused with 451: %s", session.remote, verb, down)
+        return NO_DESTINATION
+
     def _count_error(self, session: _Session) -> bytes:
         """Count a 5xx reply; at ``max_errors``, the ``421`` that closes the session."""
         session.errors += 1
@@ -766,11 +795,12 @@ class SmtpServer:
             return TOO_LARGE_FOR_STORE if exc.permanent else TEMPORARY_FAILURE
         self._metrics.message_accepted(size)
         log.info(
-            "from %s: queued as %s (%d bytes, %d recipients)",
+            "from %s: queued as %s (%d bytes, %d %s)",
             session.remote,
             job_id,
             size,
             recipients,
+            "recipient" if recipients == 1 else "recipients",
         )
         return Reply(250, "2.0.0", f"OK: queued as {job_id}")
 
