@@ -243,7 +243,10 @@ class SmtpServer:
         self._metrics.watch_connections(self._sessions.__len__)
         budget = self._budget
         self._metrics.watch_memory_budget(budget.total, lambda: budget.used, lambda: budget.waiting)
-        log.debug("memory budget for messages: %d bytes", budget.total)
+        log.info(
+            "memory budget for messages in flight: %d MiB (smtp.memory_budget)",
+            budget.total >> 20,
+        )
 
     def _session_config(self) -> ProtocolConfig:
         limit = self._size_limit() if self._size_limit is not None else None
