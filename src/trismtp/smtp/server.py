@@ -541,6 +541,7 @@ class SmtpServer:
                         self._metrics.memory_refusal()
                         log.warning("from %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0])
                         await self._send(session, conn.send(NO_MEMORY_CLOSING))
+                        await self._discard_rest(session)
                         return
                     # Time spent waiting for memory is ours, not the client's.
                     data_started += waited
@@ -660,6 +661,21 @@ class SmtpServer:
                 return None
             return trio.current_time() - started
         return None
+
+    async def _discard_rest(self, session: _Session) -> None:
+        """After a 421 mid-upload: let the client read it before the connection goes.
+
+        Closing a socket with the client's upload still unread sends a reset,
+        and a client that is still sending usually loses the reply with it.
+        So: end our side, then read and drop what comes, for a few seconds
+        at most, until the client closes its side.
+        """
+        stream = session.stream
+        with trio.move_on_after(LAST_WORDS_TIMEOUT):
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            while await stream.receive_some(READ_SIZE):
+                pass
 
     async def _send(self, session: _Session, data: bytes | bytearray) -> None:
         """Write replies; a client that stops reading is dropped after command_timeout.
