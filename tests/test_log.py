@@ -13,6 +13,7 @@ import trio
 from trismtp.log import (
     ConsoleFormatter,
     JsonFormatter,
+    RepeatLimiter,
     SessionFilter,
     current_session,
     reset_session,
@@ -180,3 +181,82 @@ def test_setup_logging_level(root_logger: logging.Logger) -> None:
     logging.getLogger(LOGGER).warning("shown")
     assert stream.getvalue().count("\n") == 1
     assert "shown" in stream.getvalue()
+
+
+# -- repeated warnings ---------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limited(window: float = 10.0) -> tuple[RepeatLimiter, FakeClock, list[str]]:
+    clock = FakeClock()
+    logger = logging.getLogger(f"{LOGGER}.repeats")
+    logger.propagate = False
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            assert record.levelno == logging.WARNING
+            lines.append(record.getMessage())
+
+    logger.handlers[:] = [Collect()]
+    return RepeatLimiter(logger, window=window, clock=clock), clock, lines
+
+
+def test_a_flood_of_one_cause_gives_two_lines_that_count_every_occurrence() -> None:
+    limiter, clock, lines = limited()
+    for n in range(1000):
+        clock.now += 0.005
+        limiter.warning("bad token", "refused %s: wrong token", f"peer{n}")
+    limiter.flush()  # the window is not over yet: nothing
+    assert lines == ["refused peer0: wrong token"]
+
+    clock.now += 10
+    limiter.flush()
+
+    assert lines == [
+        "refused peer0: wrong token",
+        "refused peer999: wrong token (and 998 more like it in the last 15.0 s)",
+    ]
+    limiter.flush()  # said once
+    assert len(lines) == 2
+
+
+def test_causes_are_limited_separately_and_a_quiet_cause_logs_at_once_again() -> None:
+    limiter, clock, lines = limited()
+    limiter.warning("a", "a %d", 1)
+    limiter.warning("b", "b %d", 1)
+    limiter.warning("a", "a %d", 2)
+    clock.now += 11
+    limiter.flush()
+    assert lines == ["a 1", "b 1", "a 2"]  # one held line stands for itself alone
+
+    clock.now += 11
+    limiter.flush()  # both quiet for a whole window: forgotten
+    limiter.warning("b", "b %d", 2)
+    assert lines[-1] == "b 2"
+
+
+def test_the_next_line_after_the_window_carries_the_count() -> None:
+    limiter, clock, lines = limited()
+    for n in range(5):
+        limiter.warning("x", "x %d", n)
+    clock.now += 12
+    limiter.warning("x", "x %d", 5)
+    assert lines == ["x 0", "x 5 (and 4 more like it in the last 12.0 s)"]
+
+
+def test_a_final_flush_reports_what_is_held_before_the_window_ends() -> None:
+    limiter, clock, lines = limited()
+    limiter.warning("x", "x %d", 0)
+    limiter.warning("x", "x %d", 1)
+    limiter.warning("x", "x %d", 2)
+    clock.now += 1
+    limiter.flush(final=True)
+    assert lines == ["x 0", "x 2 (and 1 more like it in the last 1.0 s)"]

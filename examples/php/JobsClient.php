@@ -54,6 +54,21 @@ class RpcError extends \RuntimeException
 }
 
 /**
+ * An Ack, Nack or Extend named jobs whose lease is no longer yours (-32006): the
+ * lease ran out and another consumer holds the job now, or it is gone. Those
+ * jobs were not touched; the others of the call were.
+ */
+class LeaseLost extends RpcError
+{
+    /** @return list<string> the ids whose lease token was stale */
+    public function staleIds(): array
+    {
+        $data = $this->getData();
+        return is_array($data) && is_array($data['stale'] ?? null) ? array_map('strval', $data['stale']) : [];
+    }
+}
+
+/**
  * A WebSocket client connection (RFC 6455), blocking, one message at a time.
  *
  * It sends masked text frames, reads the server's frames (7-, 16- and 64-bit
@@ -499,7 +514,8 @@ final class JobsClient
             }
             if (isset($reply['error'])) {
                 $error = is_array($reply['error']) ? $reply['error'] : [];
-                throw new RpcError(
+                $class = ((int) ($error['code'] ?? 0)) === -32006 ? LeaseLost::class : RpcError::class;
+                throw new $class(
                     (string) ($error['message'] ?? 'no message'),
                     (int) ($error['code'] ?? 0),
                     $error['data'] ?? null,
@@ -515,25 +531,47 @@ final class JobsClient
 
     /**
      * Lease up to $max ready jobs of $pipeline for $lease seconds (docs/rpc.md#jobsreserve).
-     * Returns at once, with [] when nothing is ready: poll.
+     * Returns at once, with [] when nothing is ready: poll. Each job carries its
+     * lease: ['token' => string, 'attempt' => int (1 on the first delivery), 'expires_at' => float].
      *
-     * @return list<array{job: string, id: string, payload: string, headers: array, options: array}>
+     * @return list<array{job: string, id: string, payload: string, headers: array, options: array, lease: array}>
      */
     public function reserve(string $pipeline, int $max, float $lease): array
     {
         return $this->call('jobs.Reserve', ['pipeline' => $pipeline, 'max' => $max, 'lease' => $lease])['jobs'];
     }
 
-    /** The jobs are done: delete them. Unknown ids are ignored. */
-    public function ack(array $ids): void
+    /**
+     * The jobs (as reserve() returned them) are done: delete them. Returns how many.
+     * Throws LeaseLost for jobs whose lease is no longer yours (the others are acked).
+     */
+    public function ack(array $jobs): int
     {
-        $this->call('jobs.Ack', ['ids' => array_values($ids)]);
+        return $this->call('jobs.Ack', ['jobs' => self::leases($jobs)])['acked'];
     }
 
-    /** Give the jobs back: handed out again after $delay seconds (or deleted, without $requeue). */
-    public function nack(array $ids, bool $requeue = true, float $delay = 0.0): void
+    /**
+     * Give the jobs back: handed out again after $delay seconds (or deleted, without
+     * $requeue). Returns how many; throws LeaseLost like ack().
+     */
+    public function nack(array $jobs, bool $requeue = true, float $delay = 0.0): int
     {
-        $this->call('jobs.Nack', ['ids' => array_values($ids), 'requeue' => $requeue, 'delay' => $delay]);
+        return $this->call('jobs.Nack', ['jobs' => self::leases($jobs), 'requeue' => $requeue, 'delay' => $delay])['nacked'];
+    }
+
+    /** Keep the jobs for $lease more seconds from now (a slow job). Throws LeaseLost like ack(). */
+    public function extend(array $jobs, float $lease): int
+    {
+        return $this->call('jobs.Extend', ['jobs' => self::leases($jobs), 'lease' => $lease])['extended'];
+    }
+
+    /** [{id, token}] of jobs as reserve() returned them. */
+    private static function leases(array $jobs): array
+    {
+        return array_map(
+            static fn (array $job): array => ['id' => $job['id'], 'token' => $job['lease']['token']],
+            array_values($jobs),
+        );
     }
 
     /** Close the connection (the WebSocket close handshake). */

@@ -39,11 +39,15 @@
  *   handles one email (json_decode and what follows) can stay as it is.
  *   `$task->getId()` is `$job['id']`, `getHeaders()` is `$job['headers']`,
  *   `getName()` is `$job['job']`, the pipeline is `$job['options']['pipeline']`.
- * - `$task->ack()` is `$client->ack([$id])`; `$task->nack($e)` / `requeue()` is
- *   `$client->nack([$id], requeue: true, delay: ...)`; `nack(requeue: false)` drops it.
+ * - `$task->ack()` is `$client->ack([$job])`; `$task->nack($e)` / `requeue()` is
+ *   `$client->nack([$job], requeue: true, delay: ...)`; `nack(requeue: false)` drops it.
+ *   Pass the job as reserve() returned it: its lease token is the proof.
  * - New: the lease. A job you hold longer than --lease seconds is handed out
- *   again, so a crashed worker loses nothing. Make the handler idempotent on
- *   the job id (trismtp's docs/payload.md#deduplicating).
+ *   again, so a crashed worker loses nothing; your late Ack then changes
+ *   nothing and throws LeaseLost (logged here). $job['lease']['attempt'] counts
+ *   the deliveries; after jobs_service.max_attempts the job goes to the
+ *   dead-letter pipeline. Make the handler idempotent on the job id
+ *   (trismtp's docs/payload.md#deduplicating).
  * - Payload changes worth knowing: attachments have `content_type` and
  *   `content_id` (not `type`/`contentId`), no `path` (content is inline, base64),
  *   and `message.raw_base64` holds the exact bytes of mail that is not UTF-8
@@ -56,6 +60,7 @@ require_once __DIR__ . '/JobsClient.php';
 
 use Trismtp\Jobs\JobsClient;
 use Trismtp\Jobs\JobsUnavailable;
+use Trismtp\Jobs\LeaseLost;
 use Trismtp\Jobs\RpcError;
 
 const IDLE_FIRST = 0.1; // seconds to wait after the first empty Reserve; doubled up to --idle
@@ -140,7 +145,7 @@ function work(JobsClient $client, array $options): array
         foreach ($jobs as $job) {
             if ($stopping) {
                 // Reserved but not started: give it back now, not after its lease.
-                $client->nack([$job['id']], requeue: true, delay: 0);
+                settle(fn () => $client->nack([$job], requeue: true, delay: 0));
                 $returned++;
                 continue;
             }
@@ -160,15 +165,28 @@ function work(JobsClient $client, array $options): array
                     basename($e->getFile()),
                     $e->getLine(),
                 ));
-                $client->nack([$job['id']], requeue: true, delay: $options['retry-delay']);
+                settle(fn () => $client->nack([$job], requeue: true, delay: $options['retry-delay']));
                 $failed++;
                 continue;
             }
-            $client->ack([$job['id']]);
+            settle(fn () => $client->ack([$job]));
             $acked++;
         }
     }
     return [$acked, $failed, $returned];
+}
+
+/**
+ * Ack or Nack; a lost lease is logged, not fatal: the job went to another
+ * consumer after our lease ran out (raise --lease if this happens often).
+ */
+function settle(callable $call): void
+{
+    try {
+        $call();
+    } catch (LeaseLost $e) {
+        logLine(sprintf('lease lost for job(s) %s: another consumer has them now', implode(', ', $e->staleIds())));
+    }
 }
 
 const USAGE = <<<'TXT'

@@ -328,11 +328,12 @@ def _jobs_consume(args: argparse.Namespace, settings: Settings) -> int:
             "jobs.Reserve", {"pipeline": pipeline, "max": args.n, "lease": 60}
         )
         jobs: list[dict[str, Any]] = result.get("jobs", [])
-        ids = [job["id"] for job in jobs]
-        if ids and args.no_ack:
-            await client.call("jobs.Nack", {"ids": ids, "requeue": True, "delay": 0})
-        elif ids:
-            await client.call("jobs.Ack", {"ids": ids})
+        # Each job's lease token is its proof for the Ack or Nack.
+        leases = [{"id": job["id"], "token": job["lease"]["token"]} for job in jobs]
+        if leases and args.no_ack:
+            await client.call("jobs.Nack", {"jobs": leases, "requeue": True, "delay": 0})
+        elif leases:
+            await client.call("jobs.Ack", {"jobs": leases})
         return jobs
 
     jobs = _with_client(args, settings, consume)
@@ -436,7 +437,7 @@ _T = TypeVar("_T")
 
 
 def _run_server(run: Callable[[], Awaitable[None]]) -> None:
-    from trismtp.service.store import StorageUnavailable
+    from trismtp.service.store import DatabaseCorrupt, StorageUnavailable
 
     try:
         trio.run(run)
@@ -446,6 +447,9 @@ def _run_server(run: Callable[[], Awaitable[None]]) -> None:
         exc = _first(group)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise CommandError(f"cannot start: {reason}") from None
+    except* DatabaseCorrupt as group:
+        # Exit 2, like a setting the operator must fix: restarting will not help.
+        raise UsageError(f"cannot start: {_first(group)}") from None
     except* StorageUnavailable as group:
         raise CommandError(f"cannot open the jobs database: {_first(group)}") from None
 
@@ -611,6 +615,9 @@ def _print_jobs(jobs: list[dict[str, Any]], *, as_json: bool, pipeline: str) -> 
 
 def _describe_job(job: dict[str, Any]) -> str:
     lines = [f"job {job.get('id')}  {job.get('job')}  pipeline {job['options'].get('pipeline')}"]
+    lease = job.get("lease")
+    if isinstance(lease, dict):
+        lines[0] += f"  attempt {lease.get('attempt')}"
     try:
         payload = json.loads(job.get("payload", ""))
     except ValueError:

@@ -32,6 +32,7 @@ import logging
 import math
 import signal
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -40,6 +41,7 @@ from trismtp.health import serve_metrics
 from trismtp.jobs.pusher import Pusher
 from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
+from trismtp.service.store import JobStore
 from trismtp.settings import HostPort, Settings, embedded_url
 from trismtp.smtp.server import SmtpServer, load_security
 
@@ -73,6 +75,7 @@ class Daemon:
         """The daemon's metrics, in a registry of its own."""
         self._smtp: SmtpServer | None = None
         self._pusher: Pusher | None = None
+        self._store: JobStore | None = None  # the embedded jobs service's
         self._stopping = False
         self._grace_end = math.inf
 
@@ -93,7 +96,9 @@ class Daemon:
                     )
                 service_address: HostPort | None = None
                 if settings.jobs.url == "embedded":
-                    service_address = await service_nursery.start(serve_jobs, settings.jobs_service)
+                    service_address = await service_nursery.start(
+                        partial(serve_jobs, settings.jobs_service, on_store=self._watch_store)
+                    )
                     url = embedded_url(service_address)
                 else:
                     url = settings.jobs.url
@@ -138,10 +143,16 @@ class Daemon:
                 service_nursery.cancel_scope.cancel()
         log.info("stopped" if not self.killed else "stopped at once")
 
+    def _watch_store(self, store: JobStore) -> None:
+        self._store = store
+        self.metrics.watch_store(store.free_bytes, lambda: store.unwritable is None)
+
     def not_ready(self) -> str | None:
         """None when the daemon takes and delivers mail, else why not (``/readyz``)."""
         if self._stopping:
             return "shutting down"
+        if self._store is not None and (reason := self._store.unwritable) is not None:
+            return reason
         if self._smtp is None or not self._smtp.listening:
             return "SMTP is not listening yet"
         if self._pusher is None:

@@ -10,6 +10,15 @@ on the handler, copies it into each record as ``session`` and ``remote``;
 lines logged outside a session (startup, the pusher) get ``None`` and show
 neither. The console shows ``[s12]`` before the message; JSON lines get
 ``"session": 12, "remote": "203.0.113.5:53211"`` fields.
+
+Repeated warnings. A flood (1,000 handshakes with a wrong token, a client
+that reconnects in a loop) must not turn into 1,000 WARNING lines that bury
+everything else. Where a warning can repeat, the code logs it through a
+:class:`RepeatLimiter` with a *cause*: the first line for a cause goes out at
+once, later ones within ``window`` seconds are counted instead, and when the
+window ends one line stands for them: the last of them, with
+``(and 998 more like it in the last 10 s)``. So a flood costs two lines per
+cause per window, and no occurrence goes uncounted.
 """
 
 from __future__ import annotations
@@ -19,13 +28,19 @@ import datetime
 import json
 import logging
 import sys
-from typing import TextIO
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
+
+import trio
 
 from trismtp.settings import LogSettings
 
 __all__ = [
     "ConsoleFormatter",
     "JsonFormatter",
+    "RepeatLimiter",
     "SessionFilter",
     "current_session",
     "reset_session",
@@ -121,3 +136,83 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
     root.setLevel(_LEVELS[settings.level])
     # trio-websocket logs every frame at debug; that is noise for operators.
     logging.getLogger("trio-websocket").setLevel(max(logging.INFO, _LEVELS[settings.level]))
+
+
+@dataclass(slots=True)
+class _Cause:
+    since: float  # when the last line for this cause was logged
+    held: int = 0  # lines counted since then, not logged
+    last: tuple[str, tuple[Any, ...]] | None = None  # the last of them
+
+
+class RepeatLimiter:
+    """At most one WARNING line per cause every *window* seconds, and a count of the rest.
+
+    ``limiter.warning("bad token", "refused %s: wrong token", peer)`` logs at
+    once the first time; within the next *window* seconds further calls with
+    the same cause are only counted. The count comes out with the next line
+    for that cause after the window, or from :meth:`flush` (which :meth:`run`
+    calls every second) when the flood has stopped. A cause is a
+    short fixed string, never a client's address: the set of causes stays
+    small.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._window = window
+        self._clock = clock
+        self._causes: dict[str, _Cause] = {}
+
+    def warning(self, cause: str, msg: str, *args: Any) -> None:
+        """Log ``msg % args`` at WARNING unless *cause* was logged less than a window ago."""
+        now = self._clock()
+        state = self._causes.get(cause)
+        if state is None:
+            self._causes[cause] = _Cause(since=now)
+            self._logger.warning(msg, *args)
+            return
+        if now - state.since < self._window:
+            state.held += 1
+            state.last = (msg, args)
+            return
+        self._emit(msg, args, state.held, now - state.since)
+        state.since, state.held, state.last = now, 0, None
+
+    def flush(self, *, final: bool = False) -> None:
+        """Log the count of every cause whose window is over; forget the quiet ones.
+
+        *final* (the owner is stopping): log every count now, window over or not.
+        """
+        now = self._clock()
+        for cause, state in list(self._causes.items()):
+            if now - state.since < self._window and not (final and state.last):
+                continue
+            if state.last is None:
+                del self._causes[cause]  # quiet for a whole window
+                continue
+            msg, args = state.last
+            # The last held line stands for itself and the others.
+            self._emit(msg, args, state.held - 1, now - state.since)
+            state.since, state.held, state.last = now, 0, None
+
+    async def run(self) -> NoReturn:
+        """Flush for ever (a task of the component that owns the limiter).
+
+        Every second, so that a count comes out within a second of its window's
+        end; a flush with nothing due costs a look at a handful of causes.
+        """
+        while True:
+            await trio.sleep(min(1.0, self._window))
+            self.flush()
+
+    def _emit(self, msg: str, args: tuple[Any, ...], more: int, elapsed: float) -> None:
+        if more > 0:
+            msg = f"{msg} (and %d more like it in the last %.1f s)"
+            args = (*args, more, elapsed)
+        self._logger.warning(msg, *args)

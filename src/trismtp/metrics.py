@@ -173,6 +173,17 @@ class Metrics:
             "1 while the pusher is connected to its destination (jobs service or NATS), else 0.",
             registry=r,
         )
+        # -- the embedded jobs store --------------------------------------
+        self.store_free_bytes = Gauge(
+            "trismtp_jobs_store_free_bytes",
+            "Bytes free on the file system that holds the embedded jobs database.",
+            registry=r,
+        )
+        self.store_writable = Gauge(
+            "trismtp_jobs_store_writable",
+            "1 while the embedded jobs store can write new jobs, else 0 (disk full, I/O error).",
+            registry=r,
+        )
         self.reconnects = Counter(
             "trismtp_pusher_reconnects",
             "Connections the pusher opened to its destination after its first one.",
@@ -256,6 +267,13 @@ class Metrics:
         """Read the jobs queued and the connection state at each scrape."""
         self.queue_depth.set_function(queued)
         self.pusher_connected.set_function(connected)
+
+    def watch_store(
+        self, free_bytes: Callable[[], int | None], writable: Callable[[], bool]
+    ) -> None:
+        """Read the store's free disk space and whether it can write at each scrape."""
+        self.store_free_bytes.set_function(lambda: float(free_bytes() or 0))
+        self.store_writable.set_function(lambda: float(writable()))
 
     def batch_acked(self, jobs: int) -> None:
         self.jobs_pushed.inc(jobs)

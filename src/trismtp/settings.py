@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from trismtp.jobs.model import MAX_DELAY, MAX_PRIORITY, MIN_PRIORITY
 from trismtp.smtp.budget import default_budget, minimum_budget
 
 ENV_PREFIX = "TRISMTP_"
@@ -51,6 +53,21 @@ DEFAULT_CONFIG = Path("settings.toml")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Mechanism = Literal["PLAIN", "LOGIN"]
+
+# Mozilla's "intermediate" TLS 1.2 suites without DHE (Python loads no DH
+# parameters): forward secret and AEAD only. The CBC suites OpenSSL adds by
+# default (ECDHE-*-AES*-SHA256/384) are the ones testssl.sh flags for LUCKY13.
+# TLS 1.3 suites are OpenSSL's, all AEAD; a cipher string cannot change them.
+DEFAULT_TLS_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 class ConfigError(Exception):
@@ -136,6 +153,20 @@ class TlsSettings(_Section):
     starttls: bool = True
     required: bool = False
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: str = DEFAULT_TLS_CIPHERS
+
+    @field_validator("ciphers")
+    @classmethod
+    def _check_ciphers(cls, value: str) -> str:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"{value!r} selects no TLS 1.2 cipher suite (an OpenSSL cipher string, "
+                'e.g. "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305"; '
+                "TLS 1.3 suites cannot be named here)"
+            ) from None
+        return value
 
     @field_validator("implicit_listen")
     @classmethod
@@ -346,8 +377,8 @@ class JobsSettings(_Section):
     token: SecretStr = SecretStr("")
     pipeline: str = Field(default="smtp", min_length=1)
     job_name: str = Field(default="smtp.email", min_length=1)
-    priority: int = 10
-    delay: int = Field(default=0, ge=0)
+    priority: int = Field(default=10, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    delay: int = Field(default=0, ge=0, le=MAX_DELAY)
     auto_ack: bool = False
     headers: dict[str, list[str]] = Field(default_factory=dict)
     batch_max_jobs: int = Field(default=256, gt=0)
@@ -399,6 +430,24 @@ class JobsSettings(_Section):
         return value
 
 
+MAX_PIPELINE_NAME = 256
+
+
+def check_pipeline_name(name: str) -> str:
+    """*name* if it can name a pipeline, else ValueError saying why.
+
+    One rule for the settings and the RPC: non-empty, no surrounding spaces,
+    no control characters, at most 256 characters.
+    """
+    if not name or name.strip() != name:
+        raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+    if len(name) > MAX_PIPELINE_NAME:
+        raise ValueError(f"pipeline names must be at most {MAX_PIPELINE_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("pipeline names must not hold control characters")
+    return name
+
+
 class JobsServiceSettings(_Section):
     """``[jobs_service]``: the jobs service (embedded or ``trismtp jobs serve``)."""
 
@@ -407,6 +456,12 @@ class JobsServiceSettings(_Section):
     token: SecretStr = SecretStr("")
     pipelines: list[str] = Field(default_factory=lambda: ["smtp"])
     max_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_unsent_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    send_timeout: PositiveSeconds = 30.0
+    max_attempts: int = Field(default=10, ge=0)
+    dead_letter_pipeline: str = "dead-letter"
+    dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
+    disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
 
     @field_validator("listen")
     @classmethod
@@ -417,9 +472,14 @@ class JobsServiceSettings(_Section):
     @field_validator("pipelines")
     @classmethod
     def _check_pipelines(cls, value: list[str]) -> list[str]:
-        if any(not name or name.strip() != name for name in value):
-            raise ValueError("pipeline names must be non-empty, without surrounding spaces")
+        for name in value:
+            check_pipeline_name(name)
         return value
+
+    @field_validator("dead_letter_pipeline")
+    @classmethod
+    def _check_dead_letter(cls, value: str) -> str:
+        return check_pipeline_name(value)
 
     def address(self) -> HostPort:
         """The listen address, parsed."""

@@ -448,6 +448,7 @@ def test_php_websocket_client_handles_fragments_and_pings(
         "payload": json.dumps(email),
         "headers": {},
         "options": {"priority": 10, "pipeline": "smtp", "delay": 0, "auto_ack": False},
+        "lease": {"token": "the-token", "attempt": 1, "expires_at": 1767225660.0},
     }
     seen: dict[str, Any] = {}
 
@@ -479,7 +480,8 @@ def test_php_websocket_client_handles_fragments_and_pings(
         seen["ack"] = ack
         conn.sendall(
             server_frame(
-                0x1, json.dumps({"jsonrpc": "2.0", "id": ack["id"], "result": {}}).encode()
+                0x1,
+                json.dumps({"jsonrpc": "2.0", "id": ack["id"], "result": {"acked": 1}}).encode(),
             )
         )
         fin, opcode, payload = read_client_frame(conn)
@@ -495,7 +497,7 @@ def test_php_websocket_client_handles_fragments_and_pings(
     assert seen["reserve"]["method"] == "jobs.Reserve"
     assert seen["reserve"]["params"] == {"pipeline": "smtp", "max": 1, "lease": 60.0}
     assert seen["ack"]["method"] == "jobs.Ack"
-    assert seen["ack"]["params"] == {"ids": [job_id]}
+    assert seen["ack"]["params"] == {"jobs": [{"id": job_id, "token": "the-token"}]}
     assert seen["ack"]["id"] != seen["reserve"]["id"]
 
 

@@ -36,6 +36,7 @@ import pytest
 import trio
 
 from trismtp.nats import NatsClient, StoredMessage, first_messages, stream_info
+from trismtp.nats.roadrunner import accepted_message_size
 
 from ..nats.nats_server import NatsServer, NatsServers
 from .trismtp_e2e import (
@@ -504,18 +505,22 @@ def test_wrong_nats_password_gives_451_and_a_clear_log_without_it(
     assert with_nats(nats, no_stream, user=USER, password=PASSWORD)
 
 
-def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
+def test_a_message_over_what_max_payload_carries_gets_552_and_others_are_stored(
     nats_servers: NatsServers, launch: Launcher
 ) -> None:
-    # A job the server can never take must not be retried for ever with 451s.
+    # A job the server can never take must be refused for good, not retried
+    # with 451s: with the server's max_payload known, SIZE says what fits, and
+    # a larger message is refused by the SMTP side, before the pusher.
     nats = nats_servers.new(max_payload=64 * 1024).start()
     daemon = nats_daemon(launch, nats)
+    daemon.wait_for_log("connected to the NATS server")
     big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 100  # 100 KB
     results: dict[str, tuple[int, bytes]] = {}
 
     def deliver(name: str, body: bytes) -> None:
         with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=15) as smtp:
             smtp.ehlo()
+            results["size"] = (int(smtp.esmtp_features["size"]), b"")
             smtp.mail("sender@example.org")
             smtp.rcpt("rcpt@example.com")
             try:
@@ -534,15 +539,11 @@ def test_a_job_over_max_payload_gets_552_once_and_others_are_stored(
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert results["size"][0] == accepted_message_size(64 * 1024), results
     assert results["big"][0] == 552, results
     assert results["big"][1].startswith(b"5.3.4"), results
     assert results["small"][0] == 250, results
     messages = stream_messages(nats)
     assert msg_ids(messages) == [queued_id(f"250 {results['small'][1].decode()}")]
-    # Refused once, not retried until push_timeout.
-    pusher_lines = [
-        line
-        for line in daemon.log_text().splitlines()
-        if "trismtp.pusher" in line and "larger than the NATS server's max_payload" in line
-    ]
-    assert len(pusher_lines) == 1, pusher_lines
+    # Refused by SMTP, so never retried nor sent.
+    assert "larger than the NATS server's max_payload" not in daemon.log_text()

@@ -343,3 +343,81 @@ def test_starttls_false_offers_implicit_tls_only(launch: Launcher, tmp_path: Pat
         job_id = smtplib_send(smtp)
     assert [job.id for job in daemon.jobs()] == [job_id]
     assert daemon.jobs()[0].payload["tls"]["version"] == "TLSv1.3"
+
+
+# -- cipher suites (Mozilla "intermediate") ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsDaemon]:
+    """Both listeners with an RSA certificate, so ECDHE-RSA suites can be negotiated."""
+    workdir = tmp_path_factory.mktemp("tls-rsa")
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    issued = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    cert, key = workdir / "rsa.crt", workdir / "rsa.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    ca_file = workdir / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    implicit_port = free_port()
+    settings = tls_settings(cert, key, implicit_listen=[f"127.0.0.1:{implicit_port}"])
+    with launcher(workdir) as launch:
+        daemon = launch.daemon(settings)
+        daemon.wait_for_log("SMTP with implicit TLS listening on")
+        yield TlsDaemon(daemon, implicit_port, ca, ca_file)
+
+
+def s_client_tls12(port: int, cipher: str, *, starttls: bool) -> tuple[bool, str]:
+    """Whether ``openssl s_client`` offering TLS 1.2 with only *cipher* got a session."""
+    openssl = require_tool("openssl")
+    argv = [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-cipher", cipher]
+    if starttls:
+        argv[2:2] = ["-starttls", "smtp"]
+    result = subprocess.run(
+        argv, input="QUIT\r\n", capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+    )
+    output = result.stdout + result.stderr
+    return result.returncode == 0 and f"Cipher is {cipher}" in output, output
+
+
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_cbc_suites_are_refused_and_aead_accepted_on_both_listeners(
+    rsa_tls: TlsDaemon, listener: str
+) -> None:
+    starttls = listener == "starttls"
+    port = rsa_tls.daemon.smtp_port if starttls else rsa_tls.implicit_port
+
+    # OpenSSL's default list offers these two CBC suites; Mozilla's intermediate does not.
+    for cbc in ("ECDHE-RSA-AES128-SHA256", "ECDHE-RSA-AES256-SHA384"):
+        accepted, output = s_client_tls12(port, cbc, starttls=starttls)
+        assert not accepted, output
+    for aead in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"):
+        accepted, output = s_client_tls12(port, aead, starttls=starttls)
+        assert accepted, output
+    assert rsa_tls.daemon.running
+
+
+def test_ciphers_setting_chooses_the_tls_1_2_suites(launch: Launcher, tmp_path: Path) -> None:
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    issued = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    cert, key = tmp_path / "rsa.crt", tmp_path / "rsa.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    daemon = launch.daemon(tls_settings(cert, key, ciphers="ECDHE-RSA-AES256-GCM-SHA384"))
+
+    assert s_client_tls12(daemon.smtp_port, "ECDHE-RSA-AES256-GCM-SHA384", starttls=True)[0]
+    accepted, output = s_client_tls12(
+        daemon.smtp_port, "ECDHE-RSA-AES128-GCM-SHA256", starttls=True
+    )
+    assert not accepted, output
+
+
+@pytest.mark.parametrize("ciphers", ["nonsense", "", "TLS_AES_128_GCM_SHA256"])
+def test_invalid_ciphers_exit_2_naming_the_key(tmp_path: Path, ciphers: str) -> None:
+    cert, key = write_tls_files(trustme.CA(), tmp_path)
+    tls = {"certificate": str(cert), "key": str(key), "ciphers": ciphers}
+    result = serve_with_smtp(tmp_path, {"tls": tls})
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert "smtp.tls.ciphers: " in line, line
+    assert "selects no TLS 1.2 cipher suite" in line, line

@@ -134,13 +134,14 @@ async def handshake_status(
 
 async def test_every_method(client: JobsClient, service: Service) -> None:
     assert await client.call("jobs.Declare", {"pipeline": {"name": "bulk", "priority": "5"}}) == {}
-    assert await client.call("jobs.List", {}) == {"pipelines": ["bulk", "smtp"]}
+    assert await client.call("jobs.List", {}) == {"pipelines": ["bulk", "dead-letter", "smtp"]}
     assert await client.call("jobs.Push", {"job": job("a")}) == {}
     assert await client.call("jobs.PushBatch", {"jobs": [job("b"), job("c", "bulk")]}) == {}
 
     stats = (await client.call("jobs.Stat", {}))["stats"]
     assert [(s["pipeline"], s["active"], s["priority"], s["ready"]) for s in stats] == [
         ("bulk", 1, 5, True),
+        ("dead-letter", 0, 10, True),
         ("smtp", 2, 10, True),
     ]
     assert set(stats[0]) == {
@@ -157,6 +158,7 @@ async def test_every_method(client: JobsClient, service: Service) -> None:
     peeked = await client.call("jobs.Peek", {"pipeline": "smtp", "max": 10})
     assert [j["id"] for j in peeked["jobs"]] == ["a", "b"]
     reserved = await client.call("jobs.Reserve", {"pipeline": "smtp", "max": 10, "lease": 60})
+    leases = [j.pop("lease") for j in reserved["jobs"]]
     assert reserved["jobs"] == peeked["jobs"]
     assert reserved == {
         "jobs": [
@@ -170,11 +172,20 @@ async def test_every_method(client: JobsClient, service: Service) -> None:
             },
         ]
     }
-    assert await client.call("jobs.Ack", {"ids": ["a"]}) == {}
-    assert await client.call("jobs.Nack", {"ids": ["b"], "requeue": True, "delay": 0}) == {}
+    assert [lease["attempt"] for lease in leases] == [1, 1]
+    assert leases[0]["token"] != leases[1]["token"]
+    assert all(isinstance(lease["expires_at"], float) for lease in leases)
+    a, b = ({"id": j, "token": lease["token"]} for j, lease in zip("ab", leases, strict=True))
+    assert await client.call("jobs.Extend", {"jobs": [a, b], "lease": 120}) == {"extended": 2}
+    assert await client.call("jobs.Ack", {"jobs": [a]}) == {"acked": 1}
+    assert await client.call("jobs.Nack", {"jobs": [b], "requeue": True, "delay": 0}) == {
+        "nacked": 1
+    }
     again = await client.call("jobs.Reserve", {"pipeline": "smtp", "max": 10, "lease": 60})
-    assert [j["id"] for j in again["jobs"]] == ["b"]
-    assert await client.call("jobs.Nack", {"ids": ["b"], "requeue": False}) == {}
+    [b_again] = again["jobs"]
+    assert (b_again["id"], b_again["lease"]["attempt"]) == ("b", 2)
+    b2 = {"id": "b", "token": b_again["lease"]["token"]}
+    assert await client.call("jobs.Nack", {"jobs": [b2], "requeue": False}) == {"nacked": 1}
 
     assert await client.call("jobs.Pause", {"pipelines": ["bulk"]}) == {}
     assert await client.call("jobs.Reserve", {"pipeline": "bulk", "max": 1, "lease": 1}) == {
@@ -182,7 +193,7 @@ async def test_every_method(client: JobsClient, service: Service) -> None:
     }
     assert await client.call("jobs.Resume", {"pipelines": ["bulk"]}) == {}
     assert await client.call("jobs.Destroy", {"pipelines": ["bulk"]}) == {}
-    assert await client.call("jobs.List", {}) == {"pipelines": ["smtp"]}
+    assert await client.call("jobs.List", {}) == {"pipelines": ["dead-letter", "smtp"]}
     assert stored_ids(service.database) == set()
 
 
@@ -222,7 +233,7 @@ async def test_unknown_pipeline_is_refused_and_nothing_stored(
         ("jobs.Push", {"job": {**job("a"), "options": {}}}, "job.options.pipeline"),
         ("jobs.Reserve", {"pipeline": "smtp", "max": 0, "lease": 1}, "max"),
         ("jobs.Reserve", {"pipeline": "smtp", "max": 1}, "lease"),
-        ("jobs.Nack", {"ids": ["a"], "delay": -1}, "delay"),
+        ("jobs.Nack", {"jobs": [{"id": "a", "token": "t"}], "delay": -1}, "delay"),
         ("jobs.Pause", {}, "pipelines"),
         ("jobs.Declare", {"pipeline": {"priority": 1}}, "pipeline.name"),
     ],
@@ -251,7 +262,9 @@ async def test_configured_pipelines_are_declared_at_start(
     service = await start_service(nursery, settings)
 
     async with JobsClient.connect(service.url) as client:
-        assert await client.call("jobs.List", {}) == {"pipelines": ["bounces", "smtp"]}
+        assert await client.call("jobs.List", {}) == {
+            "pipelines": ["bounces", "dead-letter", "smtp"]
+        }
 
 
 # -- JSON-RPC framing ----------------------------------------------------------------
@@ -280,7 +293,7 @@ async def test_batch_array(service: Service) -> None:
     assert by_id[1]["result"] == {}
     assert by_id["two"]["error"]["code"] == METHOD_NOT_FOUND
     assert by_id[3]["error"]["code"] == INVALID_REQUEST
-    assert by_id[4]["result"] == {"pipelines": ["smtp"]}
+    assert by_id[4]["result"] == {"pipelines": ["dead-letter", "smtp"]}
     assert stored_ids(service.database) == {"a", "b"}
 
 
@@ -296,7 +309,10 @@ async def test_notifications_alone_get_no_reply(service: Service) -> None:
     async with open_websocket_url(service.url) as ws:
         await ws.send_message(json.dumps(notification))
         await ws.send_message(json.dumps([notification | {"params": {"job": job("b")}}]))
-        await ws.send_message('{"jsonrpc": "2.0", "id": 7, "method": "jobs.List"}')
+        # A write, so it goes through the writer after the pushes (a read would not).
+        await ws.send_message(
+            '{"jsonrpc": "2.0", "id": 7, "method": "jobs.Resume", "params": {"pipelines": []}}'
+        )
 
         # Replies to the three messages may come in any order, but only one exists.
         assert json.loads(await ws.get_message())["id"] == 7

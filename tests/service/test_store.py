@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
 from trismtp.jobs.model import Job, JobOptions
-from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
+from trismtp.service import store as store_module
+from trismtp.service.store import (
+    BatchExpired,
+    DatabaseCorrupt,
+    JobStore,
+    NoSuchPipeline,
+    Reserved,
+    Settled,
+    StorageUnavailable,
+)
 
 
 class FakeClock:
@@ -50,8 +62,13 @@ def stored(path: Path) -> dict[str, str]:
         return dict(db.execute("SELECT id, payload FROM jobs").fetchall())
 
 
-def ids(jobs: list[Job]) -> list[str]:
-    return [job.id for job in jobs]
+def ids(jobs: Sequence[Job | Reserved]) -> list[str]:
+    return [job.job.id if isinstance(job, Reserved) else job.id for job in jobs]
+
+
+def refs(reserved: Sequence[Reserved], *wanted: str) -> list[tuple[str, str]]:
+    """(id, token) of the reserved jobs *wanted* (all when none is named)."""
+    return [(r.job.id, r.lease.token) for r in reserved if not wanted or r.job.id in wanted]
 
 
 @pytest.fixture
@@ -117,7 +134,9 @@ async def test_reserve_returns_the_job_as_pushed(store: JobStore) -> None:
     job = make_job("a", priority=3, payload='{"event":"EMAIL_RECEIVED","ü":1}')
     await store.push_batch([job])
 
-    assert await store.reserve("smtp", 1, lease=60) == [job]
+    [reserved] = await store.reserve("smtp", 1, lease=60)
+    assert reserved.job == job
+    assert reserved.lease.attempt == 1
 
 
 async def test_lease_expiry_delivers_again(
@@ -133,14 +152,15 @@ async def test_lease_expiry_delivers_again(
     assert ids(await store.reserve("smtp", 10, lease=30)) == ["a"]
 
     with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT attempts FROM jobs").fetchall() == [(2,)]
+        assert db.execute("SELECT attempts FROM queue").fetchall() == [(2,)]
 
 
 async def test_ack_deletes(store: JobStore, clock: FakeClock, db_path: Path) -> None:
     await store.push_batch([make_job("a"), make_job("b")])
-    await store.reserve("smtp", 10, lease=30)
+    reserved = await store.reserve("smtp", 10, lease=30)
 
-    assert await store.ack(["a", "unknown"]) == 1
+    assert await store.ack(refs(reserved, "a")) == Settled(1)
+    assert await store.ack([("unknown", "token")]) == Settled(0, ["unknown"])
 
     assert set(stored(db_path)) == {"b"}
     clock.advance(30)
@@ -149,9 +169,9 @@ async def test_ack_deletes(store: JobStore, clock: FakeClock, db_path: Path) -> 
 
 async def test_nack_requeues_after_its_delay(store: JobStore, clock: FakeClock) -> None:
     await store.push_batch([make_job("a")])
-    await store.reserve("smtp", 10, lease=300)
+    reserved = await store.reserve("smtp", 10, lease=300)
 
-    assert await store.nack(["a"], requeue=True, delay=20) == 1
+    assert await store.nack(refs(reserved), requeue=True, delay=20) == Settled(1)
 
     assert await store.reserve("smtp", 10, lease=300) == []
     assert (await store.stat())[0].delayed == 1
@@ -161,18 +181,18 @@ async def test_nack_requeues_after_its_delay(store: JobStore, clock: FakeClock) 
 
 async def test_nack_requeue_without_delay_is_ready_at_once(store: JobStore) -> None:
     await store.push_batch([make_job("a")])
-    await store.reserve("smtp", 10, lease=300)
+    reserved = await store.reserve("smtp", 10, lease=300)
 
-    await store.nack(["a"], requeue=True)
+    await store.nack(refs(reserved), requeue=True)
 
     assert ids(await store.reserve("smtp", 10, lease=300)) == ["a"]
 
 
 async def test_nack_without_requeue_deletes(store: JobStore, db_path: Path) -> None:
     await store.push_batch([make_job("a"), make_job("b")])
-    await store.reserve("smtp", 10, lease=30)
+    reserved = await store.reserve("smtp", 10, lease=30)
 
-    await store.nack(["a"], requeue=False)
+    await store.nack(refs(reserved, "a"), requeue=False)
 
     assert set(stored(db_path)) == {"b"}
 
@@ -316,7 +336,7 @@ async def test_durability_pragmas_are_set(db_path: Path) -> None:
     assert seen == [("wal", 2)]  # 2 is FULL
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 class Disk:
@@ -345,7 +365,8 @@ class Disk:
 
     def free(self) -> None:
         self.full = False
-        self.connections[-1].execute("PRAGMA max_page_count = 1073741823")
+        with contextlib.suppress(sqlite3.ProgrammingError):  # the store dropped it
+            self.connections[-1].execute("PRAGMA max_page_count = 1073741823")
 
     @staticmethod
     def _cap(db: sqlite3.Connection) -> None:
@@ -358,27 +379,42 @@ async def test_full_disk_is_storage_unavailable_then_recovers(
 ) -> None:
     disk = Disk()
     big = [make_job(f"big{i}", payload="x" * 10_000) for i in range(20)]
+    reserve_file = db_path.with_name(db_path.name + "-reserve")
     async with JobStore.open(db_path, clock=clock, on_connect=disk.on_connect) as store:
         await store.declare("smtp")
-        await store.push_batch([make_job("small")])
+        await store.push_batch([make_job("small"), make_job("other")])
+        assert reserve_file.stat().st_size == 32 * 1024 * 1024
+        assert store.unwritable is None
         disk.fill()
 
         with pytest.raises(StorageUnavailable, match="full"):
             await store.push_batch(big)
-        assert set(stored(db_path)) == {"small"}  # nothing of the batch
+        assert set(stored(db_path)) == {"small", "other"}  # nothing of the batch
+        assert not reserve_file.exists()  # released for the consumers
+        assert store.unwritable is not None
+        assert "full" in store.unwritable
 
-        # Still full: the store opens a fresh connection and fails again.
-        with pytest.raises(StorageUnavailable):
+        # Consumers can still drain: Reserve, Nack, Ack all write.
+        reserved = await store.reserve("smtp", 10, lease=30)
+        assert ids(reserved) == ["small", "other"]
+        assert await store.nack(refs(reserved, "other"), requeue=True) == Settled(1)
+        assert await store.ack(refs(reserved, "small")) == Settled(1)
+        with pytest.raises(StorageUnavailable, match="full"):
             await store.push_batch(big)
-        assert len(disk.connections) >= 2
-
-        # Operations that need no new space still work on a full disk.
-        assert ids(await store.reserve("smtp", 10, lease=30)) == ["small"]
+        assert store.unwritable is not None  # an Ack is not "available again"
 
         disk.free()
-        await store.push_batch(big)
+        with trio.fail_after(10):
+            while True:  # the store checks for room once a second
+                try:
+                    await store.push_batch(big)
+                    break
+                except StorageUnavailable:
+                    await trio.sleep(0.05)
+        assert store.unwritable is None
+        assert reserve_file.stat().st_size == 32 * 1024 * 1024
 
-    assert set(stored(db_path)) == {"small"} | {job.id for job in big}
+    assert set(stored(db_path)) == {"other"} | {job.id for job in big}
 
 
 async def test_full_disk_fails_only_the_op_that_needs_space(
@@ -388,6 +424,7 @@ async def test_full_disk_fails_only_the_op_that_needs_space(
     async with JobStore.open(db_path, clock=clock, on_connect=disk.on_connect) as store:
         await store.declare("smtp")
         await store.push_batch([make_job("small")])
+        reserved = await store.reserve("smtp", 1, lease=30)
         disk.fill()
         results: dict[str, str] = {}
 
@@ -404,7 +441,7 @@ async def test_full_disk_fails_only_the_op_that_needs_space(
         big = [make_job(f"big{i}", payload="x" * 10_000) for i in range(20)]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt, "push", store.push_batch(big))
-            nursery.start_soon(attempt, "ack", store.ack(["small"]))
+            nursery.start_soon(attempt, "ack", store.ack(refs(reserved)))
 
     assert results == {"push": "unavailable", "ack": "ok"}
     assert stored(db_path) == {}
@@ -480,3 +517,155 @@ async def test_an_expired_batch_stores_nothing(
     await store.push_batch([make_job("in-time")], expires_at=clock.now + 1)
 
     assert set(stored(db_path)) == {"in-time"}
+
+
+_SCHEMA_V1 = """
+CREATE TABLE pipelines (
+    name TEXT PRIMARY KEY, driver TEXT NOT NULL DEFAULT 'sqlite',
+    priority INTEGER NOT NULL DEFAULT 10, paused INTEGER NOT NULL DEFAULT 0,
+    config TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, name TEXT NOT NULL, payload TEXT NOT NULL,
+    headers TEXT NOT NULL, priority INTEGER NOT NULL, delay INTEGER NOT NULL,
+    auto_ack INTEGER NOT NULL, available_at REAL NOT NULL, reserved_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
+CREATE INDEX jobs_queue ON jobs (pipeline, priority, created_at);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_version_1_database_is_migrated_with_its_jobs_and_leases(
+    db_path: Path, clock: FakeClock
+) -> None:
+    db_path.parent.mkdir()
+    now = clock.now
+    with sqlite3.connect(db_path) as db:
+        db.executescript(_SCHEMA_V1)
+        db.execute("INSERT INTO pipelines (name) VALUES ('smtp')")
+        db.executemany(
+            "INSERT INTO jobs VALUES (?, 'smtp', 'smtp.email', ?, '{\"uuid\":[\"x\"]}', 10, 0, 0,"
+            " ?, ?, ?, ?)",
+            [
+                ("ready", "p1", now - 10, None, 0, now - 10),
+                ("leased", "p2", now - 20, now + 30, 1, now - 20),
+                ("later", "p3", now + 60, None, 0, now - 5),
+            ],
+        )
+
+    async with JobStore.open(db_path, clock=clock) as store:
+        [stat] = await store.stat()
+        assert (stat.active, stat.reserved, stat.delayed) == (1, 1, 1)
+        [ready] = await store.reserve("smtp", 10, lease=30)
+        assert (ready.job.id, ready.job.payload, ready.job.headers) == (
+            "ready",
+            "p1",
+            {"uuid": ["x"]},
+        )
+        assert await store.ack(refs([ready])) == Settled(1)
+        clock.advance(60)  # the v1 lease and the delay have run out
+        again = await store.reserve("smtp", 10, lease=30)
+        assert [(r.job.id, r.lease.attempt) for r in again] == [("leased", 2), ("later", 1)]
+
+    assert set(stored(db_path)) == {"leased", "later"}
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def fill_and_close(db_path: Path, count: int = 200) -> None:
+    async with JobStore.open(db_path) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job(f"j{i}", payload="y" * 3000) for i in range(count)])
+
+
+def damage(path: Path) -> None:
+    """64 KiB of garbage over the middle of the file."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(range(256)) * 256)
+
+
+async def test_a_damaged_database_is_refused_at_open_naming_the_file(db_path: Path) -> None:
+    await fill_and_close(db_path)
+    damage(db_path)
+
+    with pytest.raises(DatabaseCorrupt) as caught:
+        async with JobStore.open(db_path):
+            pass
+
+    message = str(caught.value)
+    assert str(db_path) in message
+    assert "damaged" in message
+    assert "docs/operations.md" in message
+    assert "\n" not in message
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+async def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
+    write_file(db_path, b"this is not SQLite" * 1000)
+
+    with pytest.raises(DatabaseCorrupt, match="damaged"):
+        async with JobStore.open(db_path):
+            pass
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+async def test_a_database_that_vanished_is_not_taken_for_a_first_start(
+    db_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    await fill_and_close(db_path)
+    if how == "deleted":
+        os.unlink(db_path)
+    else:
+        write_file(db_path, b"")
+    caplog.set_level(logging.WARNING, logger="trismtp.service.store")
+
+    async with JobStore.open(db_path) as store:
+        await store.declare("smtp")
+        assert await store.stat()  # it runs, on an empty database
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(db_path) in w and "restore" in w for w in warnings), warnings
+
+
+async def test_a_first_start_says_nothing(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="trismtp.service.store")
+
+    async with JobStore.open(db_path):
+        pass
+
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+async def test_a_wal_left_without_its_database_is_moved_aside(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wal = db_path.with_name(db_path.name + "-wal")
+    write_file(wal, b"\0" * 4096)
+    caplog.set_level(logging.WARNING, logger="trismtp.service.store")
+
+    async with JobStore.open(db_path):
+        pass
+
+    assert not wal.exists() or wal.read_bytes() != b"\0" * 4096
+    assert list(db_path.parent.glob("jobs.sqlite3-wal.orphan-*"))
+    assert any(str(db_path) in r.getMessage() for r in caplog.records)
+
+
+async def test_a_read_over_its_inline_budget_runs_again_in_a_thread(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.push_batch([make_job(f"d{i}", delay=60) for i in range(5000)])
+    monkeypatch.setattr(store_module, "INLINE_READ_BUDGET", 0.0)  # every inline read stops
+
+    [stat] = await store.stat()
+
+    assert (stat.active, stat.delayed, stat.reserved) == (0, 5000, 0)
+    assert await store.list_pipelines() == ["smtp"]

@@ -13,6 +13,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 PAYLOAD_CLASS = "smtp:handler"
+# A priority is stored as a SQLite integer (64-bit signed).
+MIN_PRIORITY = -(2**63)
+MAX_PRIORITY = 2**63 - 1
+MAX_DELAY = 365 * 86400
+"""Seconds: the longest job delay accepted (a year); more is a mistake, not a plan."""
 
 
 class JobOptions(BaseModel):
@@ -20,9 +25,9 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    priority: int = 10
+    priority: int = Field(default=10, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     pipeline: str = Field(min_length=1)
-    delay: int = Field(default=0, ge=0)
+    delay: int = Field(default=0, ge=0, le=MAX_DELAY)
     auto_ack: bool = False
 
 

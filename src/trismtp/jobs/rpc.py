@@ -14,6 +14,10 @@ nursery that :meth:`JobsClient.connect` opens and closes:
   (a dict id → slot). Replies may come in any order; many calls can be in
   flight on one connection.
 
+The JSON-RPC framing itself (ids, matching replies, error objects) is the
+sans-io :class:`trismtp.jsonrpc.ClientProtocol`, shared with the anyio
+consumer library (:mod:`trismtp.consumer`); this module is its trio adapter.
+
 When the connection fails (refused, rejected, closed, or a reply we cannot
 understand) the client *fails*: it keeps the reason, wakes every waiting
 caller with :class:`JobsUnavailable`, and refuses new calls at once. It never
@@ -35,7 +39,6 @@ not as a ``TOO_LARGE`` reply.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,14 +49,32 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trismtp.jobs.websocket import (
+    FailureLatch,
     JobsUnavailable,
     Stream,
     Target,
-    collapse,
-    map_exceptions,
     open_websocket,
+    run_client,
     send_text,
     unavailable,
+)
+from trismtp.jsonrpc import (
+    BATCH_EXPIRED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    LEASE_LOST,
+    METHOD_NOT_FOUND,
+    NO_SUCH_PIPELINE,
+    PARSE_ERROR,
+    STORAGE_UNAVAILABLE,
+    TOO_LARGE,
+    ClientProtocol,
+    LeaseLost,
+    ProtocolError,
+    ReplySlot,
+    RpcError,
+    encode_params,
 )
 
 __all__ = [
@@ -63,6 +84,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "LEASE_LOST",
     "METHOD_NOT_FOUND",
     "NO_SUCH_PIPELINE",
     "PARSE_ERROR",
@@ -70,60 +92,16 @@ __all__ = [
     "TOO_LARGE",
     "JobsClient",
     "JobsUnavailable",
+    "LeaseLost",
     "RpcError",
 ]
 
 logger = logging.getLogger(__name__)
 
-# JSON-RPC 2.0 error codes, and the jobs service's own (SPEC §6).
-PARSE_ERROR: Final = -32700
-INVALID_REQUEST: Final = -32600
-METHOD_NOT_FOUND: Final = -32601
-INVALID_PARAMS: Final = -32602
-INTERNAL_ERROR: Final = -32603
-NO_SUCH_PIPELINE: Final = -32001
-STORAGE_UNAVAILABLE: Final = -32003
-TOO_LARGE: Final = -32004
-# trismtp extension: PushBatch reached the store after its expires_at.
-BATCH_EXPIRED: Final = -32005
-
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # Leaving the client waits this long for the close handshake, even when the
 # caller is being cancelled, so the service sees a clean close.
 CLOSE_TIMEOUT: Final = 2.0
-
-
-class RpcError(Exception):
-    """The jobs service answered the call with a JSON-RPC error object."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(code, message, data)
-        self.code = code
-        self.message = message
-        self.data = data
-
-    def __str__(self) -> str:
-        return f"{self.message} (JSON-RPC error {self.code})"
-
-
-class _BadReply(Exception):
-    """The service sent something that is not a JSON-RPC 2.0 response."""
-
-
-class _Slot:
-    """Where the reader leaves the reply for one waiting call."""
-
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def resolve(self, *, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
 
 
 class JobsClient:
@@ -137,9 +115,9 @@ class JobsClient:
         self._ws = ws
         self._stream = stream
         self._target = target
-        self._next_id = 1
-        self._pending: dict[int, _Slot] = {}
-        self._failure: JobsUnavailable | None = None
+        self._protocol = ClientProtocol()
+        self._pending: dict[int, ReplySlot[trio.Event]] = {}
+        self._failure = FailureLatch()
         self._outbox, self._outbox_receive = trio.open_memory_channel[Sequence[str]](0)
 
     @classmethod
@@ -164,36 +142,24 @@ class JobsClient:
         """
         target = Target.parse(url, schemes=("ws", "wss"), what="jobs URL", token_sent=bool(token))
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
-        body_error: BaseException | None = None
-        error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                with map_exceptions(target), trio.fail_after(connect_timeout):
-                    ws, stream = await open_websocket(
-                        nursery, target, max_message_size=max_message_size, extra_headers=headers
-                    )
-                client = cls(ws, stream, target)
-                nursery.start_soon(client._read_loop)
-                nursery.start_soon(client._write_loop)
-                try:
-                    yield client
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    await client._aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = collapse(group, body_error=body_error, target=target)
-        if error is not None:
-            # Raised here, outside the except clause, so that the group does
-            # not become the error's __context__.
-            raise error
+
+        async def opener(nursery: trio.Nursery) -> JobsClient:
+            ws, stream = await open_websocket(
+                nursery, target, max_message_size=max_message_size, extra_headers=headers
+            )
+            return cls(ws, stream, target)
+
+        async with run_client(target, connect_timeout, opener) as client:
+            yield client
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._read_loop)
+        nursery.start_soon(self._write_loop)
 
     @property
     def closed(self) -> bool:
         """True once the connection has failed or the client was closed."""
-        return self._failure is not None
+        return self._failure.failure is not None
 
     async def call(self, method: str, params: Mapping[str, Any]) -> Any:
         """Call *method* with *params* and return the reply's ``result``.
@@ -202,9 +168,7 @@ class JobsClient:
         :class:`JobsUnavailable` if there is no connection or it is lost
         before the reply.
         """
-        return await self.call_encoded(
-            method, json.dumps(params, ensure_ascii=False, separators=(",", ":"))
-        )
+        return await self.call_encoded(method, encode_params(params))
 
     async def call_encoded(self, method: str, params_json: str | Sequence[str]) -> Any:
         """Like :meth:`call`, with *params_json* already encoded as a JSON object.
@@ -213,54 +177,36 @@ class JobsClient:
         after the other (the pusher encodes each job once and never joins
         them: a batch of big jobs would be copied whole). It must be valid
         JSON, or the service answers with a parse error that no call can be
-        matched to (see :meth:`_deliver`).
+        matched to (see :class:`trismtp.jsonrpc.ClientProtocol`).
         """
-        self._raise_if_failed()
-        request_id = self._next_id
-        self._next_id += 1
+        self._failure.check()
         params = [params_json] if isinstance(params_json, str) else params_json
-        request = [
-            f'{{"jsonrpc":"2.0","id":{request_id},"method":{json.dumps(method)},"params":',
-            *params,
-            "}",
-        ]
-        slot = _Slot()
+        request_id, request = self._protocol.request_parts(method, params)
+        slot = ReplySlot(trio.Event())
         self._pending[request_id] = slot
         try:
             try:
                 await self._outbox.send(request)
             except trio.BrokenResourceError:
-                self._raise_if_failed()  # _fail() closed the writer's end
+                self._failure.check()  # _fail() closed the writer's end
                 raise
             await slot.done.wait()
         finally:
             self._pending.pop(request_id, None)
+            self._protocol.forget(request_id)
         if slot.error is not None:
             raise slot.error
         return slot.result
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure_copy()
-
-    def _failure_copy(self) -> JobsUnavailable:
-        # One instance per raise: tasks raising the same object concurrently
-        # would tangle its traceback.
-        assert self._failure is not None
-        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
-        error.__cause__ = self._failure.__cause__
-        return error
-
     def _fail(self, failure: JobsUnavailable) -> None:
         """Stop for good: wake every waiting call with *failure*."""
-        if self._failure is not None:
+        if not self._failure.trip(failure):
             return
         logger.debug("jobs RPC client stops: %s", failure)
-        self._failure = failure
         # Callers blocked handing a request to the writer get BrokenResourceError.
         self._outbox_receive.close()
         for slot in self._pending.values():
-            slot.resolve(error=self._failure_copy())
+            slot.resolve(error=self._failure.copy())
 
     async def _aclose(self) -> None:
         self._fail(JobsUnavailable(f"the connection to {self._target} was closed by this client"))
@@ -290,7 +236,7 @@ class JobsClient:
                 self._dispatch(await self._ws.get_message())
         except ConnectionClosed as exc:
             self._fail(self._lost(exc))
-        except _BadReply as exc:
+        except ProtocolError as exc:
             self._fail(JobsUnavailable(f"{self._target} sent an invalid reply: {exc}"))
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await self._ws.aclose(1002, "invalid JSON-RPC reply")
@@ -301,45 +247,7 @@ class JobsClient:
         return mapped
 
     def _dispatch(self, message: str | bytes) -> None:
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError) as exc:
-            raise _BadReply(f"not JSON ({exc})") from None
-        for reply in data if isinstance(data, list) else [data]:
-            self._deliver(reply)
-
-    def _deliver(self, reply: Any) -> None:
-        if not isinstance(reply, dict) or reply.get("jsonrpc") != "2.0":
-            raise _BadReply("not a JSON-RPC 2.0 response object")
-        reply_id = reply.get("id")
-        if "error" in reply:
-            error = _rpc_error(reply["error"])
-            if reply_id is None:
-                # The service could not tell which request this answers (it
-                # could not parse one), so no call can be matched to it. Fail
-                # every waiting call rather than let the culprit wait forever;
-                # the others learn nothing about their fate either way.
-                logger.error("the jobs service rejected a request it could not read: %s", error)
-                for waiting in self._pending.values():
-                    waiting.resolve(error=_rpc_error(reply["error"]))
-                return
-            result = None
-        elif "result" in reply:
-            error, result = None, reply["result"]
-        else:
-            raise _BadReply("a response needs a result or an error")
-        slot = self._pending.pop(reply_id, None) if type(reply_id) is int else None
-        if slot is None:
-            # The caller gave up (was cancelled) before its reply came.
-            logger.debug("reply to request %r, which no call waits for", reply_id)
-            return
-        slot.resolve(result=result, error=error)
-
-
-def _rpc_error(error: Any) -> RpcError:
-    if not isinstance(error, dict):
-        raise _BadReply("an error must be an object")
-    code, message = error.get("code"), error.get("message")
-    if type(code) is not int or not isinstance(message, str):
-        raise _BadReply("an error needs an integer code and a string message")
-    return RpcError(code, message, error.get("data"))
+        for reply in self._protocol.receive(message):
+            slot = self._pending.pop(reply.id, None)
+            if slot is not None:
+                slot.resolve(result=reply.result, error=reply.error)

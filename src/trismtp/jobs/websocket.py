@@ -5,17 +5,19 @@ WebSocket the same way and must report its failures the same way: every
 transport problem becomes one :class:`JobsUnavailable` whose message names
 the server (never a secret from the URL) and says what went wrong. This
 module is that one place: the parsed target, the opening of the stream and
-handshake, and the translation of trio, trio-websocket and OS errors.
+handshake, the translation of trio, trio-websocket and OS errors, and
+:func:`run_client`, the life of a client whose connection needs tasks of its
+own (a reader, a writer) beside the callers.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -32,6 +34,7 @@ from wsproto.events import TextMessage
 __all__ = [
     "FRAGMENT_CHARS",
     "RECEIVE_BUFFER_SIZE",
+    "FailureLatch",
     "JobsUnavailable",
     "PeerProtocolError",
     "Stream",
@@ -39,6 +42,7 @@ __all__ = [
     "collapse",
     "map_exceptions",
     "open_websocket",
+    "run_client",
     "send_text",
     "unavailable",
 ]
@@ -207,6 +211,10 @@ def _os_reason(exc: OSError) -> str:
     """Why a connect failed: trio says "all attempts … failed" and keeps the
     reasons in the group it chains; show the first, without the address each
     of them repeats (the caller names the target once)."""
+    if isinstance(exc, ssl.SSLError):
+        # Its errno is OpenSSL's error kind, not an errno: strerror(1) would
+        # say "Operation not permitted" for a certificate that fails to verify.
+        return str(exc)
     if exc.errno:
         return os.strerror(exc.errno)
     if exc.strerror:
@@ -301,3 +309,91 @@ def _fragments(parts: Iterable[str], size: int) -> Iterator[str]:
                 buffered = 0
     if buffer:
         yield "".join(buffer)
+
+
+class FailureLatch:
+    """Why a client stopped for good: set once, then raised afresh to every caller.
+
+    Each caller gets its own copy: tasks raising one exception object
+    concurrently would tangle its traceback.
+    """
+
+    __slots__ = ("_failure",)
+
+    def __init__(self) -> None:
+        self._failure: JobsUnavailable | None = None
+
+    @property
+    def failure(self) -> JobsUnavailable | None:
+        """The failure, once the client stopped."""
+        return self._failure
+
+    def trip(self, failure: JobsUnavailable) -> bool:
+        """Stop with *failure*; False if already stopped (the first reason stays)."""
+        if self._failure is not None:
+            return False
+        self._failure = failure
+        return True
+
+    def copy(self) -> JobsUnavailable:
+        """A fresh exception saying what the failure says."""
+        assert self._failure is not None
+        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
+        error.__cause__ = self._failure.__cause__
+        return error
+
+    def check(self) -> None:
+        """Raise a copy of the failure if the client stopped."""
+        if self._failure is not None:
+            raise self.copy()
+
+
+class _Client(Protocol):
+    """What :func:`run_client` needs of a client."""
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """Start the tasks the connection needs (reader, writer) in *nursery*."""
+
+    async def _aclose(self) -> None:
+        """Fail the calls still waiting and close the connection."""
+
+
+_C = TypeVar("_C", bound=_Client)
+
+
+@asynccontextmanager
+async def run_client(
+    target: Target,
+    timeout: float,  # noqa: ASYNC109
+    opener: Callable[[trio.Nursery], Awaitable[_C]],
+) -> AsyncIterator[_C]:
+    """A client open for the block: *opener* connects it (within *timeout*
+    seconds), its tasks run in a nursery of their own, and leaving the block
+    closes it.
+
+    The nursery is what structured concurrency asks for, and what callers
+    should not see: failures of the connection come out as one
+    :class:`JobsUnavailable` (:func:`map_exceptions`, :func:`collapse`), the
+    block's own exception unchanged, never an exception group.
+    """
+    body_error: BaseException | None = None
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with map_exceptions(target), trio.fail_after(timeout):
+                client = await opener(nursery)
+            client._start_tasks(nursery)
+            try:
+                yield client
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                await client._aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = collapse(group, body_error=body_error, target=target)
+    if error is not None:
+        # Raised here, outside the except clause, so that the group does not
+        # become the error's __context__.
+        raise error

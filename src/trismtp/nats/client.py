@@ -46,12 +46,12 @@ from trio_websocket import (
 )
 
 from trismtp.jobs.websocket import (
+    FailureLatch,
     JobsUnavailable,
     Stream,
     Target,
-    collapse,
-    map_exceptions,
     open_websocket,
+    run_client,
     unavailable,
 )
 from trismtp.nats.protocol import (
@@ -296,12 +296,14 @@ class NatsClient:
         self._target = target
         self._parser = handshake.parser
         self._info = handshake.info
+        # Events read with the handshake's last frame, for the reader to handle first.
+        self._leftover = handshake.leftover
         self._inbox = inbox
         self._next_reply = itertools.count(1)
         self._pending: dict[str, tuple[_Waiter, int]] = {}
         # The sids of request_many's subscriptions, and their reply subjects.
         self._reply_sids: dict[str, str] = {}
-        self._failure: JobsUnavailable | None = None
+        self._failure = FailureLatch()
         #: PINGs the server sent and this client answered (for monitoring and tests).
         self.pings_answered = 0
 
@@ -335,45 +337,32 @@ class NatsClient:
         if token and (user or password):
             raise ValueError("give either a token or a user and password, not both")
         inbox = f"_INBOX.{secrets.token_hex(11)}."
-        body_error: BaseException | None = None
-        error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                with map_exceptions(target), trio.fail_after(timeout):
-                    ws, stream = await open_websocket(
-                        nursery,
-                        target,
-                        max_message_size=MAX_WEBSOCKET_MESSAGE,
-                        ssl_context=ssl_context,
-                    )
-                    try:
-                        handshake = await _handshake(
-                            ws, target, inbox, user=user, password=password, token=token
-                        )
-                    except BaseException:
-                        await trio.aclose_forcefully(stream)
-                        raise
-                client = cls(ws, stream, target, handshake, inbox)
-                logger.debug("connected to NATS at %s", target)
-                nursery.start_soon(client._read_loop, handshake.leftover)
-                try:
-                    yield client
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    await client._aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = collapse(group, body_error=body_error, target=target)
-        if error is not None:
-            # Raised outside the except clause, so the group is not its context.
-            raise error
+
+        async def opener(nursery: trio.Nursery) -> NatsClient:
+            ws, stream = await open_websocket(
+                nursery, target, max_message_size=MAX_WEBSOCKET_MESSAGE, ssl_context=ssl_context
+            )
+            try:
+                handshake = await _handshake(
+                    ws, target, inbox, user=user, password=password, token=token
+                )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            logger.debug("connected to NATS at %s", target)
+            return cls(ws, stream, target, handshake, inbox)
+
+        async with run_client(target, timeout, opener) as client:
+            yield client
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._read_loop, self._leftover)
+        self._leftover = []
 
     @property
     def closed(self) -> bool:
         """True once the connection has failed or the client was closed."""
-        return self._failure is not None
+        return self._failure.failure is not None
 
     @property
     def server_info(self) -> dict[str, Any]:
@@ -414,7 +403,7 @@ class NatsClient:
         * ValueError for an invalid subject or header, or a message whose
           headers already name ``Nats-Msg-Id``.
         """
-        self._raise_if_failed()
+        self._failure.check()
         if not messages:
             return []
         check_subject(subject, "subject", wildcards=False)
@@ -454,7 +443,7 @@ class NatsClient:
         :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
         or no reply came within *timeout* seconds.
         """
-        self._raise_if_failed()
+        self._failure.check()
         check_subject(subject, "subject", wildcards=False)
         if len(data) > self.max_payload:
             raise MessageTooLarge(len(data), self.max_payload)
@@ -504,7 +493,7 @@ class NatsClient:
         :class:`~trismtp.jobs.rpc.JobsUnavailable` if the connection is lost
         (what was collected is lost with it).
         """
-        self._raise_if_failed()
+        self._failure.check()
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         check_subject(subject, "subject", wildcards=False)
@@ -605,7 +594,7 @@ class NatsClient:
         (default: the caller's): a send still unfinished then may have left a
         partial frame, so the connection fails.
         """
-        self._raise_if_failed()
+        self._failure.check()
         await trio.lowlevel.checkpoint_if_cancelled()  # nothing sent yet: safe to stop
         if deadline is None:
             deadline = trio.current_effective_deadline()
@@ -618,27 +607,15 @@ class NatsClient:
             self._fail(
                 JobsUnavailable(f"timed out sending to {self._target}: dropped the connection")
             )
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure_copy()
-
-    def _failure_copy(self) -> JobsUnavailable:
-        # One instance per raise: tasks raising one object would tangle its traceback.
-        assert self._failure is not None
-        error = JobsUnavailable(str(self._failure), close_code=self._failure.close_code)
-        error.__cause__ = self._failure.__cause__
-        return error
+        self._failure.check()
 
     def _fail(self, failure: JobsUnavailable) -> None:
         """Stop for good: wake every waiting call with *failure*."""
-        if self._failure is not None:
+        if not self._failure.trip(failure):
             return
         logger.debug("NATS client stops: %s", failure)
-        self._failure = failure
         for waiter, _ in list(self._pending.values()):
-            waiter.fail(self._failure_copy())
+            waiter.fail(self._failure.copy())
         self._pending.clear()
 
     def _lost(self, exc: BaseException) -> JobsUnavailable:

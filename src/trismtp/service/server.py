@@ -11,13 +11,19 @@ constant time).
 On a connection, one loop reads messages. Each message (one request or a
 batch array) is answered by its own task, so a slow request does not hold up
 the others; replies go out as they are ready and the client matches them by
-id. At most :data:`MAX_IN_FLIGHT` messages per connection are being answered at
-once; past that the loop stops reading, which pushes back on the client
-through TCP instead of queueing without bound.
+id. What one client can make the service hold is bounded
+(:mod:`trismtp.service.connection`): at most :data:`MAX_IN_FLIGHT` calls per
+connection are being answered at once, a batch array counting as its number
+of calls (past that the loop stops reading, which pushes back on the client
+through TCP instead of queueing without bound); a batch holds at most
+:data:`MAX_BATCH` calls; the replies waiting to be sent are bounded by bytes
+(``jobs_service.max_unsent_bytes``), and a send that makes no progress for
+``jobs_service.send_timeout`` seconds drops the connection.
 
 Decoding a message (JSON, then each method's params validated by pydantic) is
 a pure function, :func:`decode_message`; large messages are decoded in a worker
-thread so one big batch does not stall every other connection.
+thread so one big batch does not stall every other connection. Request ids are
+echoed exactly as sent: an integer too large for 64 bits stays that integer.
 
 Writes and shutdown. The store guarantees that a write it has taken is
 committed or rolled back and that its caller hears which, even when cancelled.
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import math
 import time
@@ -51,39 +58,67 @@ from urllib.parse import urlsplit
 
 import orjson
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from trio_websocket import (
     ConnectionClosed,
-    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
     wrap_server_stream,
 )
 
-from trismtp.jobs.model import Job
+from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job
 from trismtp.jobs.rpc import (
     BATCH_EXPIRED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LEASE_LOST,
     METHOD_NOT_FOUND,
     NO_SUCH_PIPELINE,
     PARSE_ERROR,
     STORAGE_UNAVAILABLE,
+    TOO_LARGE,
 )
-from trismtp.service.store import BatchExpired, JobStore, NoSuchPipeline, StorageUnavailable
-from trismtp.settings import HostPort, JobsServiceSettings
+from trismtp.log import RepeatLimiter
+from trismtp.service.connection import CallBudget, ReplyOutbox, SendGuard
+from trismtp.service.store import (
+    BatchExpired,
+    JobStore,
+    NoSuchPipeline,
+    Policy,
+    Settled,
+    StorageUnavailable,
+)
+from trismtp.settings import HostPort, JobsServiceSettings, check_pipeline_name
 
 logger = logging.getLogger(__name__)
 
 RPC_PATH: Final = "/rpc"
-# Messages answered at once per connection before we stop reading more.
-MAX_IN_FLIGHT: Final = 64
+# Calls answered at once per connection before we stop reading more.
+MAX_IN_FLIGHT: Final = 128
+# Calls in one batch array; more is refused whole (-32600).
+MAX_BATCH: Final = 100
+# Calls whose replies carry jobs (each up to Reserve's byte bound, 16 MiB by
+# default) that one connection may have running at once: what a connection
+# has in production is bounded too, not only what waits to be sent. The
+# others wait their turn; the pusher and Ack/Nack are not held up by them.
+JOB_REPLY_METHODS: Final = frozenset({"jobs.Reserve", "jobs.Peek"})
+MAX_JOB_REPLIES_RUNNING: Final = 2
 # Messages at least this long are decoded in a worker thread.
 THREAD_DECODE_THRESHOLD: Final = 64 * 1024
 # Seconds that in-flight replies get once the service is told to stop.
 STOP_GRACE: Final = 5.0
-MAX_RESERVE: Final = 10_000
+# Jobs per Reserve, per Peek.
+MAX_RESERVE: Final = 1000
+MAX_PEEK: Final = 10_000
+# Seconds: the longest lease, Extend and Nack delay accepted.
+MAX_LEASE: Final = 86400.0
+# Bytes of a Reserve or Peek reply: max_bytes' default and the range it is clamped to.
+DEFAULT_REPLY_BYTES: Final = 16 * 1024 * 1024
+MIN_REPLY_BYTES: Final = 1024 * 1024
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+# Room kept in max_bytes for the response around the jobs (jsonrpc, id, result).
+REPLY_OVERHEAD: Final = 1024
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 HANDSHAKE_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0
@@ -93,8 +128,25 @@ RequestId = str | int | float | None
 
 # -- params of each method (SPEC §6) -----------------------------------------
 
-PipelineName = Annotated[str, Field(min_length=1)]
+PipelineName = Annotated[str, AfterValidator(check_pipeline_name)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+LeaseSeconds = Annotated[float, Field(gt=0, le=MAX_LEASE, allow_inf_nan=False)]
+Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+
+
+def _clamp_max_bytes(value: int) -> int:
+    return min(max(value, MIN_REPLY_BYTES), MAX_REPLY_BYTES)
+
+
+ReplyBytes = Annotated[int, AfterValidator(_clamp_max_bytes)]
+
+
+class LeaseLost(Exception):
+    """Some jobs of an Ack, Nack or Extend had a stale token (-32006)."""
+
+    def __init__(self, verb: str, settled: Settled) -> None:
+        super().__init__("lease lost")
+        self.data = {"stale": settled.stale, verb: settled.done}
 
 
 class _Params(BaseModel):
@@ -142,7 +194,7 @@ class _PipelineSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     name: PipelineName
-    priority: int | None = None
+    priority: Priority | None = None
 
 
 class _Declare(_Params):
@@ -179,38 +231,79 @@ class _Destroy(_Pipelines):
 class _Reserve(_Params):
     pipeline: PipelineName
     max: int = Field(ge=1, le=MAX_RESERVE)
-    lease: float = Field(gt=0, allow_inf_nan=False)
+    lease: LeaseSeconds
+    max_bytes: ReplyBytes = DEFAULT_REPLY_BYTES
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        jobs = await store.reserve(self.pipeline, self.max, self.lease)
-        return {"jobs": [job.to_dict() for job in jobs]}
+        reserved = await store.reserve(
+            self.pipeline, self.max, self.lease, max_bytes=self.max_bytes - REPLY_OVERHEAD
+        )
+        return {"jobs": [job.to_dict() for job in reserved]}
 
 
 class _Peek(_Params):
     pipeline: PipelineName
-    max: int = Field(default=10, ge=1, le=MAX_RESERVE)
+    max: int = Field(default=10, ge=1, le=MAX_PEEK)
+    max_bytes: ReplyBytes = DEFAULT_REPLY_BYTES
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        jobs = await store.peek(self.pipeline, self.max)
+        jobs = await store.peek(self.pipeline, self.max, max_bytes=self.max_bytes - REPLY_OVERHEAD)
         return {"jobs": [job.to_dict() for job in jobs]}
 
 
-class _Ack(_Params):
-    ids: list[str]
+class _LeaseRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
+    id: str = Field(min_length=1, max_length=256)
+    token: str = Field(min_length=1, max_length=256)
+
+
+def _refuse_ids_form(data: Any) -> Any:
+    if isinstance(data, dict) and "ids" in data and "jobs" not in data:
+        raise ValueError(
+            'the {"ids": [...]} form is gone: send {"jobs": [{"id": ID, "token": T}, ...]}'
+            " with each job's lease.token from jobs.Reserve"
+        )
+    return data
+
+
+class _Settle(_Params):
+    jobs: list[_LeaseRef]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _new_form_only(cls, data: Any) -> Any:
+        return _refuse_ids_form(data)
+
+    def refs(self) -> list[tuple[str, str]]:
+        return [(ref.id, ref.token) for ref in self.jobs]
+
+
+def _settled(verb: str, settled: Settled) -> dict[str, Any]:
+    if settled.stale:
+        raise LeaseLost(verb, settled)
+    return {verb: settled.done}
+
+
+class _Ack(_Settle):
     async def run(self, store: JobStore) -> dict[str, Any]:
-        await store.ack(self.ids)
-        return {}
+        return _settled("acked", await store.ack(self.refs()))
 
 
-class _Nack(_Params):
-    ids: list[str]
+class _Nack(_Settle):
     requeue: bool = True
-    delay: Seconds = 0.0
+    delay: Annotated[float, Field(ge=0, le=MAX_LEASE, allow_inf_nan=False)] = 0.0
 
     async def run(self, store: JobStore) -> dict[str, Any]:
-        await store.nack(self.ids, requeue=self.requeue, delay=self.delay)
-        return {}
+        settled = await store.nack(self.refs(), requeue=self.requeue, delay=self.delay)
+        return _settled("nacked", settled)
+
+
+class _Extend(_Settle):
+    lease: LeaseSeconds
+
+    async def run(self, store: JobStore) -> dict[str, Any]:
+        return _settled("extended", await store.extend(self.refs(), self.lease))
 
 
 METHODS: Final[dict[str, type[_Params]]] = {
@@ -226,6 +319,7 @@ METHODS: Final[dict[str, type[_Params]]] = {
     "jobs.Peek": _Peek,
     "jobs.Ack": _Ack,
     "jobs.Nack": _Nack,
+    "jobs.Extend": _Extend,
 }
 
 
@@ -273,13 +367,32 @@ def decode_message(message: str | bytes) -> Request | list[Request] | RpcFailure
     try:
         # orjson refuses NaN and Infinity, as JSON does, and bounds nesting.
         data = orjson.loads(message)
+        if _has_float_id(data):
+            # orjson reads an integer past 64 bits as a float; the stdlib
+            # keeps it exact, so that the reply echoes the very same id.
+            data = json.loads(message, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         return RpcFailure(PARSE_ERROR, f"parse error: {exc}")
     if isinstance(data, list):
         if not data:
             return RpcFailure(INVALID_REQUEST, "invalid request: empty batch")
+        if len(data) > MAX_BATCH:
+            return RpcFailure(
+                INVALID_REQUEST,
+                f"invalid request: a batch holds at most {MAX_BATCH} calls, "
+                f"this one {len(data)}; send it in smaller batches",
+            )
         return [_decode_request(item) for item in data]
     return _decode_request(data)
+
+
+def _has_float_id(data: Any) -> bool:
+    items = data if isinstance(data, list) else [data]
+    return any(isinstance(item, dict) and isinstance(item.get("id"), float) for item in items)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _decode_request(data: Any) -> Request:
@@ -330,7 +443,19 @@ def _invalid_params(exc: ValidationError) -> RpcFailure:
 
 
 def _encode(reply: Any) -> str:
-    return orjson.dumps(reply).decode()
+    try:
+        return orjson.dumps(reply).decode()
+    except orjson.JSONEncodeError:
+        # orjson refuses integers past 64 bits: a request id can be one.
+        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_bytes(reply: Any) -> bytes:
+    """:func:`_encode` as UTF-8 bytes, for the parts of a batch reply."""
+    try:
+        return orjson.dumps(reply)
+    except orjson.JSONEncodeError:
+        return _encode(reply).encode()
 
 
 # -- shutdown ----------------------------------------------------------------
@@ -368,27 +493,56 @@ class _StopGrace:
 # -- serving -----------------------------------------------------------------
 
 
-def _describe_peer(where: Endpoint | str) -> str:
-    if isinstance(where, Endpoint):
-        return str(HostPort(str(where.address), where.port))
-    return where
-
-
 async def _reject(request: WebSocketRequest, status: int, body: bytes, **kwargs: Any) -> None:
     with contextlib.suppress(ConnectionClosed):  # the client may have left first
         await request.reject(status, body=body, **kwargs)
+
+
+@dataclass(slots=True)
+class _Connection:
+    """One accepted WebSocket and what bounds it."""
+
+    ws: WebSocketConnection
+    guard: SendGuard
+    outbox: ReplyOutbox
+    calls: trio.CancelScope  # the tasks answering its messages
+    job_replies: trio.CapacityLimiter  # Reserve and Peek calls running
+    dropped: str | None = None  # why the service dropped it, if it did
+
+    async def drop(self, why: str) -> None:
+        """Give up on a client that does not read its replies.
+
+        Closes the TCP connection (which fails every send waiting on it) and
+        cancels the calls not yet handed to the store: a Peek queued for the
+        store would otherwise still be read and encoded, for nobody.
+        """
+        if self.dropped is None:
+            self.dropped = why
+        self.calls.cancel()
+        await self.guard.abort()
 
 
 class _Service:
     """Answers the JSON-RPC requests of every connection."""
 
     def __init__(
-        self, store: JobStore, *, token: str, grace: _StopGrace, max_request_bytes: int
+        self,
+        store: JobStore,
+        *,
+        token: str,
+        grace: _StopGrace,
+        max_request_bytes: int,
+        max_unsent_bytes: int = 16 * 1024 * 1024,
+        send_timeout: float = 30.0,
     ) -> None:
         self._store = store
         self._token = token.encode()
         self._grace = grace
         self._max_request_bytes = max_request_bytes
+        self._max_unsent_bytes = max_unsent_bytes
+        self._send_timeout = send_timeout
+        #: Warnings a client can cause over and over (run its task to flush counts).
+        self.repeats = RepeatLimiter(logger)
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         for name, value in headers:
@@ -407,17 +561,23 @@ class _Service:
         it open when the peer closed first, a message was too big, or the
         handshake was refused, and only the garbage collector would close it.
         """
+        guard = SendGuard(stream, self._send_timeout)
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = str(HostPort(host, port))
+        except OSError:
+            peer = "a client that already left"
         try:
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task
                 with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
                     request = await wrap_server_stream(
                         nursery,
-                        stream,
+                        guard,
                         max_message_size=self._max_request_bytes,
                         receive_buffer_size=RECEIVE_BUFFER_SIZE,
                     )
                 if not handshake.cancelled_caught:
-                    await self._handle(request)
+                    await self._handle(request, guard, peer)
                 nursery.cancel_scope.cancel()
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as group:
             # The network failed under trio-websocket's reader: this one
@@ -426,8 +586,7 @@ class _Service:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        peer = _describe_peer(request.remote)
+    async def _handle(self, request: WebSocketRequest, guard: SendGuard, peer: str) -> None:
         if urlsplit(request.path).path != RPC_PATH:
             logger.info(
                 "refused a connection from %s: path %r is not %s", peer, request.path, RPC_PATH
@@ -435,7 +594,9 @@ class _Service:
             await _reject(request, 404, b"Not Found: the jobs RPC is at /rpc\n")
             return
         if self._token and not self._authorized(request.headers):
-            logger.warning("refused a connection from %s: missing or wrong token", peer)
+            self.repeats.warning(
+                "bad token", "refused a connection from %s: missing or wrong token", peer
+            )
             await _reject(
                 request,
                 401,
@@ -448,24 +609,41 @@ class _Service:
         except ConnectionClosed:
             return
         logger.debug("connection from %s", peer)
-        in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        calls = CallBudget(MAX_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
+            outbox = ReplyOutbox(ws, self._max_unsent_bytes)
+            job_replies = trio.CapacityLimiter(MAX_JOB_REPLIES_RUNNING)
+            connection = _Connection(ws, guard, outbox, nursery.cancel_scope, job_replies)
             while True:
-                await in_flight.acquire()
+                await calls.acquire(1)
                 try:
                     message = await ws.get_message()
                 except ConnectionClosed:
-                    in_flight.release()
+                    calls.release(1)
                     break
-                # Boxed, so the task can drop the text once decoded: it may
-                # be a batch of megabytes, and its jobs are decoded by then.
-                nursery.start_soon(self._serve_message, ws, [message], in_flight)
+                decoded = await self._decode(message)
+                # Not kept until the next message: a batch may be megabytes,
+                # and its jobs are decoded by now.
                 del message
+                count = len(decoded) if isinstance(decoded, list) else 1
+                await calls.acquire(count - 1)  # a batch counts as its calls
+                nursery.start_soon(self._serve_message, connection, decoded, calls, count)
         with trio.move_on_after(CLOSE_TIMEOUT):
             await ws.aclose()  # returns at once when the client closed first
-        reason = ws.closed
-        if reason is not None and reason.code == 1009:
-            logger.warning(
+        self._log_close(connection, peer)
+
+    def _log_close(self, connection: _Connection, peer: str) -> None:
+        reason = connection.ws.closed
+        if connection.dropped is not None:
+            self.repeats.warning(
+                "slow reader",
+                "dropped the connection from %s (1008, policy): %s",
+                peer,
+                connection.dropped,
+            )
+        elif reason is not None and reason.code == 1009:
+            self.repeats.warning(
+                "request too big",
                 "closed the connection from %s: %s (jobs_service.max_request_bytes is %d)",
                 peer,
                 reason.reason,
@@ -475,45 +653,87 @@ class _Service:
             logger.debug("connection from %s closed: %s", peer, reason)
 
     async def _serve_message(
-        self, ws: WebSocketConnection, box: list[str | bytes], in_flight: trio.Semaphore
+        self,
+        connection: _Connection,
+        decoded: Request | list[Request] | RpcFailure,
+        calls: CallBudget,
+        count: int,
     ) -> None:
         try:
-            reply = await self._respond(await self._decode(box.pop()))
+            reply = await self.answer(decoded, connection)
             if reply is not None:
                 # No checkpoint between the store's answer and this shield, so
                 # a committed write's reply is sent even if we are stopping.
                 with self._grace.shield():
-                    await ws.send_message(reply)
+                    await connection.outbox.send(reply)
         except ConnectionClosed:
-            logger.debug("a client left before its reply")
+            if connection.guard.stalled:
+                await connection.drop(
+                    f"it read nothing of its replies for {self._send_timeout:g} s "
+                    "(jobs_service.send_timeout)"
+                )
+            else:
+                logger.debug("a client left before its reply")
         finally:
-            in_flight.release()
-
-    async def answer(self, message: str | bytes) -> str | None:
-        """The reply to one message, or None when it holds only notifications."""
-        return await self._respond(await self._decode(message))
+            calls.release(count)
 
     async def _decode(self, message: str | bytes) -> Request | list[Request] | RpcFailure:
         if len(message) >= THREAD_DECODE_THRESHOLD:
             return await trio.to_thread.run_sync(decode_message, message)
         return decode_message(message)
 
-    async def _respond(self, decoded: Request | list[Request] | RpcFailure) -> str | None:
+    async def answer(
+        self, decoded: Request | list[Request] | RpcFailure, connection: _Connection | None = None
+    ) -> str | None:
+        """The reply to one decoded message, or None when it holds only notifications.
+
+        On a *connection*, its Reserve and Peek calls run a few at a time, and
+        only while its unsent replies leave room (see :mod:`.connection`).
+
+        The responses to a batch together stay within ``max_unsent_bytes``
+        (or are one response alone): a response that would pass it is
+        replaced by a ``-32004`` error (its call did run: the jobs of a
+        ``Reserve`` so answered are delivered again when their lease ends).
+        """
         if isinstance(decoded, RpcFailure):
             return _encode({"jsonrpc": "2.0", "id": None, "error": decoded.to_dict()})
         if isinstance(decoded, Request):
-            response = await self._execute(decoded)
+            response = await self._execute_bounded(decoded, connection)
             return None if response is None else _encode(response)
-        responses: list[dict[str, Any] | None] = [None] * len(decoded)
+        responses: list[bytes | None] = [None] * len(decoded)
+        total = 0
 
         async def execute_into(index: int, request: Request) -> None:
-            responses[index] = await self._execute(request)
+            nonlocal total
+            response = await self._execute_bounded(request, connection)
+            if response is None:
+                return
+            encoded = _encode_bytes(response)
+            if total and total + len(encoded) > self._max_unsent_bytes:
+                failure = RpcFailure(
+                    TOO_LARGE,
+                    f"too large: the replies to this batch would pass "
+                    f"{self._max_unsent_bytes} bytes (jobs_service.max_unsent_bytes); "
+                    "send this call alone",
+                )
+                encoded = _encode_bytes(request.response(failure=failure))
+            total += len(encoded)
+            responses[index] = encoded
 
         async with trio.open_nursery() as nursery:
             for index, request in enumerate(decoded):
                 nursery.start_soon(execute_into, index, request)
         answered = [response for response in responses if response is not None]
-        return _encode(answered) if answered else None
+        return (b"[" + b",".join(answered) + b"]").decode() if answered else None
+
+    async def _execute_bounded(
+        self, request: Request, connection: _Connection | None
+    ) -> dict[str, Any] | None:
+        if connection is None or request.method not in JOB_REPLY_METHODS:
+            return await self._execute(request)
+        async with connection.job_replies:
+            await connection.outbox.wait_for_room()
+            return await self._execute(request)
 
     async def _execute(self, request: Request) -> dict[str, Any] | None:
         failure = request.failure
@@ -525,6 +745,8 @@ class _Service:
                 failure = RpcFailure(NO_SUCH_PIPELINE, str(exc), {"pipelines": exc.names})
             except BatchExpired as exc:
                 failure = RpcFailure(BATCH_EXPIRED, str(exc))
+            except LeaseLost as exc:
+                failure = RpcFailure(LEASE_LOST, "lease lost", exc.data)
             except StorageUnavailable as exc:
                 # The store logs the failure when it starts and when it ends.
                 failure = RpcFailure(STORAGE_UNAVAILABLE, f"storage unavailable: {exc}")
@@ -541,6 +763,7 @@ async def serve_jobs(
     *,
     clock: Callable[[], float] = time.time,
     stop_grace: float = STOP_GRACE,
+    on_store: Callable[[JobStore], object] | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the jobs service until cancelled; ``task_status`` gets the bound address.
@@ -549,17 +772,29 @@ async def serve_jobs(
     first. The address reported is the one actually bound, so port 0 works.
     When cancelled, replies to writes already handed to the store still go out
     within *stop_grace* seconds. *clock* is the store's clock (tests).
+    *on_store* is called with the open store (the daemon watches whether it
+    can write, for ``/readyz`` and the metrics).
     """
     address = settings.address()
     grace = _StopGrace(stop_grace)
-    async with JobStore.open(settings.database, clock=clock) as store:
-        for name in settings.pipelines:
+    policy = Policy(
+        max_attempts=settings.max_attempts,
+        dead_letter=settings.dead_letter_pipeline,
+        dedupe_window=settings.dedupe_window,
+        disk_reserve=settings.disk_reserve,
+    )
+    async with JobStore.open(settings.database, clock=clock, policy=policy) as store:
+        for name in [*settings.pipelines, settings.dead_letter_pipeline]:
             await store.declare(name)
+        if on_store is not None:
+            on_store(store)
         service = _Service(
             store,
             token=settings.token.get_secret_value(),
             grace=grace,
             max_request_bytes=settings.max_request_bytes,
+            max_unsent_bytes=settings.max_unsent_bytes,
+            send_timeout=settings.send_timeout,
         )
         try:
             listeners = await trio.open_tcp_listeners(address.port, host=address.host)
@@ -570,6 +805,7 @@ async def serve_jobs(
         host, port = listeners[0].socket.getsockname()[:2]
         bound = HostPort(host, port)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.repeats.run)
             await nursery.start(trio.serve_listeners, service.serve_connection, listeners)
             logger.info(
                 "jobs service listening on ws://%s%s (database %s)",
@@ -582,4 +818,5 @@ async def serve_jobs(
                 await trio.sleep_forever()
             finally:
                 grace.stop()
+                service.repeats.flush(final=True)
                 logger.info("jobs service stopping")

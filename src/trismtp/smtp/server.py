@@ -58,7 +58,7 @@ from trismtp import allocator
 from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
-from trismtp.log import set_session
+from trismtp.log import RepeatLimiter, set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
@@ -230,6 +230,8 @@ class SmtpServer:
         self._exempt = parse_networks(limits.exempt_networks)
         self._proxy_networks = parse_networks(settings.proxy_protocol.trusted_networks)
         self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
+        # Warnings a flood of connections repeats (refusals, bad PROXY headers).
+        self._repeats = RepeatLimiter(log)
         self._budget = MemoryBudget(settings.memory_budget_bytes())
         # Octets of a message that can be held at once: the limit and one
         # read past it (beyond the limit the protocol keeps only a tail).
@@ -299,6 +301,7 @@ class SmtpServer:
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(self._watch_writes)
+                    acceptors.start_soon(self._repeats.run)
                     for listeners, handler in (
                         (plain, self._handle),
                         (implicit, partial(self._handle, implicit_tls=True)),
@@ -324,6 +327,7 @@ class SmtpServer:
                     else:
                         self._listening = True
             # Accepting has stopped; the handler nursery waits for the sessions.
+        self._repeats.flush(final=True)
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting; let sessions finish within ``grace`` seconds."""
@@ -391,7 +395,9 @@ class SmtpServer:
             if refusal is not None:
                 reason, reply = refusal
                 self._metrics.connection_refused(reason)
-                log.warning("refusing %s: %s", session.remote, reply.lines()[0])
+                self._repeats.warning(
+                    f"refused: {reason}", "refusing %s: %s", session.remote, reply.lines()[0]
+                )
                 if not implicit_tls:  # a client waiting for TLS would not understand it
                     with trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await transport.send_all(session.conn.send(reply))
@@ -451,7 +457,9 @@ class SmtpServer:
                     header = parse_proxy_header(buf)
                 except ProxyError as exc:
                     self._metrics.connection_refused("proxy_header")
-                    log.warning("%s: bad PROXY protocol header: %s; closing", peer, exc)
+                    self._repeats.warning(
+                        "bad PROXY header", "%s: bad PROXY protocol header: %s; closing", peer, exc
+                    )
                     return None
                 if header is not None:
                     client = peer if header.source is None else HostPort(*header.source)
@@ -461,7 +469,9 @@ class SmtpServer:
                     return None
                 buf += data
         self._metrics.connection_refused("proxy_header")
-        log.warning("%s: no PROXY protocol header in time; closing", peer)
+        self._repeats.warning(
+            "no PROXY header", "%s: no PROXY protocol header in time; closing", peer
+        )
         return None
 
     async def _start_tls(self, session: _Session) -> bool:

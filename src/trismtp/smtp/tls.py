@@ -59,6 +59,9 @@ def _build(settings: TlsSettings) -> ssl.SSLContext:
     context.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if settings.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     )
+    # AEAD suites only for TLS 1.2 (settings.DEFAULT_TLS_CIPHERS says why);
+    # the string was checked when the settings were loaded.
+    context.set_ciphers(settings.ciphers)
     # No session tickets to rotate, and no state shared between processes.
     context.options |= ssl.OP_NO_TICKET
     # load_cert_chain's OSErrors do not say which file they are about.
