@@ -36,7 +36,7 @@ from functools import partial
 
 import trio
 
-from trismtp import systemd
+from trismtp import allocator, systemd
 from trismtp.health import serve_metrics
 from trismtp.jobs.pusher import Pusher
 from trismtp.metrics import Metrics
@@ -67,6 +67,8 @@ class Daemon:
         self.killed = False
         """True when the daemon was stopped at once rather than gracefully."""
         self._scope = trio.CancelScope()
+        # Big messages' buffers go back to the system once freed.
+        allocator.configure()
         # Certificate and users file now, so a broken one is a config error (exit 2).
         self._tls, self._users = load_security(settings.smtp)
         self.metrics = Metrics()

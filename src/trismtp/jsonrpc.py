@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -157,6 +157,18 @@ class ClientProtocol:
             f'"method":{json.dumps(method)},"params":{params_json}}}'
         )
         return request_id, text
+
+    def request_parts(self, method: str, params: Sequence[str]) -> tuple[int, list[str]]:
+        """Like :meth:`request`, with the params in parts to send one after the other.
+
+        The parts are never joined: a batch of big jobs would be copied whole
+        (see :func:`trismtp.jobs.websocket.send_text`).
+        """
+        request_id = self._next_id
+        self._next_id += 1
+        self._awaited.add(request_id)
+        head = f'{{"jsonrpc":"2.0","id":{request_id},"method":{json.dumps(method)},"params":'
+        return request_id, [head, *params, "}"]
 
     def forget(self, request_id: int) -> None:
         """Stop awaiting the reply to *request_id* (its caller gave up)."""

@@ -49,6 +49,7 @@ import functools
 import io
 import re
 from dataclasses import dataclass
+from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import Message
@@ -217,6 +218,9 @@ def build_payload(
             body = walk.body or ""
             html_body = walk.html_body or ""
             attachments = walk.attachments
+        # The tree holds the message's text once more: gone before raw's copy.
+        del msg
+    del parsed
 
     subject = headers["Subject"][0] if "Subject" in headers else ""
     message_id = headers["Message-Id"][0] if "Message-Id" in headers else ""
@@ -318,11 +322,31 @@ def _parse(raw: bytes, factory: _MemoHeaderFactory) -> tuple[Message, bool] | No
     )
     for policy, headersonly in attempts:
         try:
-            msg = BytesParser(policy=policy).parsebytes(raw, headersonly=headersonly)
+            msg = _parse_bytes(raw, policy, headersonly=headersonly)
         except Exception:  # any failure means: try the next, more lenient way
             continue
         return msg, not headersonly
     return None
+
+
+# What BytesParser hands the feed parser at a time.
+_FEED_CHUNK = 8192
+
+
+def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: bool) -> Message:
+    """``BytesParser(policy).parsebytes(raw, headersonly)``, without two copies of ``raw``.
+
+    The library decodes the whole message to one str and wraps it in a
+    StringIO (four bytes a character), only to read it back 8 KiB at a time
+    into its feed parser: six times the message's size at once. Feeding the
+    parser the same 8 KiB pieces straight from the bytes builds the same tree.
+    """
+    parser: BytesFeedParser[Message] = BytesFeedParser(policy=policy)
+    if headersonly:
+        parser._set_headersonly()  # type: ignore[attr-defined]  # as BytesParser does
+    for start in range(0, len(raw), _FEED_CHUNK):
+        parser.feed(raw[start : start + _FEED_CHUNK])
+    return parser.close()
 
 
 def _repair_header_block(raw: bytes) -> bytes:

@@ -122,6 +122,29 @@ class Metrics:
             registry=r,
         )
 
+        # -- the memory budget (smtp.memory_budget) ---------------------------
+        self.memory_budget = Gauge(
+            "trismtp_memory_budget_bytes",
+            "The memory budget for messages in flight (smtp.memory_budget).",
+            registry=r,
+        )
+        self.memory_claimed = Gauge(
+            "trismtp_memory_claimed_bytes",
+            "Bytes of the memory budget that messages in flight hold now.",
+            registry=r,
+        )
+        self.memory_waiting = Gauge(
+            "trismtp_memory_waiting_sessions",
+            "Sessions that stopped reading DATA until the memory budget has room.",
+            registry=r,
+        )
+        self.memory_refusals = Counter(
+            "trismtp_memory_refusals",
+            "MAIL (with SIZE=) or DATA answered 452 4.3.1, or an upload closed with 421 4.3.1,"
+            " because the memory budget was full.",
+            registry=r,
+        )
+
         # -- the pusher ------------------------------------------------------
         self.jobs_pushed = Counter(
             "trismtp_jobs_pushed",
@@ -225,6 +248,18 @@ class Metrics:
 
     def message_accepted(self, size: int) -> None:
         self.accepted_bytes.inc(size)
+
+    def watch_memory_budget(
+        self, total: int, claimed: Callable[[], float], waiting: Callable[[], float]
+    ) -> None:
+        """The budget's size, and read what is claimed and who waits at each scrape."""
+        self.memory_budget.set(total)
+        self.memory_claimed.set_function(claimed)
+        self.memory_waiting.set_function(waiting)
+
+    def memory_refusal(self) -> None:
+        """``452 4.3.1`` to MAIL or DATA, or ``421 4.3.1`` mid-upload: no room in the budget."""
+        self.memory_refusals.inc()
 
     # -- what the pusher reports -------------------------------------------------
 

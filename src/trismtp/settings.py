@@ -33,6 +33,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -44,6 +45,7 @@ from pydantic_settings import (
 )
 
 from trismtp.jobs.model import MAX_DELAY, MAX_PRIORITY, MIN_PRIORITY, check_pipeline_name
+from trismtp.smtp.budget import default_budget, minimum_budget
 
 ENV_PREFIX = "TRISMTP_"
 ENV_CONFIG = "TRISMTP_CONFIG"
@@ -99,6 +101,31 @@ def parse_host_port(value: str) -> HostPort:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r} has no valid port (0-65535)")
     return HostPort(host, int(port_text))
+
+
+def physical_memory() -> int | None:
+    """The memory this process may use, in bytes, or None where Linux does not say.
+
+    ``MemTotal`` of /proc/meminfo, or the cgroup v2 limit (``memory.max``)
+    when that is lower: in a container, the machine's memory is not ours.
+    """
+    total: int | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as limit_file:
+            limit = limit_file.read().strip()
+    except OSError:
+        limit = "max"
+    if limit.isdigit() and (total is None or int(limit) < total):
+        total = int(limit)
+    return total
 
 
 def _check_addresses(values: list[str]) -> list[str]:
@@ -238,6 +265,7 @@ class SmtpSettings(_Section):
     max_message_size: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=100, gt=0)
     max_connections: int = Field(default=1000, gt=0)
+    memory_budget: int = Field(default=0, ge=0)
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
@@ -263,6 +291,25 @@ class SmtpSettings(_Section):
     @classmethod
     def _check_listen(cls, value: list[str]) -> list[str]:
         return _check_addresses(value)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_budget(cls, value: int, info: ValidationInfo) -> int:
+        max_size = info.data.get("max_message_size")
+        if value and isinstance(max_size, int):
+            least = minimum_budget(max_size)
+            if value < least:
+                raise ValueError(
+                    f"must be 0 (derived from max_message_size) or at least {least} bytes "
+                    f"to let one message of max_message_size ({max_size}) through"
+                )
+        return value
+
+    def memory_budget_bytes(self) -> int:
+        """The memory budget in bytes: ``memory_budget``, or derived when 0."""
+        if self.memory_budget:
+            return self.memory_budget
+        return default_budget(self.max_message_size, physical_memory())
 
     @field_validator("hostname")
     @classmethod

@@ -528,7 +528,9 @@ class LoadGenerator:
                 attempt = Attempt(Outcome.ACKED, sent_at, latency, text, match.group(1))
                 self._acks += 1
                 return Outcome.ACKED
-            if code == 451:
+            # 421 4.3.1: the memory budget closed the session mid-upload; the
+            # reply is read after the dot. A retry on a new connection.
+            if code == 451 or text.startswith("421 4.3.1 "):
                 attempt = Attempt(Outcome.TEMPFAIL, sent_at, latency, text)
                 self._tempfails += 1
                 return Outcome.TEMPFAIL

@@ -23,6 +23,7 @@ from trismtp.jobs.rpc import (
     JobsUnavailable,
     RpcError,
 )
+from trismtp.jobs.websocket import FRAGMENT_CHARS, _fragments
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings
 
@@ -100,6 +101,31 @@ async def test_call_encoded_sends_the_text_as_it_is(service: Service) -> None:
         assert await client.call_encoded("jobs.PushBatch", params) == {}
 
     assert service.stored_ids() == {"id0", "id1", "id2"}
+
+
+async def test_a_request_in_parts_larger_than_a_frame_arrives_whole(service: Service) -> None:
+    # Parts are never joined: a big request goes out in several frames of one
+    # message, and calls before and after it are unaffected.
+    big = job("big", payload="x" * (FRAGMENT_CHARS * 2 + 123) + "\u00e9\U0001f600")
+    parts = ['{"jobs":[', big.to_json(), ",", job("small").to_json(), "]}"]
+
+    async with JobsClient.connect(service.url) as client:
+        assert "smtp" in (await client.call("jobs.List", {}))["pipelines"]
+        assert await client.call_encoded("jobs.PushBatch", parts) == {}
+        assert "smtp" in (await client.call("jobs.List", {}))["pipelines"]
+
+    assert service.stored_ids() == {"big", "small"}
+    with sqlite3.connect(service.settings.database) as db:
+        (payload,) = db.execute("SELECT payload FROM jobs WHERE id = 'big'").fetchone()
+    assert payload == big.payload
+
+
+def test_fragments_cut_and_join_parts_to_the_frame_size() -> None:
+    parts = ["ab", "cdefg", "", "h", "ijklmnopq"]
+
+    pieces = list(_fragments(parts, 4))
+
+    assert pieces == ["abcd", "efgh", "ijkl", "mnop", "q"]
 
 
 async def test_error_replies_are_rpc_errors(service: Service) -> None:

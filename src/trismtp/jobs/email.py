@@ -35,16 +35,19 @@ class EmailJob:
 
     def payload(self, *, include_raw: bool) -> str:
         """The email payload as JSON text."""
-        data = build_payload(
-            self.raw,
-            uuid=self.id,
-            envelope=self.envelope,
-            received_at=self.received_at,
-            include_raw=include_raw,
-            authentication=self.authentication,
-            tls=self.tls,
-        )
-        return orjson.dumps(data).decode()
+        # No names for the intermediates: each is freed as soon as the next
+        # exists (a big message's payload is megabytes at every step).
+        return orjson.dumps(
+            build_payload(
+                self.raw,
+                uuid=self.id,
+                envelope=self.envelope,
+                received_at=self.received_at,
+                include_raw=include_raw,
+                authentication=self.authentication,
+                tls=self.tls,
+            )
+        ).decode()
 
     def to_job(self, settings: JobsSettings, *, include_raw: bool) -> Job:
         """The Job to push: name, id, headers and options from ``[jobs]``."""

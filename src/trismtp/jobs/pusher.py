@@ -139,6 +139,9 @@ class _Pending:
             self.error = error
             self.permanent = permanent
             self.done.set()
+            # Answered: the JSON (megabytes for a big message) is not needed
+            # again, though the batch that held this slot may live on.
+            self.encoded = ""
 
 
 def _still_waiting(batch: list[_Pending], margin: float = 0.0) -> list[_Pending]:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -55,6 +55,7 @@ from trismtp.jobs.websocket import (
     Target,
     open_websocket,
     run_client,
+    send_text,
     unavailable,
 )
 from trismtp.jsonrpc import (
@@ -117,7 +118,7 @@ class JobsClient:
         self._protocol = ClientProtocol()
         self._pending: dict[int, ReplySlot[trio.Event]] = {}
         self._failure = FailureLatch()
-        self._outbox, self._outbox_receive = trio.open_memory_channel[str](0)
+        self._outbox, self._outbox_receive = trio.open_memory_channel[Sequence[str]](0)
 
     @classmethod
     @asynccontextmanager
@@ -169,16 +170,18 @@ class JobsClient:
         """
         return await self.call_encoded(method, encode_params(params))
 
-    async def call_encoded(self, method: str, params_json: str) -> Any:
+    async def call_encoded(self, method: str, params_json: str | Sequence[str]) -> Any:
         """Like :meth:`call`, with *params_json* already encoded as a JSON object.
 
-        The text goes on the wire as it is (the pusher encodes each job once
-        and joins them); it must be valid JSON, or the service answers with a
-        parse error that no call can be matched to (see
-        :class:`trismtp.jsonrpc.ClientProtocol`).
+        The text goes on the wire as it is; it may come in parts, sent one
+        after the other (the pusher encodes each job once and never joins
+        them: a batch of big jobs would be copied whole). It must be valid
+        JSON, or the service answers with a parse error that no call can be
+        matched to (see :class:`trismtp.jsonrpc.ClientProtocol`).
         """
         self._failure.check()
-        request_id, request = self._protocol.request(method, params_json)
+        params = [params_json] if isinstance(params_json, str) else params_json
+        request_id, request = self._protocol.request_parts(method, params)
         slot = ReplySlot(trio.Event())
         self._pending[request_id] = slot
         try:
@@ -219,7 +222,9 @@ class JobsClient:
     async def _write_loop(self) -> None:
         try:
             async for request in self._outbox_receive:
-                await self._ws.send_message(request)
+                await send_text(self._ws, request)
+                # Not kept until the next request: it may be megabytes.
+                del request
         except ConnectionClosed as exc:
             self._fail(self._lost(exc))
         except trio.ClosedResourceError:

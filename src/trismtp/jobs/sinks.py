@@ -70,7 +70,7 @@ __all__ = [
 # The RpcError code a JetStream refusal is reported with (storage unavailable).
 JETSTREAM_ERROR = -32003
 
-# JSON-RPC framing around the pre-encoded jobs, so a batch is one join.
+# JSON-RPC framing around the pre-encoded jobs (sent in parts, never joined).
 _BATCH_OPEN = '{"jobs":['
 _BATCH_CLOSE = "]}"
 
@@ -160,11 +160,14 @@ class RpcSink:
         return None
 
     async def push_batch(self, jobs: Sequence[tuple[str, str]], expires_at: float | None) -> None:
-        params = _BATCH_OPEN + ",".join(encoded for _, encoded in jobs)
+        # In parts, never joined: see JobsClient.call_encoded.
+        params = [_BATCH_OPEN]
+        for n, (_, encoded) in enumerate(jobs):
+            params += (",", encoded) if n else (encoded,)
         if expires_at is not None:
-            params += f'],"expires_at":{expires_at:.6f}}}'
+            params.append(f'],"expires_at":{expires_at:.6f}}}')
         else:
-            params += _BATCH_CLOSE
+            params.append(_BATCH_CLOSE)
         await self._client.call_encoded("jobs.PushBatch", params)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
@@ -29,8 +29,10 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto.events import TextMessage
 
 __all__ = [
+    "FRAGMENT_CHARS",
     "RECEIVE_BUFFER_SIZE",
     "FailureLatch",
     "JobsUnavailable",
@@ -41,6 +43,7 @@ __all__ = [
     "map_exceptions",
     "open_websocket",
     "run_client",
+    "send_text",
     "unavailable",
 ]
 
@@ -48,6 +51,9 @@ __all__ = [
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 
 _CLOSE_TOO_BIG: Final = 1009
+
+# A text message longer than this goes out in frames of this many characters.
+FRAGMENT_CHARS: Final = 1024 * 1024
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
@@ -253,6 +259,56 @@ def collapse(
     if error is body_error:
         return error
     return unavailable(error, target) or error
+
+
+async def send_text(ws: WebSocketConnection, parts: Sequence[str]) -> None:
+    """Send the concatenation of ``parts`` as one text message.
+
+    A long message goes out in frames of at most :data:`FRAGMENT_CHARS`
+    (RFC 6455 §5.4 fragmentation), each encoded and masked on its own. Sent
+    whole, a 40 MB batch was joined, put in a request, encoded to UTF-8,
+    copied into a frame and masked: five copies at once, the largest share
+    of what a big message cost in memory. The receiver sees one message.
+    Raises what ``send_message`` raises (ConnectionClosed).
+    """
+    if sum(map(len, parts)) <= FRAGMENT_CHARS:
+        await ws.send_message("".join(parts))
+        return
+    previous: str | None = None
+    for fragment in _fragments(parts, FRAGMENT_CHARS):
+        if previous is not None:
+            await _send_frame(ws, previous, finished=False)
+        previous = fragment
+    await _send_frame(ws, previous or "", finished=True)
+
+
+async def _send_frame(ws: WebSocketConnection, text: str, *, finished: bool) -> None:
+    # trio-websocket sends a message in one frame only; its _send() takes any
+    # wsproto event and, like send_message(), holds the stream lock per frame
+    # and raises ConnectionClosed. Our writers send one message at a time, so
+    # fragments of two messages never interleave (control frames may).
+    if ws.closed is not None:
+        raise ConnectionClosed(ws.closed)
+    await ws._send(TextMessage(data=text, message_finished=finished))
+
+
+def _fragments(parts: Iterable[str], size: int) -> Iterator[str]:
+    """The text of ``parts`` cut or joined into pieces of ``size`` characters (the last shorter)."""
+    buffer: list[str] = []
+    buffered = 0
+    for part in parts:
+        start = 0
+        while start < len(part):
+            take = min(len(part) - start, size - buffered)
+            buffer.append(part[start : start + take])
+            buffered += take
+            start += take
+            if buffered >= size:
+                yield "".join(buffer)
+                buffer.clear()
+                buffered = 0
+    if buffer:
+        yield "".join(buffer)
 
 
 class FailureLatch:

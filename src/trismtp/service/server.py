@@ -621,6 +621,9 @@ class _Service:
                     calls.release(1)
                     break
                 decoded = await self._decode(message)
+                # Not kept until the next message: a batch may be megabytes,
+                # and its jobs are decoded by now.
+                del message
                 count = len(decoded) if isinstance(decoded, list) else 1
                 await calls.acquire(count - 1)  # a batch counts as its calls
                 nursery.start_soon(self._serve_message, connection, decoded, calls, count)

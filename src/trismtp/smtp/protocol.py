@@ -739,15 +739,22 @@ class ServerConnection:
         rest = bytes(body[end + len(_TERMINATOR) :])
         self._buf[:0] = rest
         self._body_size -= len(rest)
-        # Thanks to the virtual CRLF, one replace unstuffs the first line too.
-        data = bytes(body[: end + 2]).replace(b"\r\n..", b"\r\n.")[2:]
+        self._body = bytearray()
+        # In place where that is possible: the message may be megabytes, and
+        # each copy of it counts against the memory budget's factor.
+        del body[end + 2 :]
+        if body.find(b"\r\n..") >= 0:
+            # Thanks to the virtual CRLF, one replace unstuffs the first line too.
+            body = body.replace(b"\r\n..", b"\r\n.")
+        del body[:2]  # the virtual CRLF; a bytearray drops its head without a copy
+        data = bytes(body)
+        del body
         # The octets received for the message, dot-stuffed, without ".\r\n".
         # It is known exactly however the bytes arrived, so being too large
         # takes precedence over a long line: the reply does not depend on
         # which limit the read that completed the message crossed first.
         received = self._body_size - (len(_TERMINATOR) - 2)
         self.state = State.MESSAGE
-        self._body = bytearray()
         error = self._body_error
         if received > self.config.max_message_size:
             error = _TOO_LARGE

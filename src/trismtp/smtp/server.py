@@ -47,12 +47,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import count
 
+import orjson
 import trio
 
+from trismtp import allocator
 from trismtp.auth import AuthFileError, Credentials, UsersFile
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.pusher import PushFailed
@@ -60,6 +62,7 @@ from trismtp.log import RepeatLimiter, set_session
 from trismtp.message import Envelope
 from trismtp.metrics import Metrics
 from trismtp.settings import ConfigError, HostPort, JobsSettings, SmtpSettings
+from trismtp.smtp.budget import SMALL_OCTETS, Claim, MemoryBudget, cost, next_step
 from trismtp.smtp.limits import TOO_MANY_NEW_CONNECTIONS, AddressLimits
 from trismtp.smtp.protocol import (
     NEED_DATA,
@@ -101,6 +104,8 @@ TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly, closing connection")
 NO_DESTINATION = Reply(
     451, "4.3.0", "Temporary failure, try again later (the jobs store is unreachable)"
 )
+NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+NO_MEMORY_CLOSING = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
 PushJob = Callable[[str, str, str], Awaitable[None]]
 """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
@@ -138,6 +143,7 @@ class _Session:
     tls: dict[str, str] | None = None
     errors: int = 0
     auth_failures: int = 0
+    claim: Claim = field(default_factory=Claim)  # of the memory budget
 
     @property
     def idle(self) -> bool:
@@ -226,6 +232,10 @@ class SmtpServer:
         self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
         # Warnings a flood of connections repeats (refusals, bad PROXY headers).
         self._repeats = RepeatLimiter(log)
+        self._budget = MemoryBudget(settings.memory_budget_bytes())
+        # Octets of a message that can be held at once: the limit and one
+        # read past it (beyond the limit the protocol keeps only a tail).
+        self._claim_cap = settings.max_message_size + READ_SIZE
         self._sessions: set[_Session] = set()
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
@@ -233,6 +243,12 @@ class SmtpServer:
         self._shutting_down = False
         self._listening = False
         self._metrics.watch_connections(self._sessions.__len__)
+        budget = self._budget
+        self._metrics.watch_memory_budget(budget.total, lambda: budget.used, lambda: budget.waiting)
+        log.info(
+            "memory budget for messages in flight: %d MiB (smtp.memory_budget)",
+            budget.total >> 20,
+        )
 
     def _session_config(self) -> ProtocolConfig:
         limit = self._size_limit() if self._size_limit is not None else None
@@ -244,6 +260,11 @@ class SmtpServer:
     def connections(self) -> int:
         """Open SMTP connections."""
         return len(self._sessions)
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of the messages in flight."""
+        return self._budget
 
     @property
     def listening(self) -> bool:
@@ -397,6 +418,7 @@ class SmtpServer:
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
+                self._release(session)
                 if session in self._sessions:
                     self._sessions.discard(session)
                     if limited:
@@ -486,6 +508,9 @@ class SmtpServer:
         data_started = 0.0
         data_received = 0
         while True:
+            if session.claim.held and not conn.in_transaction:
+                # Answered, reset or refused: the message's memory is free.
+                self._release(session)
             event = conn.next_event()
             if event is NEED_DATA:
                 if self._shutting_down and session.idle:
@@ -521,6 +546,15 @@ class SmtpServer:
                     return
                 if conn.state is State.DATA:
                     data_received += len(data)
+                    waited = await self._claim_data(session, data_received, data_deadline)
+                    if waited is None:
+                        self._metrics.memory_refusal()
+                        log.warning("from %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0])
+                        await self._send(session, conn.send(NO_MEMORY_CLOSING))
+                        await self._discard_rest(session)
+                        return
+                    # Time spent waiting for memory is ours, not the client's.
+                    data_started += waited
                 conn.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
@@ -536,8 +570,12 @@ class SmtpServer:
                         await self._send(session, out)
                         out.clear()
                     reply = await self._authenticate(session, event, event.credentials)
-                elif event.verb in ("RCPT", "DATA") and reply.positive:
-                    reply = self._check_destination(session, event.verb, reply)
+                elif reply.positive and event.verb in ("MAIL", "RCPT", "DATA"):
+                    if event.verb != "MAIL":
+                        reply = self._check_destination(session, event.verb, reply)
+                    # No memory is claimed for a message that would be refused.
+                    if reply.positive and event.verb != "RCPT":
+                        reply = self._claim_upfront(session, event, reply)
                 out += conn.send(reply)
                 if reply.code == 354:
                     data_started = trio.current_time()
@@ -576,6 +614,78 @@ class SmtpServer:
                 reply = await self._push_job(session, *encoded)
                 self._metrics.message_answered(reply.code)
                 out += conn.send(reply)
+            # The job's JSON goes now, not when the next message replaces it.
+            del encoded
+
+    def _release(self, session: _Session) -> None:
+        """Give the session's claim back; after the last large one, trim the heaps."""
+        large = session.claim.large
+        self._budget.release(session.claim)
+        if large and not self._budget.large_used:
+            allocator.trim()
+
+    def _claim_upfront(self, session: _Session, event: Command, reply: Reply) -> Reply:
+        """``reply`` to MAIL or DATA, or ``452 4.3.1`` when the memory budget is full.
+
+        MAIL with ``SIZE=`` claims the declared size at once; DATA without
+        it claims a small message's worth. Refusing here, before the upload, lets the client
+        retry later instead of waiting with its message half sent.
+        """
+        if event.verb == "MAIL":
+            declared = event.params.get("SIZE")
+            if declared is None:
+                return reply
+            target = cost(min(int(declared), self._claim_cap))
+        else:
+            target = max(session.claim.held, cost(SMALL_OCTETS))
+        if self._budget.try_claim(session.claim, target):
+            return reply
+        self._metrics.memory_refusal()
+        log.info(
+            "from %s: %s refused: the memory budget (%d bytes) is full",
+            session.remote,
+            event.verb,
+            self._budget.total,
+        )
+        return NO_MEMORY
+
+    async def _claim_data(self, session: _Session, received: int, deadline: float) -> float | None:
+        """Claim memory for ``received`` octets of DATA: the seconds waited.
+
+        While the claim waits, the session does not read: the client's
+        writes block (TCP back-pressure) until other messages are answered.
+        None when it cannot wait (too much is parked, see
+        :mod:`trismtp.smtp.budget`) or waited until ``deadline``.
+        """
+        needed = min(received, self._claim_cap)
+        if cost(needed) <= session.claim.held:
+            return 0.0
+        # Outgrown: all or nothing, a step at a time (see trismtp.smtp.budget).
+        target = cost(min(next_step(needed, self._claim_cap), self._claim_cap))
+        if self._budget.try_claim(session.claim, target):
+            return 0.0
+        started = trio.current_time()
+        log.debug("from %s: waiting for memory (%d bytes)", session.remote, target)
+        with trio.move_on_at(deadline):
+            if not await self._budget.claim(session.claim, target, parking=received):
+                return None
+            return trio.current_time() - started
+        return None
+
+    async def _discard_rest(self, session: _Session) -> None:
+        """After a 421 mid-upload: let the client read it before the connection goes.
+
+        Closing a socket with the client's upload still unread sends a reset,
+        and a client that is still sending usually loses the reply with it.
+        So: end our side, then read and drop what comes, for a few seconds
+        at most, until the client closes its side.
+        """
+        stream = session.stream
+        with trio.move_on_after(LAST_WORDS_TIMEOUT):
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            while await stream.receive_some(READ_SIZE):
+                pass
 
     async def _send(self, session: _Session, data: bytes | bytearray) -> None:
         """Write replies; a client that stops reading is dropped after command_timeout.
@@ -726,7 +836,12 @@ class SmtpServer:
 
 def _encode_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> tuple[str, str]:
     job = email.to_job(jobs, include_raw=include_raw)
-    return job.id, job.to_json()
+    job_id = job.id
+    # Job.to_json() would hold the payload, the JSON's bytes and its text at
+    # once: the payload goes before the text is made.
+    encoded = orjson.dumps(job.to_dict())
+    del job
+    return job_id, encoded.decode()
 
 
 def _timeout_reply(conn: ServerConnection) -> Reply:
