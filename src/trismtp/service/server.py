@@ -67,7 +67,7 @@ from trio_websocket import (
 )
 
 from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job, PipelineName
-from trismtp.jobs.rpc import (
+from trismtp.jsonrpc import (
     BATCH_EXPIRED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
