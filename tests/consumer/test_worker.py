@@ -181,22 +181,30 @@ async def test_a_killed_consumers_job_comes_back_after_its_lease(
     await assert_empty(service.url)
 
 
+async def sigterm_after(
+    url: str, log: Path, backend: str, started: int, *args: str
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a worker process, SIGTERM it once *started* jobs have started, and
+    return it (ended) with what it printed."""
+    worker = start_worker(url, log, backend, *args)
+    try:
+        await anyio.to_thread.run_sync(wait_for_lines, log, "started", started, worker)
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        stop(worker)
+    return worker, out
+
+
 async def test_sigterm_lets_the_jobs_in_hand_finish(
     launch: Launcher, tmp_path: Path, anyio_backend: str
 ) -> None:
     service = launch.jobs_service()
     ids = await push_emails(service.url, 6)
     log = tmp_path / "worker.log"
-    worker = start_worker(
-        service.url, log, anyio_backend, "--concurrency", "3", "--hold", "0.5", "--grace", "30"
+    worker, out = await sigterm_after(
+        service.url, log, anyio_backend, 1, "--concurrency", "3", "--hold", "0.5", "--grace", "30"
     )
-    try:
-        await anyio.to_thread.run_sync(wait_for_lines, log, "started", 1, worker)
-        worker.send_signal(signal.SIGTERM)
-        out, _ = worker.communicate(timeout=CLI_TIMEOUT)
-    finally:
-        stop(worker)
-
     assert worker.returncode == 0
     started = lines(log, "started")
     finished = lines(log, "finished")
@@ -214,16 +222,9 @@ async def test_sigterm_gives_back_what_cannot_finish_in_the_grace(
     service = launch.jobs_service()
     ids = await push_emails(service.url, 6)
     log = tmp_path / "worker.log"
-    worker = start_worker(
-        service.url, log, anyio_backend, "--concurrency", "3", "--hold", "inf", "--grace", "0.2"
+    worker, out = await sigterm_after(
+        service.url, log, anyio_backend, 3, "--concurrency", "3", "--hold", "inf", "--grace", "0.2"
     )
-    try:
-        await anyio.to_thread.run_sync(wait_for_lines, log, "started", 3, worker)
-        worker.send_signal(signal.SIGTERM)
-        out, _ = worker.communicate(timeout=CLI_TIMEOUT)
-    finally:
-        stop(worker)
-
     assert worker.returncode == 0
     assert json.loads(out) == {"acked": 0, "returned": 3}
     # Given back at once (the lease was 60 s): all six are ready again.
