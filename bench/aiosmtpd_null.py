@@ -28,10 +28,11 @@ class NullHandler:
         return "250 2.0.0 OK"
 
 
-async def serve(port: int, backlog: int) -> None:
-    """Listen on 127.0.0.1:*port* until SIGTERM or SIGINT."""
+async def serve(port: int, backlog: int, handler: object | None = None) -> None:
+    """Listen on 127.0.0.1:*port* with *handler* (the null one by default)
+    until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    handler = NullHandler()
+    handler = handler if handler is not None else NullHandler()
 
     def factory() -> SMTP:
         return SMTP(handler, hostname="localhost", loop=loop)

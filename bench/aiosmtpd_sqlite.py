@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import base64
 import json
-import signal
 import sqlite3
 import sys
 import threading
@@ -31,9 +30,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-__all__ = ["SqliteHandler", "build_payload", "main", "serve"]
+from bench import aiosmtpd_null
 
-HOST = "127.0.0.1"
+__all__ = ["SqliteHandler", "build_payload", "main", "serve"]
 
 
 def build_payload(raw: bytes, envelope: Envelope) -> dict[str, Any]:
@@ -92,20 +91,12 @@ class SqliteHandler:
 
 
 async def serve(port: int, backlog: int, database: Path) -> None:
-    """Listen on 127.0.0.1:*port* until SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
+    """Listen on 127.0.0.1:*port* until SIGTERM or SIGINT, as the null peer does."""
     handler = SqliteHandler(database)
-
-    def factory() -> SMTP:
-        return SMTP(handler, hostname="localhost", loop=loop)
-
-    server = await loop.create_server(factory, HOST, port, backlog=backlog)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        await stop.wait()
-    handler.db.close()
+    try:
+        await aiosmtpd_null.serve(port, backlog, handler)
+    finally:
+        handler.db.close()
 
 
 def main(argv: list[str] | None = None) -> int:
