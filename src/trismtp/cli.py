@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", parents=[config_option], help="run the daemon (SMTP server and pusher)"
     )
+    # A secondary SMTP worker (smtp.workers > 1), started by the primary
+    # `trismtp serve` with these; not for people (trismtp.workers).
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--jobs-url", help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fds", type=_fds, default=[], help=argparse.SUPPRESS)
+    serve.add_argument("--implicit-fds", type=_fds, default=[], help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser(
@@ -209,6 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fds(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item]
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -232,9 +242,16 @@ def _username(text: str) -> str:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from trismtp.daemon import Daemon
+    from trismtp.workers import WorkerOptions
 
     setup_logging(settings.log)
-    daemon = Daemon(settings)
+    worker = None
+    if args.worker is not None:
+        worker = WorkerOptions(
+            args.worker, args.jobs_url, args.listen_fds, args.implicit_fds, args.config
+        )
+    config = str(Path(args.config).absolute()) if args.config else None
+    daemon = Daemon(settings, worker=worker, config=config)
     _run_server(daemon.run)
     return EXIT_FAILURE if daemon.killed else EXIT_OK
 

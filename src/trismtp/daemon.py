@@ -24,6 +24,11 @@ that were waiting for an ack get no answer, so their clients retry.
 
 SIGHUP reloads the TLS certificate and the AUTH users file (see
 :meth:`SmtpServer.reload`); other settings need a restart.
+
+With ``smtp.workers`` > 1 this process (the primary) also starts the other
+SMTP worker processes once its own SMTP server listens, and waits for them
+to exit before it stops the jobs service; each of them runs this class too,
+with ``worker`` set: an SMTP server and a pusher only (:mod:`trismtp.workers`).
 """
 
 from __future__ import annotations
@@ -31,21 +36,28 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 
 from trismtp import allocator, systemd
+from trismtp import log as logs
 from trismtp.health import serve_metrics
 from trismtp.jobs.pusher import Pusher
 from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.service.store import JobStore
 from trismtp.settings import HostPort, Settings, embedded_url
-from trismtp.smtp.server import SmtpServer, load_security
+from trismtp.smtp.server import Listeners, SmtpServer, load_security, open_listeners
+from trismtp.workers import WorkerOptions, WorkerPool, read_commands
 
 __all__ = ["Daemon", "Listening"]
+
+KILL_GRACE = 5.0
+"""After the grace, how long the secondaries get to flush before they are killed."""
 
 log = logging.getLogger("trismtp.daemon")
 
@@ -62,8 +74,20 @@ class Listening:
 class Daemon:
     """``trismtp serve``: see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker: WorkerOptions | None = None,
+        config: str | None = None,
+    ) -> None:
         self.settings = settings
+        self.worker = worker
+        """Set in a secondary worker process: what the primary passed it."""
+        self._config_path = config  # passed on to the secondaries
+        self._workers = settings.smtp.worker_count()
+        self._pool: WorkerPool | None = None
+        self._others: Sequence[Listeners] = ()  # the secondaries' sockets, kept to restart them
         self.killed = False
         """True when the daemon was stopped at once rather than gracefully."""
         self._scope = trio.CancelScope()
@@ -77,6 +101,7 @@ class Daemon:
         self._pusher: Pusher | None = None
         self._store: JobStore | None = None  # the embedded jobs service's
         self._stopping = False
+        self._signalled = False
         self._grace_end = math.inf
 
     async def run(
@@ -86,6 +111,9 @@ class Daemon:
         task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until stopped; returns after a graceful stop or a kill."""
+        if self.worker is not None:
+            await self._run_secondary(self.worker, handle_signals=handle_signals)
+            return
         settings = self.settings
         with self._scope:
             async with trio.open_nursery() as service_nursery:
@@ -104,43 +132,107 @@ class Daemon:
                     url = settings.jobs.url
                 if handle_signals:
                     service_nursery.start_soon(self._watch_signals)
-                pusher = Pusher(
-                    settings.jobs,
-                    url,
-                    settings.jobs_token(),
-                    expire_batches=settings.jobs.batch_expiry,
-                    metrics=self.metrics,
-                )
-                self._pusher = pusher
-                async with trio.open_nursery() as pusher_nursery:
-                    await pusher_nursery.start(pusher.run)
-                    try:
-                        self._smtp = SmtpServer(
-                            settings.smtp,
-                            settings.jobs,
-                            pusher.push,
-                            tls=self._tls,
-                            users=self._users,
-                            metrics=self.metrics,
-                            size_limit=lambda: pusher.max_message_size,
-                            destination_down=lambda: pusher.outage,
-                        )
-                        async with trio.open_nursery() as smtp_nursery:
-                            bound = await smtp_nursery.start(self._smtp.serve)
-                            if self._stopping:
-                                self._smtp.shutdown(settings.shutdown.grace)
-                            else:
-                                listening = ", ".join(map(str, bound))
-                                systemd.notify("READY=1", f"STATUS=SMTP listening on {listening}")
-                            task_status.started(Listening(bound, service_address, metrics_address))
-                    finally:
-                        # Every session has ended: nothing more will be queued,
-                        # and no session waits for what is left, so a batch
-                        # still in flight may take no longer than the grace.
-                        pusher.close()
-                        pusher_nursery.cancel_scope.deadline = self._grace_end
+                own, *others = await open_listeners(settings.smtp, self._workers)
+                self._others = others
+                async with trio.open_nursery() as workers_nursery:
+                    await self._serve_smtp(
+                        url,
+                        own,
+                        others,
+                        workers_nursery=workers_nursery,
+                        reported=(service_address, metrics_address),
+                        task_status=task_status,
+                    )
+                    # The secondaries stop by the same grace, then flush
+                    # their pushers to the jobs service, still running here.
+                    workers_nursery.cancel_scope.deadline = self._grace_end + KILL_GRACE
+                self._close_others()
                 log.info("pusher flushed; stopping")
                 service_nursery.cancel_scope.cancel()
+        log.info("stopped" if not self.killed else "stopped at once")
+
+    async def _serve_smtp(
+        self,
+        url: str,
+        listeners: Listeners,
+        others: Sequence[Listeners] = (),
+        *,
+        workers_nursery: trio.Nursery | None = None,
+        reported: tuple[HostPort | None, HostPort | None] = (None, None),
+        task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The pusher and the SMTP server: what every worker runs.
+
+        *reported* is the jobs service's and the metrics endpoint's address,
+        for the :class:`Listening` reported once SMTP accepts.
+        """
+        settings = self.settings
+        pusher = Pusher(
+            settings.jobs,
+            url,
+            settings.jobs_token(),
+            expire_batches=settings.jobs.batch_expiry,
+            metrics=self.metrics,
+        )
+        self._pusher = pusher
+        async with trio.open_nursery() as pusher_nursery:
+            await pusher_nursery.start(pusher.run)
+            try:
+                self._smtp = SmtpServer(
+                    settings.smtp,
+                    settings.jobs,
+                    pusher.push,
+                    tls=self._tls,
+                    users=self._users,
+                    metrics=self.metrics,
+                    size_limit=lambda: pusher.max_message_size,
+                    destination_down=lambda: pusher.outage,
+                    share=self._workers,
+                )
+                async with trio.open_nursery() as smtp_nursery:
+                    bound = await smtp_nursery.start(self._smtp.serve, listeners)
+                    if workers_nursery is not None and others:
+                        await self._start_workers(workers_nursery, url, others)
+                    if self._stopping:
+                        self._smtp.shutdown(settings.shutdown.grace)
+                    elif self.worker is None:
+                        listening = ", ".join(map(str, bound))
+                        systemd.notify("READY=1", f"STATUS=SMTP listening on {listening}")
+                    task_status.started(Listening(bound, *reported))
+            finally:
+                # Every session has ended: nothing more will be queued,
+                # and no session waits for what is left, so a batch
+                # still in flight may take no longer than the grace.
+                pusher.close()
+                pusher_nursery.cancel_scope.deadline = self._grace_end
+
+    async def _start_workers(
+        self, nursery: trio.Nursery, url: str, listeners: Sequence[Listeners]
+    ) -> None:
+        # The primary keeps its copy of every secondary's sockets: a worker
+        # started again accepts the connections that queued meanwhile.
+        pool = WorkerPool.of(
+            [
+                WorkerOptions(index, url, *copy.filenos(), self._config_path)
+                for index, copy in enumerate(listeners, start=1)
+            ]
+        )
+        self._pool = pool
+        log.info("starting SMTP workers 1 to %d (smtp.workers = %d)", len(listeners), self._workers)
+        await nursery.start(pool.run)
+        if self._stopping:
+            pool.stop()
+
+    async def _run_secondary(self, worker: WorkerOptions, *, handle_signals: bool) -> None:
+        logs.set_worker(worker.index)
+        listeners = Listeners.from_filenos(worker.plain_fds, worker.implicit_fds)
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    nursery.start_soon(self._watch_signals)
+                nursery.start_soon(read_commands, self.stop, self.kill, self.reload)
+                await self._serve_smtp(worker.jobs_url, listeners, task_status=_ReportReady())
+                nursery.cancel_scope.cancel()
         log.info("stopped" if not self.killed else "stopped at once")
 
     def _watch_store(self, store: JobStore) -> None:
@@ -170,16 +262,31 @@ class Daemon:
         log.info("shutting down (grace %g s); a second signal stops at once", grace)
         if self._smtp is not None:
             self._smtp.shutdown(grace)
+        if self._pool is not None:
+            self._pool.stop()
+        # Each secondary closes its own copy as it stops accepting; with ours
+        # closed too, new connections go to no socket that nobody accepts on.
+        self._close_others()
+
+    def _close_others(self) -> None:
+        for listeners in self._others:
+            for listener in listeners.plain + listeners.implicit:
+                listener.socket.close()
+        self._others = ()
 
     def kill(self) -> None:
         """Stop at once: what a second signal does."""
         self.killed = True
+        if self._pool is not None:
+            self._pool.kill()
         self._scope.cancel()
 
     def reload(self) -> None:
         """What SIGHUP does: reload the certificate and the users file."""
         if self._smtp is not None:
             self._smtp.reload()
+        if self._pool is not None:
+            self._pool.reload()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -188,9 +295,20 @@ class Daemon:
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reloading the certificate and users file")
                     self.reload()
-                elif not self._stopping:
+                elif not self._signalled and not (self._stopping and self.worker is None):
+                    # A secondary may have been told to stop by the primary
+                    # already: the first signal it gets is still the first.
+                    self._signalled = True
                     log.info("received %s", name)
                     self.stop()
                 else:
                     log.warning("received %s again: stopping at once", name)
                     self.kill()
+
+
+class _ReportReady:
+    """A secondary's task status: tells the primary on stdout that it accepts."""
+
+    def started(self, value: Listening | None = None) -> None:
+        sys.stdout.buffer.write(b"ready\n")
+        sys.stdout.buffer.flush()

@@ -45,6 +45,7 @@ __all__ = [
     "current_session",
     "reset_session",
     "set_session",
+    "set_worker",
     "setup_logging",
 ]
 
@@ -56,6 +57,19 @@ CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(session_tag)s%(message
 _session: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
     "trismtp_session", default=None
 )
+
+
+_worker: int | None = None
+
+
+def set_worker(index: int) -> None:
+    """Tag every line this process logs with its worker number (``smtp.workers`` > 1).
+
+    The primary process is worker 0 and stays untagged, so that a daemon
+    with one worker logs exactly as before.
+    """
+    global _worker
+    _worker = index or None
 
 
 def set_session(session_id: int, remote: str) -> contextvars.Token[tuple[int, str] | None]:
@@ -96,7 +110,10 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         session = getattr(record, "session", None)
-        record.session_tag = f"[s{session}] " if session is not None else ""
+        tag = f"s{session}" if session is not None else ""
+        if _worker is not None:
+            tag = f"w{_worker} {tag}" if tag else f"w{_worker}"
+        record.session_tag = f"[{tag}] " if tag else ""
         return super().format(record)
 
 
@@ -112,6 +129,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if _worker is not None:
+            entry["worker"] = _worker
         session = getattr(record, "session", None)
         if session is not None:
             entry["session"] = session

@@ -257,6 +257,10 @@ def _check_networks(values: list[str]) -> None:
             raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
 
 
+MAX_WORKERS = 256
+"""The most SMTP worker processes ``smtp.workers`` may ask for."""
+
+
 class SmtpSettings(_Section):
     """``[smtp]``: the SMTP listener."""
 
@@ -266,6 +270,9 @@ class SmtpSettings(_Section):
     max_recipients: int = Field(default=100, gt=0)
     max_connections: int = Field(default=1000, gt=0)
     memory_budget: int = Field(default=0, ge=0)
+    # Processes that take SMTP connections: 1, a number, or "auto" (one per
+    # CPU this process may run on). See docs/performance.md "Workers".
+    workers: int | Literal["auto"] = Field(default=1)
     command_timeout: PositiveSeconds = 300.0
     data_timeout: PositiveSeconds = 600.0
     include_raw: bool = True
@@ -310,6 +317,41 @@ class SmtpSettings(_Section):
         if self.memory_budget:
             return self.memory_budget
         return default_budget(self.max_message_size, physical_memory())
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f'must be "auto" or a whole number from 1 to {MAX_WORKERS}')
+        return value
+
+    @model_validator(mode="after")
+    def _check_worker_budget(self) -> SmtpSettings:
+        # Each worker gets an equal share of the memory budget; every share
+        # must still let one message of max_message_size through.
+        if isinstance(self.workers, int) and self.workers > 1:
+            share = self.memory_budget_bytes() // self.workers
+            least = minimum_budget(self.max_message_size)
+            if share < least:
+                raise ValueError(
+                    f"workers = {self.workers} leaves each worker {share >> 20} MiB of the "
+                    f"memory budget ({self.memory_budget_bytes() >> 20} MiB, smtp.memory_budget), "
+                    f"less than one message of max_message_size needs ({least >> 20} MiB): "
+                    "use fewer workers or a larger smtp.memory_budget"
+                )
+        return self
+
+    def worker_count(self) -> int:
+        """How many SMTP worker processes to run: ``workers``, with ``"auto"`` resolved.
+
+        ``"auto"`` is one per CPU this process may run on, as many as the
+        memory budget has room for (each worker gets an equal share).
+        """
+        if isinstance(self.workers, int):
+            return self.workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        room = self.memory_budget_bytes() // minimum_budget(self.max_message_size)
+        return max(1, min(cpus or 1, room, MAX_WORKERS))
 
     @field_validator("hostname")
     @classmethod

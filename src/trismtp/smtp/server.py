@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -77,7 +78,7 @@ from trismtp.smtp.protocol import (
 from trismtp.smtp.proxy import ProxyError, is_trusted, parse_networks, parse_proxy_header
 from trismtp.smtp.tls import ServerTls, session_tls
 
-__all__ = ["PushJob", "SmtpServer", "load_security"]
+__all__ = ["Listeners", "PushJob", "SmtpServer", "load_security", "open_listeners"]
 
 log = logging.getLogger("trismtp.smtp")
 
@@ -180,8 +181,116 @@ class _PrefixedStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    """Bound, listening sockets: ``smtp.listen``'s and ``smtp.tls.implicit_listen``'s."""
+
+    plain: list[trio.SocketListener]
+    implicit: list[trio.SocketListener]
+
+    def bound(self) -> list[HostPort]:
+        """The bound addresses, plain first."""
+        return [_host_port(item.socket.getsockname()) for item in self.plain + self.implicit]
+
+    def filenos(self) -> tuple[list[int], list[int]]:
+        """The sockets' file descriptors, plain and implicit TLS."""
+        return (
+            [listener.socket.fileno() for listener in self.plain],
+            [listener.socket.fileno() for listener in self.implicit],
+        )
+
+    @classmethod
+    def from_filenos(cls, plain: list[int], implicit: list[int]) -> Listeners:
+        """Listeners over inherited, already listening file descriptors."""
+
+        def listener(fd: int) -> trio.SocketListener:
+            return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+
+        return cls([listener(fd) for fd in plain], [listener(fd) for fd in implicit])
+
+    async def aclose(self) -> None:
+        """Close every socket (in this process)."""
+        for listener in self.plain + self.implicit:
+            await listener.aclose()
+
+
+# As trio.open_tcp_listeners: as long a queue as the kernel allows.
+_BACKLOG = 0xFFFF
+
+
+async def open_listeners(settings: SmtpSettings, copies: int = 1) -> list[Listeners]:
+    """Bind ``smtp.listen`` and ``smtp.tls.implicit_listen``, *copies* times.
+
+    With ``smtp.workers`` > 1 each worker gets a copy of its own: sockets
+    bound to the same addresses with ``SO_REUSEPORT``, among which the
+    kernel spreads new connections evenly (by a hash of the client's address
+    and port). One accept queue shared by all workers would give most
+    connections to whichever worker was idle at that instant: a burst of
+    kept connections all went to one. Port 0 is resolved by the first copy
+    and the others bind the same port. Raises ``OSError(errno, "SMTP cannot
+    listen on ADDRESS: reason")``.
+    """
+    sets = [Listeners([], []) for _ in range(copies)]
+    addresses = [(a, False) for a in settings.addresses()]
+    addresses += [(a, True) for a in settings.tls.addresses()]
+    try:
+        for address, is_implicit in addresses:
+            try:
+                if copies == 1:
+                    groups = [await trio.open_tcp_listeners(address.port, host=address.host)]
+                else:
+                    groups = await _bind_copies(address, copies)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"SMTP cannot listen on {address}: {reason}") from exc
+            for listeners, opened in zip(sets, groups, strict=True):
+                (listeners.implicit if is_implicit else listeners.plain).extend(opened)
+    except BaseException:
+        for listeners in sets:
+            await listeners.aclose()
+        raise
+    return sets
+
+
+async def _bind_copies(address: HostPort, copies: int) -> list[list[trio.SocketListener]]:
+    """*copies* listening sockets on each of *address*'s addresses, with ``SO_REUSEPORT``."""
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    groups: list[list[trio.SocketListener]] = [[] for _ in range(copies)]
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            port: int | None = None
+            for group in groups:
+                sock = trio.socket.socket(family, kind, proto)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    target = sockaddr if port is None else (sockaddr[0], port, *sockaddr[2:])
+                    await sock.bind(target)
+                    sock.listen(_BACKLOG)
+                except BaseException:
+                    sock.close()
+                    raise
+                port = sock.getsockname()[1]
+                group.append(trio.SocketListener(sock))
+    except BaseException:
+        for group in groups:
+            for listener in group:
+                await listener.aclose()
+        raise
+    return groups
+
+
 class SmtpServer:
-    """Accepts SMTP connections and turns each accepted DATA into one job."""
+    """Accepts SMTP connections and turns each accepted DATA into one job.
+
+    With ``smtp.workers`` > 1 one instance runs in each worker process and
+    takes an equal share (``share``) of ``smtp.max_connections`` and of the
+    memory budget.
+    """
 
     def __init__(
         self,
@@ -194,8 +303,10 @@ class SmtpServer:
         metrics: Metrics | None = None,
         size_limit: Callable[[], int | None] | None = None,
         destination_down: DestinationDown | None = None,
+        share: int = 1,
     ) -> None:
         self._settings = settings
+        self._max_connections = -(-settings.max_connections // share)
         # The destination's own limit (NATS max_payload), read per session so
         # that SIZE in EHLO never promises more than the job can carry.
         self._size_limit = size_limit
@@ -232,7 +343,7 @@ class SmtpServer:
         self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
         # Warnings a flood of connections repeats (refusals, bad PROXY headers).
         self._repeats = RepeatLimiter(log)
-        self._budget = MemoryBudget(settings.memory_budget_bytes())
+        self._budget = MemoryBudget(settings.memory_budget_bytes() // share)
         # Octets of a message that can be held at once: the limit and one
         # read past it (beyond the limit the protocol keeps only a tail).
         self._claim_cap = settings.max_message_size + READ_SIZE
@@ -272,46 +383,37 @@ class SmtpServer:
         return self._listening
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED
+        self,
+        listeners: Listeners | None = None,
+        *,
+        task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen and serve until :meth:`shutdown` and every session ended.
 
-        Reports the bound addresses: ``smtp.listen`` first, then
-        ``smtp.tls.implicit_listen``.
+        Binds the settings' addresses unless given *listeners* (which it
+        then closes when done). Reports the bound addresses:
+        ``smtp.listen`` first, then ``smtp.tls.implicit_listen``.
         """
-        addresses = [(a, False) for a in self._settings.addresses()]
-        addresses += [(a, True) for a in self._settings.tls.addresses()]
-        plain: list[trio.SocketListener] = []
-        implicit: list[trio.SocketListener] = []
-        try:
-            for address, is_implicit in addresses:
-                try:
-                    opened = await trio.open_tcp_listeners(address.port, host=address.host)
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    raise OSError(exc.errno, f"SMTP cannot listen on {address}: {reason}") from exc
-                (implicit if is_implicit else plain).extend(opened)
-        except BaseException:
-            for listener in plain + implicit:
-                await listener.aclose()
-            raise
-        bound = [_host_port(listener.socket.getsockname()) for listener in plain + implicit]
+        if listeners is None:
+            (listeners,) = await open_listeners(self._settings)
+        plain, implicit = listeners.plain, listeners.implicit
+        bound = listeners.bound()
         async with trio.open_nursery() as handlers:
             self._handler_scope = handlers.cancel_scope
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(self._watch_writes)
                     acceptors.start_soon(self._repeats.run)
-                    for listeners, handler in (
+                    for group, handler in (
                         (plain, self._handle),
                         (implicit, partial(self._handle, implicit_tls=True)),
                     ):
-                        if listeners:
+                        if group:
                             await acceptors.start(
                                 partial(
                                     trio.serve_listeners,
                                     handler,
-                                    listeners,
+                                    group,
                                     handler_nursery=handlers,
                                 )
                             )
@@ -436,7 +538,7 @@ class SmtpServer:
         An admitted connection from an address that is not exempt is counted
         in the per-address limits; :meth:`_handle` uncounts it at the end.
         """
-        if len(self._sessions) >= self._settings.max_connections:
+        if len(self._sessions) >= self._max_connections:
             return "max_connections", TOO_MANY_CONNECTIONS
         if is_trusted(session.address, self._exempt):
             return None
