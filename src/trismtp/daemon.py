@@ -47,7 +47,7 @@ from prometheus_client import generate_latest
 from trismtp import allocator, systemd
 from trismtp import log as logs
 from trismtp.health import serve_metrics
-from trismtp.jobs.pusher import Pusher
+from trismtp.jobs.lanes import Lanes
 from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.service.store import JobStore
@@ -99,7 +99,7 @@ class Daemon:
         self.metrics = Metrics()
         """The daemon's metrics, in a registry of its own."""
         self._smtp: SmtpServer | None = None
-        self._pusher: Pusher | None = None
+        self._pusher: Lanes | None = None
         self._store: JobStore | None = None  # the embedded jobs service's
         self._stopping = False
         self._signalled = False
@@ -174,7 +174,7 @@ class Daemon:
         for the :class:`Listening` reported once SMTP accepts.
         """
         settings = self.settings
-        pusher = Pusher(
+        pusher = Lanes(
             settings.jobs,
             url,
             settings.jobs_token(),
