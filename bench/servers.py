@@ -104,7 +104,7 @@ def expected_workers(workers: Workers) -> int:
     try:
         return SmtpSettings(workers=workers).worker_count()
     except ValidationError as exc:
-        reasons = "; ".join(str(e["msg"]) for e in exc.errors())
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise ValueError(f"smtp.workers = {workers!r}: {reasons}") from None
 
 
