@@ -450,12 +450,20 @@ def _prompt_password() -> str:
 # -- helpers ------------------------------------------------------------------
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long a thread running Python code (a big message's parse) may hold the
+# GIL before the event loop gets it back. The default, 5 ms, is paid at every
+# system call the loop makes while such a thread runs: an echo over a socket
+# pair took p99 77-87 ms (270 round trips in 4 s) with 5 ms and 5-9 ms (730-860)
+# with 1 ms, next to a thread parsing a 4 MB attachment (/tmp/prof/gil.py in
+# the issue-16 note; docs/performance.md).
+SWITCH_INTERVAL = 0.001
 _T = TypeVar("_T")
 
 
 def _run_server(run: Callable[[], Awaitable[None]]) -> None:
     from trismtp.service.store import DatabaseCorrupt, StorageUnavailable
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         trio.run(run)
     except* OSError as group:
