@@ -454,8 +454,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # GIL before the event loop gets it back. The default, 5 ms, is paid at every
 # system call the loop makes while such a thread runs: an echo over a socket
 # pair took p99 77-87 ms (270 round trips in 4 s) with 5 ms and 5-9 ms (730-860)
-# with 1 ms, next to a thread parsing a 4 MB attachment (/tmp/prof/gil.py in
-# the issue-16 note; docs/performance.md).
+# with 1 ms, next to a thread parsing a 4 MB attachment (python -m bench.gil).
 SWITCH_INTERVAL = 0.001
 _T = TypeVar("_T")
 
