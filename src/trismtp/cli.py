@@ -43,7 +43,14 @@ from trismtp.jobs.rpc import JobsClient, JobsUnavailable, RpcError
 from trismtp.jobs.sinks import connect_nats, is_nats_url
 from trismtp.log import setup_logging
 from trismtp.nats import JetStreamError, NatsClient, first_messages, stream_info
-from trismtp.settings import ConfigError, HostPort, Settings, load_settings, section_names
+from trismtp.settings import (
+    MAX_WORKERS,
+    ConfigError,
+    HostPort,
+    Settings,
+    load_settings,
+    section_names,
+)
 
 __all__ = ["main"]
 
@@ -79,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         sys.exit(EXIT_USAGE)
+    if getattr(args, "workers", None) is not None:
+        # The same as the setting from the environment, which the secondary
+        # workers inherit: every process sees one value.
+        os.environ["TRISMTP_SMTP__WORKERS"] = args.workers
     try:
         if args.needs_settings:
             status = args.run(args, load_settings(args.config))
@@ -120,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", parents=[config_option], help="run the daemon (SMTP server and pusher)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help='SMTP worker processes, a number or "auto" (default: smtp.workers, 1)',
     )
     # A secondary SMTP worker (smtp.workers > 1), started by the primary
     # `trismtp serve` with these; not for people (trismtp.workers).
@@ -213,6 +230,12 @@ def _parser() -> argparse.ArgumentParser:
         "(PHP mail(), cron, mailx); see trismtp sendmail --help",
     )
     return parser
+
+
+def _workers(text: str) -> str:
+    if text == "auto" or (text.isdigit() and 1 <= int(text) <= MAX_WORKERS):
+        return text
+    raise argparse.ArgumentTypeError(f'must be "auto" or a whole number from 1 to {MAX_WORKERS}')
 
 
 def _fds(text: str) -> list[int]:

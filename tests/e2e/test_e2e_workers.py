@@ -40,14 +40,19 @@ CONNECTIONS = 24
 READY_RE = re.compile(r"worker 1 ready \(pid (\d+)\)")
 
 
-def start_workers(launch: Launcher, **smtp: object) -> tuple[Daemon, int]:
-    """A daemon with ``workers = 2`` (and *smtp*) once both workers accept; the secondary's PID."""
+def start_workers(launch: Launcher, *, flag: bool = False) -> tuple[Daemon, int]:
+    """A daemon with 2 workers (``smtp.workers``, or ``--workers`` with *flag*) once
+    both accept; and the secondary's PID."""
     daemon = launch.daemon(
         {
-            "smtp": {"workers": 2, **smtp},
+            "smtp": {} if flag else {"workers": 2},
             "metrics": {"listen": f"{HOST}:{free_port()}"},
-        }
+        },
+        start=False,
     )
+    if flag:
+        daemon.args += ["--workers", "2"]
+    daemon.start()
     match = wait_until(
         lambda: READY_RE.search(daemon.log_text()), 20, "worker 1 to start", detail=daemon.log_tail
     )
@@ -171,7 +176,7 @@ def test_a_worker_that_dies_is_started_again(launch: Launcher) -> None:
 
 
 def test_killing_the_primary_stops_the_secondaries(launch: Launcher) -> None:
-    daemon, secondary = start_workers(launch)
+    daemon, secondary = start_workers(launch, flag=True)
     daemon.kill()
     # Its stdin (the primary's pipe) ends: it stops as on SIGTERM.
     wait_until(lambda: gone(secondary), 15, "the secondary to exit after the primary died")
@@ -183,6 +188,9 @@ def test_workers_must_be_a_count_or_auto(tmp_path: Path) -> None:
     line = one_line_error(result)
     assert "TRISMTP_SMTP__WORKERS" in line, line
     assert '"auto"' in line, line
+    flag = run_cli("serve", "--workers", "many", cwd=tmp_path)
+    assert flag.returncode == 2
+    assert 'argument --workers: must be "auto" or a whole number' in flag.stderr
 
 
 def test_more_workers_than_the_memory_budget_feeds_is_refused(tmp_path: Path) -> None:
