@@ -31,6 +31,8 @@ from trio_websocket import (
 )
 from wsproto.events import TextMessage
 
+from trismtp import wsmask
+
 __all__ = [
     "FRAGMENT_CHARS",
     "RECEIVE_BUFFER_SIZE",
@@ -46,6 +48,9 @@ __all__ = [
     "send_text",
     "unavailable",
 ]
+
+# Frames are masked in C from here on: a big PushBatch is ~25 MB to mask.
+wsmask.install()
 
 # trio-websocket reads 4 KiB at a time by default; batches are megabytes.
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
