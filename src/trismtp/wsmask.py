@@ -35,7 +35,7 @@ from typing import Final
 
 import wsproto.frame_protocol
 
-__all__ = ["WSPROTO_MASKER", "FastMasker", "install", "installed"]
+__all__ = ["WSPROTO_MASKER", "FastMasker", "install", "installed", "mask"]
 
 _apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
 try:
@@ -71,6 +71,13 @@ class FastMasker:
         if shift:
             self._key = self._key[shift:] + self._key[:shift]
         return masked
+
+
+def mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """*data* XORed with the 4-byte *key* from its first byte (one frame's payload)."""
+    if _apply_mask is not None:
+        return _apply_mask(data, key)
+    return bytes(WSPROTO_MASKER(key).process(bytearray(data)))  # pragma: no cover
 
 
 def install() -> bool:
