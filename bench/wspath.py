@@ -1,6 +1,6 @@
 """The WebSocket JSON-RPC path alone: what one PushBatch costs in CPU.
 
-Usage: ``python -m bench.wspath [--big 4] [--small 1000] [--jobs 5] [--null-store]``.
+Usage: ``python -m bench.wspath [--big 4] [--small 1000] [--jobs 5] [--peek 0] [--null-store]``.
 
 Runs the real jobs service (``serve_jobs``, 127.0.0.1, a temporary database)
 and the pusher's real client (``JobsClient`` through ``RpcSink``) in one
@@ -10,7 +10,9 @@ process, as ``trismtp serve`` does, and reports the process CPU time
 * ``big``: PushBatch calls of one job made from a 10 MiB mail with a base64
   attachment (about 25 MB of JSON), one at a time;
 * ``small``: PushBatch calls of ``--jobs`` jobs made from 2 KB mails, one
-  at a time.
+  at a time;
+* ``peek`` (SQLite store only): Peek calls whose reply holds one big job,
+  the way back (the service sends, the client reads).
 
 ``--null-store`` answers PushBatch without SQLite (the store's push_batch
 does nothing), which leaves the cost of the WebSocket and JSON-RPC layers.
@@ -102,6 +104,13 @@ async def _run(args: argparse.Namespace, database: Path) -> dict[str, float]:
                     await sink.push_batch([one], None)
                 figures["big_cpu_ms"] = (time.process_time() - start) * 1000 / args.big
                 del jobs
+            if args.peek and not args.null_store:
+                # Replies the other way: the service sends, the client reads.
+                peek = {"pipeline": "smtp", "max": 4, "max_bytes": 64 * 1024 * 1024}
+                start = time.process_time()
+                for _ in range(args.peek):
+                    await client.call("jobs.Peek", peek)
+                figures["peek_cpu_ms"] = (time.process_time() - start) * 1000 / args.peek
             if args.small:
                 batches = [
                     [_encoded_job(small_raw) for _ in range(args.jobs)] for _ in range(args.small)
@@ -120,6 +129,9 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=4, help="PushBatch calls of one big job")
     parser.add_argument("--small", type=int, default=1000, help="PushBatch calls of small jobs")
     parser.add_argument("--jobs", type=int, default=5, help="jobs per small PushBatch")
+    parser.add_argument(
+        "--peek", type=int, default=0, help="then Peek calls whose reply holds a big job"
+    )
     parser.add_argument("--null-store", action="store_true", help="answer without SQLite")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wspath-") as tmp:
@@ -130,6 +142,8 @@ def main() -> None:
             f"big:   {figures['big_cpu_ms']:.1f} ms CPU per PushBatch of one "
             f"{figures['big_bytes'] / 1e6:.1f} MB job ({store})"
         )
+    if "peek_cpu_ms" in figures:
+        print(f"peek:  {figures['peek_cpu_ms']:.1f} ms CPU per Peek answered with a big job")
     if "small_cpu_us" in figures:
         print(
             f"small: {figures['small_cpu_us']:.0f} us CPU per PushBatch of {args.jobs} "

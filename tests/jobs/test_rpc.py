@@ -415,14 +415,17 @@ async def test_a_peer_that_hangs_up_fails_waiting_calls(nursery: trio.Nursery) -
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65_535, 65_536, 65_537, 1_000_003])
 @pytest.mark.parametrize("finished", [True, False])
-def test_our_frames_parse_in_wsproto_at_every_length_boundary(length: int, finished: bool) -> None:
-    # send_text builds client frames itself (header, key, masked payload);
-    # wsproto's server side must read them as RFC 6455 frames.
+@pytest.mark.parametrize("masked", [True, False], ids=["client", "server"])
+def test_our_frames_parse_in_wsproto_at_every_length_boundary(
+    length: int, finished: bool, masked: bool
+) -> None:
+    # send_text and send_message build frames themselves (header, a client's
+    # key and masked payload); wsproto on the other side must read them.
     payload = ("é" * (length // 2) + "x" * (length % 2)).encode()
-    key = os.urandom(4)
+    key = os.urandom(4) if masked else b""
     frame = frame_header(0x1, finished=finished, length=len(payload), key=key)
-    server = Connection(ConnectionType.SERVER)
-    server.receive_data(frame + wsmask.mask(payload, key))
-    events = [event for event in server.events() if isinstance(event, TextMessage)]
+    peer = Connection(ConnectionType.SERVER if masked else ConnectionType.CLIENT)
+    peer.receive_data(frame + (wsmask.mask(payload, key) if masked else payload))
+    events = [event for event in peer.events() if isinstance(event, TextMessage)]
     assert "".join(event.data for event in events).encode() == payload
     assert events[-1].message_finished is finished

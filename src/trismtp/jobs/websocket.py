@@ -46,6 +46,7 @@ __all__ = [
     "map_exceptions",
     "open_websocket",
     "run_client",
+    "send_message",
     "send_text",
     "unavailable",
 ]
@@ -300,51 +301,69 @@ _MASKED: Final = 0x80
 _SEPARATE_HEADER: Final = 64 * 1024
 
 
-def frame_header(opcode: int, *, finished: bool, length: int, key: bytes) -> bytes:
-    """The header of a masked client frame of *length* payload bytes (RFC 6455 §5.2)."""
+def frame_header(opcode: int, *, finished: bool, length: int, key: bytes = b"") -> bytes:
+    """The header of a frame of *length* payload bytes (RFC 6455 §5.2).
+
+    With a 4-byte *key*, a masked (client) frame's, key included; without,
+    a server frame's.
+    """
     first = opcode | (_FIN if finished else 0)
+    masked = _MASKED if key else 0
     if length < 126:
-        return bytes((first, _MASKED | length)) + key
+        return bytes((first, masked | length)) + key
     if length < 1 << 16:
-        return struct.pack("!BBH", first, _MASKED | 126, length) + key
-    return struct.pack("!BBQ", first, _MASKED | 127, length) + key
+        return struct.pack("!BBH", first, masked | 126, length) + key
+    return struct.pack("!BBQ", first, masked | 127, length) + key
+
+
+async def send_message(ws: WebSocketConnection, text: str) -> None:
+    """Send *text* as one text message in one frame, like ``ws.send_message``.
+
+    For the service's replies (a Reserve's may be 16 MiB): built here, the
+    frame is the reply's UTF-8 and a header, where trio-websocket's path
+    would hold four more copies of it at once.
+    """
+    await _send_frame(ws, text.encode(), opcode=_TEXT, finished=True)
 
 
 async def _send_frame(
     ws: WebSocketConnection, payload: bytes, *, opcode: int, finished: bool
 ) -> None:
-    """Send one masked data frame of a message we send whole, frame after frame.
+    """Send one data frame of a message we send whole, frame after frame.
 
     We build the frame ourselves rather than through ``ws._send(TextMessage)``:
     wsproto copies a frame's payload five times on the way out (into a
     bytearray, into the masker, out of it, into the frame, into the bytes it
-    returns), ~4 ms per MB of CPU that a 25 MB PushBatch paid. Here the
-    payload is masked once (:func:`trismtp.wsmask.mask`, a fresh key from
-    ``os.urandom`` per frame as RFC 6455 §5.3 asks) and written as it is.
+    returns), ~4 ms per MB of CPU that a 25 MB PushBatch paid. Here a
+    client's payload is masked once (:func:`trismtp.wsmask.mask`, a fresh key
+    from ``os.urandom`` per frame as RFC 6455 §5.3 asks; a server's frames
+    are not masked) and written as it is.
 
-    What this relies on in trio-websocket (pinned; ``tests/jobs/test_rpc.py``
-    sends through it): the stream and its lock, held per frame like its own
-    ``_send``, and ``_abort_web_socket`` for a broken stream. wsproto's
-    state is untouched: it never sees these frames, and our writers send one
-    message at a time, all of it, so fragments of two messages never
-    interleave (control frames from trio-websocket may, as RFC 6455 allows).
-    Raises ConnectionClosed, as ``send_message`` does.
+    What this relies on in trio-websocket (pinned; the tests send through
+    it): the stream and its lock, held per frame like its own ``_send``, and
+    ``_abort_web_socket`` for a broken stream. wsproto's state is untouched:
+    it never sees these frames, and our writers send one message at a time,
+    all of it, so fragments of two messages never interleave (control frames
+    from trio-websocket may, as RFC 6455 allows). Raises ConnectionClosed, as
+    ``send_message`` does.
     """
     if ws.closed is not None:
         raise ConnectionClosed(ws.closed)
-    key = os.urandom(4)
-    header = frame_header(opcode, finished=finished, length=len(payload), key=key)
-    masked = wsmask.mask(payload, key)
-    del payload
+    if ws.is_client:
+        key = os.urandom(4)
+        header = frame_header(opcode, finished=finished, length=len(payload), key=key)
+        payload = wsmask.mask(payload, key)
+    else:
+        header = frame_header(opcode, finished=finished, length=len(payload))
     async with ws._stream_lock:
         if ws.closed is not None:  # a close frame went out while we waited
             raise ConnectionClosed(ws.closed)
         try:
-            if len(masked) < _SEPARATE_HEADER:
-                await ws._stream.send_all(header + masked)
+            if len(payload) < _SEPARATE_HEADER:
+                await ws._stream.send_all(header + payload)
             else:
                 await ws._stream.send_all(header)
-                await ws._stream.send_all(masked)
+                await ws._stream.send_all(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             assert ws.closed is not None
