@@ -1,0 +1,350 @@
+"""The job JSON is byte for byte what it was before the issue 16 speed work.
+
+tests/reference/message_54c2b1c.py is the parser as it was at 54c2b1c;
+``reference_job`` below is the job encoding of that commit. Every message
+here (the payload cases, the hostile corpus, the benchmark's messages and
+generated ones) must give the same job text from the current code, so an
+optimisation can change the cost but never what a consumer receives.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import random
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trismtp.jobs.email import EmailJob
+from trismtp.jobs.model import PAYLOAD_CLASS
+from trismtp.message import Envelope
+from trismtp.settings import JobsSettings
+from trismtp.smtp.server import _encode_job
+
+from .corpus import hostile
+from .fuzz.test_campaign import SEEDS, mime_parts, mutate, mutations, top_headers
+from .payload_cases import CASES
+from .reference import message_54c2b1c as reference
+
+ENVELOPE = Envelope(
+    helo="client.example.org",
+    mail_from="sender@example.org",
+    recipients=("alice@example.com", "bob@example.com"),
+    remote_addr="203.0.113.5:53211",
+)
+RECEIVED_AT = datetime.datetime(2026, 11, 24, 10, 0, 0, 654321, tzinfo=datetime.UTC)
+JOBS = JobsSettings(headers={"X-Team": ["mail"]})
+
+
+def smtp_source_message(length: int) -> bytes:
+    """What ``smtp-source -l LENGTH`` sends (bench/parse.py has the same)."""
+    head = (
+        b"From: <a@example.com>\r\nTo: <b@example.com>\r\n"
+        b"Date: Thu,  3 Dec 2026 11:30:28 +0000 (UTC)\r\n"
+        b"Message-Id: <03c8.0003.0000@vm>\r\n\r\n"
+    )
+    lines = [(str(n % 10) + "X" * 79).encode() + b"\r\n" for n in range(1, length // 82 + 2)]
+    return head + b"".join(lines)
+
+
+def mix_message(size: int, attachment: bool, seed: int) -> bytes:
+    """A message shaped like bench/mix.py's: text + html, or text + a base64 PDF."""
+    rng = random.Random(seed)
+    words = ["mail", "order", "invoice", "the", "of", "caf\u00e9", "trismtp"]
+
+    def text(length: int) -> str:
+        lines: list[str] = []
+        while sum(map(len, lines)) < length:
+            lines.append(" ".join(rng.choice(words) for _ in range(12)))
+        return "\r\n".join(lines)
+
+    if attachment:
+        data = base64.b64encode(rng.randbytes(size * 3 // 4)).decode()
+        wrapped = "\r\n".join(data[i : i + 76] for i in range(0, len(data), 76))
+        parts = [
+            ("text/plain; charset=utf-8", "8bit", "", text(1500)),
+            (
+                "application/pdf",
+                "base64",
+                'Content-Disposition: attachment; filename="r.pdf"\r\n',
+                wrapped,
+            ),
+        ]
+        mime = "multipart/mixed; boundary=mixed-boundary-0001"
+        boundary = "mixed-boundary-0001"
+    else:
+        parts = [
+            ("text/plain; charset=utf-8", "8bit", "", text(size // 3)),
+            (
+                "text/html; charset=utf-8",
+                "8bit",
+                "",
+                "<html><body><p>" + text(size // 2) + "</p></body></html>",
+            ),
+        ]
+        mime = "multipart/alternative; boundary=alt-boundary-0001"
+        boundary = "alt-boundary-0001"
+    out = [
+        "From: Mix Sender <mix@localhost>\r\nTo: <sink@localhost>\r\n"
+        f"Subject: mix {seed}\r\nMessage-ID: <mix.{seed}@bench.localhost>\r\n"
+        f"MIME-Version: 1.0\r\nContent-Type: {mime}\r\n\r\n"
+    ]
+    for ctype, cte, extra, content in parts:
+        out.append(
+            f"--{boundary}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Transfer-Encoding: {cte}\r\n{extra}\r\n{content}\r\n"
+        )
+    out.append(f"--{boundary}--\r\n")
+    return "".join(out).encode("utf-8")
+
+
+def reference_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> str:
+    """The job JSON as 54c2b1c's EmailJob.to_job and _encode_job made it."""
+    payload = orjson.dumps(
+        reference.build_payload(
+            email.raw,
+            uuid=email.id,
+            envelope=reference.Envelope(
+                helo=email.envelope.helo,
+                mail_from=email.envelope.mail_from,
+                recipients=email.envelope.recipients,
+                remote_addr=email.envelope.remote_addr,
+            ),
+            received_at=email.received_at,
+            include_raw=include_raw,
+            authentication=email.authentication,
+            tls=email.tls,
+        )
+    ).decode()
+    headers = {"uuid": [email.id], "payload_class": [PAYLOAD_CLASS]}
+    headers.update(jobs.headers)
+    job: dict[str, Any] = {
+        "job": jobs.job_name,
+        "id": email.id,
+        "payload": payload,
+        "headers": headers,
+        "options": {
+            "priority": jobs.priority,
+            "pipeline": jobs.pipeline,
+            "delay": jobs.delay,
+            "auto_ack": jobs.auto_ack,
+        },
+    }
+    return orjson.dumps(job).decode()
+
+
+def check_same(
+    raw: bytes,
+    *,
+    envelope: Envelope = ENVELOPE,
+    authentication: dict[str, str] | None = None,
+    tls: dict[str, str] | None = None,
+    received_at: datetime.datetime = RECEIVED_AT,
+) -> None:
+    """The current job JSON (and payload) equals the reference, with raw and without."""
+    email = EmailJob(
+        raw=raw,
+        envelope=envelope,
+        id="0b6c2d36-6f57-4d5e-9f43-0a3f5a1c8e11",
+        received_at=received_at,
+        authentication=authentication,
+        tls=tls,
+    )
+    for include_raw in (True, False):
+        expected = reference_job(email, JOBS, include_raw)
+        job_id, got = _encode_job(email, JOBS, include_raw)
+        assert job_id == email.id
+        if got != expected:
+            # Show the first payload difference, not two megabyte strings.
+            want = orjson.loads(orjson.loads(expected)["payload"])
+            have = orjson.loads(orjson.loads(got)["payload"])
+            assert have == want
+            assert got == expected
+        expected_payload = orjson.loads(expected)["payload"]
+        assert email.payload(include_raw=include_raw) == expected_payload
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_payload_cases(name: str) -> None:
+    check_same(CASES[name].raw)
+
+
+@pytest.mark.parametrize("name", hostile.names())
+def test_hostile_corpus(name: str) -> None:
+    check_same(hostile.build(name))
+
+
+@pytest.mark.parametrize("size", [2_000, 6_000, 10_000])
+def test_small_text_and_html_mail(size: int) -> None:
+    check_same(mix_message(size, False, size))
+
+
+@pytest.mark.parametrize("size", [100_000, 2_000_000])
+def test_mail_with_a_base64_attachment(size: int) -> None:
+    check_same(mix_message(size, True, size))
+
+
+def test_smtp_source_messages_of_every_length() -> None:
+    for length in (0, 1, 79, 80, 81, 2048, 100_000):
+        check_same(smtp_source_message(length))
+
+
+def test_session_data_with_odd_strings() -> None:
+    check_same(
+        b"Subject: hi\r\n\r\nbody\r\n",
+        envelope=Envelope(
+            helo="h\udcff\u00e9",
+            mail_from="",
+            recipients=("r\udc80@x", "\u00fc@y"),
+            remote_addr="[::1]:25",
+        ),
+        authentication={"mechanism": "PLAIN", "username": "u\udce9", "password": "secret"},
+        tls={"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"},
+        received_at=datetime.datetime(2026, 1, 2, 3, 4, 5, 999999),  # naive: taken as UTC
+    )
+
+
+_FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@_FUZZ
+@given(raw=st.binary(max_size=3000))
+def test_arbitrary_bytes(raw: bytes) -> None:
+    check_same(raw)
+
+
+@_FUZZ
+@given(
+    headers=top_headers,
+    part=mime_parts,
+    newline=st.sampled_from(["\r\n", "\n", "\r"]),
+    tail=st.sampled_from(["", "\r\n", "\n"]),
+)
+def test_mime_shaped_messages(headers: list[str], part: list[str], newline: str, tail: str) -> None:
+    check_same((newline.join([*headers, *part]) + tail).encode("utf-8", "surrogateescape"))
+
+
+@_FUZZ
+@given(seed=st.sampled_from(SEEDS), ops=mutations)
+def test_mutated_messages(seed: str, ops: list[tuple[str, int, int, bytes]]) -> None:
+    check_same(mutate(hostile.build(seed), ops))
+
+
+# Simple mail: the shape most messages have (a few headers, one text body),
+# with the details a shortcut for it could get wrong.
+header_names = st.sampled_from(
+    [
+        "From",
+        "FROM",
+        "to",
+        "Cc",
+        "Reply-To",
+        "Subject",
+        "subject",
+        "Message-ID",
+        "message-id",
+        "Date",
+        "MIME-Version",
+        "Content-Type",
+        "content-type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Content-ID",
+        "X-Mailer",
+        "x-custom-header",
+        "Received",
+        "Bcc",
+        "X_Under",
+        "Ünicode",
+        "Sender",
+    ]
+)
+header_values = st.sampled_from(
+    [
+        "",
+        " ",
+        "plain value",
+        "<a@example.com>",
+        "Alice <alice@example.com>, bob@example.org",
+        "\"Doe, John\" <jd@example.com> (work), 'x' <y@z>",
+        "=?utf-8?B?SsO2cmc=?= <j@example.org>",
+        "=?utf-8?Q?caf=C3=A9?= =?utf-8?Q?_au_lait?=",
+        "=?iso-8859-1?q?=E9t=E9?=",
+        "=?broken",
+        "caf\udce9 \udcc3\udca9",
+        "Grüße <g@example.de>",
+        "text/plain",
+        "text/plain; charset=utf-8",
+        'text/plain; charset="iso-8859-1"',
+        "text/plain; charset=x-unknown",
+        "text/plain; charset=utf-7",
+        "TEXT/PLAIN; CHARSET=UTF-8; format=flowed",
+        "text/html; charset=utf-8",
+        'text/plain; name="a.txt"',
+        "text/plain charset=utf-8",
+        "multipart/mixed; boundary=b",
+        "message/rfc822",
+        "application/octet-stream",
+        "7bit",
+        "8bit",
+        "base64",
+        "quoted-printable",
+        "QUOTED-PRINTABLE",
+        "x-uuencode",
+        "inline",
+        "attachment",
+        'attachment; filename="f.txt"',
+        "<cid@example>",
+        "1.0",
+        "folded\r\n continued",
+        "folded\n\tcontinued",
+        "\r\n starts folded",
+        "trailing space ",
+        "\x00nul",
+        "(comment) a@b",
+        "Group: a@b, c@d;",
+        "undisclosed-recipients:;",
+    ]
+)
+body_texts = st.sampled_from(
+    [
+        "",
+        "hello\r\n",
+        "line one\r\nline two\r\n",
+        "no final newline",
+        "bare\nnewlines\n",
+        "cr\ronly\r",
+        "caf\u00e9 \u2603\r\n",
+        "caf\udce9 latin-1\r\n",
+        "SGVsbG8gd29ybGQ=\r\n",
+        "=C3=A9t=C3=A9 soft=\r\nbreak\r\n",
+        "begin 644 x.txt\r\nM86)C\r\n`\r\nend\r\n",
+        "From the start\r\n.\r\n..dots\r\n",
+        "<html><body>hi</body></html>\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\npart\r\n--b--\r\n",
+        "\x00\x01\x7f\r\n",
+        "x" * 1000 + "\r\n",
+    ]
+) | st.text(max_size=200)
+
+
+@_FUZZ
+@given(
+    headers=st.lists(st.tuples(header_names, header_values), max_size=8),
+    body=st.lists(body_texts, max_size=4).map("".join),
+    separator=st.sampled_from(["\r\n", "\n", "\r\n\r\n"]),
+    colon=st.sampled_from([": ", ":", " : ", ":\t"]),
+)
+def test_simple_messages(
+    headers: list[tuple[str, str]], body: str, separator: str, colon: str
+) -> None:
+    head = "".join(f"{name}{colon}{value}\r\n" for name, value in headers)
+    check_same((head + separator + body).encode("utf-8", "surrogateescape"))
