@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.feedparser as email_feedparser
 import random
+import re
 from typing import Any
 
 import orjson
@@ -19,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trismtp import message as message_module
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.model import PAYLOAD_CLASS
 from trismtp.message import Envelope
@@ -104,6 +107,17 @@ def mix_message(size: int, attachment: bool, seed: int) -> bytes:
 
 def reference_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> str:
     """The job JSON as 54c2b1c's EmailJob.to_job and _encode_job made it."""
+    # trismtp.message replaces the feed parser's NLCRE_eol; the reference
+    # runs with the library's own.
+    patched = email_feedparser.NLCRE_eol  # type: ignore[attr-defined]
+    email_feedparser.NLCRE_eol = message_module._NLCRE_EOL  # type: ignore[attr-defined]
+    try:
+        return _reference_job(email, jobs, include_raw)
+    finally:
+        email_feedparser.NLCRE_eol = patched  # type: ignore[attr-defined]
+
+
+def _reference_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> str:
     payload = orjson.dumps(
         reference.build_payload(
             email.raw,
@@ -135,6 +149,11 @@ def reference_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> str
         },
     }
     return orjson.dumps(job).decode()
+
+
+def test_the_reference_runs_the_library_s_own_line_end_pattern() -> None:
+    assert isinstance(message_module._NLCRE_EOL, re.Pattern)
+    assert not isinstance(email_feedparser.NLCRE_eol, re.Pattern)  # type: ignore[attr-defined]
 
 
 def check_same(
@@ -348,3 +367,47 @@ def test_simple_messages(
 ) -> None:
     head = "".join(f"{name}{colon}{value}\r\n" for name, value in headers)
     check_same((head + separator + body).encode("utf-8", "surrogateescape"))
+
+
+# Address header values: the mailboxes read by the shortcut for simple ones
+# and by the library for the rest must be the library's.
+address_pieces = st.sampled_from(
+    [
+        "a@example.com",
+        "<a@example.com>",
+        "first.last+tag@sub-domain.example.org",
+        "Alice",
+        "Alice Smith",
+        "A1 B2",
+        " ",
+        "\t",
+        "  ",
+        ",",
+        ", ",
+        "<",
+        ">",
+        "@",
+        ".",
+        "..",
+        '"',
+        "'",
+        "(c)",
+        ":",
+        ";",
+        "\u00e9",
+        "x_y-z",
+        "=?utf-8?q?x?=",
+    ]
+)
+
+
+@_FUZZ
+@given(pieces=st.lists(address_pieces, max_size=10))
+def test_address_values(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    expected = reference._legacy_addresses(text)
+    message_module._legacy_pairs.cache_clear()
+    assert message_module._legacy_addresses(text) == expected
+    assert message_module._legacy_addresses(text) == expected  # from the cache
+    head = f"From: {text}\r\nTo: {text}\r\nCc: {text}\r\nReply-To: {text}\r\n\r\nhi\r\n"
+    check_same(head.encode("utf-8"))

@@ -43,6 +43,7 @@ import base64
 import binascii
 import bisect
 import datetime
+import email.feedparser
 import email.policy
 import email.utils
 import functools
@@ -203,7 +204,7 @@ def build_payload(
     ``authentication`` keeps only ``mechanism`` and ``username``, so a
     password handed in by mistake never reaches a job.
     """
-    factory = _MemoHeaderFactory(_REGISTRY)
+    factory = _MemoHeaderFactory()
     parsed = _parse(raw, factory)
     headers: dict[str, list[str]] = {}
     addresses: dict[str, list[dict[str, str]]] = {key: [] for key in _ADDRESS_FIELDS.values()}
@@ -265,35 +266,52 @@ def build_payload(
 
 
 class _MemoHeaderFactory:
-    """``policy.default``'s header factory, remembering results for one parse.
+    """``policy.default``'s header factory, remembering the header objects it made.
 
     Header objects are immutable, so handing out the same one for the same
     (name, value) is invisible to callers; it saves re-parsing a part's
-    Content-Type each time the parser or the walk asks for it. The registry
-    also builds a new class for every header it makes; one per header name
-    is enough.
+    Content-Type each time the parser or the walk asks for it. Short values
+    are remembered across messages too (``text/plain; charset=utf-8`` is in
+    most mail), in a table shared by every parse and bounded in entries;
+    longer ones only for one parse. The registry also builds a new class for
+    every header it makes; one per header class is enough.
     """
 
-    __slots__ = ("_classes", "_headers", "_registry")
+    __slots__ = ("_headers",)
 
-    def __init__(self, registry: HeaderRegistry) -> None:
-        self._registry = registry
-        self._classes: dict[str, type[BaseHeader]] = {}
+    def __init__(self) -> None:
         self._headers: dict[tuple[str, str], BaseHeader] = {}
 
     def __call__(self, name: str, value: Any) -> Any:
         if not isinstance(value, str):
-            return self._registry(name, value)
+            return _REGISTRY(name, value)
         value = value[:_MAX_PARSED_HEADER]
         key = (name, value)
-        header = self._headers.get(key)
+        memo = _SHARED_HEADERS if len(value) <= _MAX_SHARED_VALUE else self._headers
+        header = memo.get(key)
         if header is None:
-            lower = name.lower()
-            cls = self._classes.get(lower)
+            base = _REGISTRY.registry.get(name.lower(), _REGISTRY.default_class)
+            cls = _HEADER_CLASSES.get(base)
             if cls is None:
-                cls = self._classes[lower] = self._registry[name]
-            header = self._headers[key] = cls(name, value)
+                cls = _HEADER_CLASSES[base] = _REGISTRY[name]
+            header = cls(name, value)
+            if memo is _SHARED_HEADERS and len(memo) >= _MAX_SHARED_HEADERS:
+                # Dropping all at once keeps this a plain dict, whose single
+                # operations are atomic for the parsing threads; the common
+                # values are back after a few messages.
+                memo.clear()
+            memo[key] = header
         return header
+
+
+# The header objects shared between parses: values up to _MAX_SHARED_VALUE
+# characters (a parsed header is tens of times its text), _MAX_SHARED_HEADERS
+# of them, a few megabytes at most.
+_MAX_SHARED_VALUE = 256
+_MAX_SHARED_HEADERS = 1024
+_SHARED_HEADERS: dict[tuple[str, str], BaseHeader] = {}
+# The registry's class for each of its header classes (a handful).
+_HEADER_CLASSES: dict[type[Any], type[BaseHeader]] = {}
 
 
 class _BoundedCompat32(email.policy.Compat32):
@@ -322,11 +340,41 @@ def _parse(raw: bytes, factory: _MemoHeaderFactory) -> tuple[Message, bool] | No
     )
     for policy, headersonly in attempts:
         try:
-            msg = _parse_bytes(raw, policy, headersonly=headersonly)
+            single = _parse_single_part(raw, policy) if policy is modern else None
+            # (A Message with no headers is falsy: no "or" here.)
+            msg = _parse_bytes(raw, policy, headersonly=headersonly) if single is None else single
         except Exception:  # any failure means: try the next, more lenient way
             continue
         return msg, not headersonly
     return None
+
+
+class _LineEndAtEnd:
+    """``email.feedparser.NLCRE_eol`` that looks at the last two characters only.
+
+    The feed parser strips the line break before a boundary from each part
+    by searching the whole part for a CRLF, CR or LF at its very end, and
+    ``re`` tries that at every position: for a 2.5 MB base64 attachment,
+    more time than all the rest of its parse. A match can only start in the
+    last two characters, and the parser only reads ``group(0)``, so
+    searching those gives the same answer.
+    """
+
+    __slots__ = ("pattern",)
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+
+    def search(self, text: str) -> re.Match[str] | None:
+        """The line break that ends ``text``, as ``pattern.search(text)`` finds it."""
+        return self.pattern.search(text[-2:])
+
+
+# Installed for the whole process, and only over the exact pattern it stands
+# for: another Python's parser keeps whatever it has.
+_NLCRE_EOL = getattr(email.feedparser, "NLCRE_eol", None)
+if isinstance(_NLCRE_EOL, re.Pattern) and _NLCRE_EOL.pattern == r"(\r\n|\r|\n)\Z":
+    email.feedparser.NLCRE_eol = _LineEndAtEnd(_NLCRE_EOL)  # type: ignore[attr-defined]
 
 
 # What BytesParser hands the feed parser at a time.
@@ -347,6 +395,43 @@ def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: b
     for start in range(0, len(raw), _FEED_CHUNK):
         parser.feed(raw[start : start + _FEED_CHUNK])
     return parser.close()
+
+
+# A header block that may declare a multipart or message/* body: those go
+# through the whole parser. Case-insensitive, and anywhere in the block, so
+# that it errs towards the full parse.
+_MAY_NEST = re.compile(rb"(?i)multipart|message/")
+
+
+def _parse_single_part(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The tree the parser builds for a message that is not multipart or message/*, or None.
+
+    The feed parser splits the body of such a message into lines only to
+    join them again into its payload, and that line loop was most of the
+    CPU of parsing a big one (10 MB: ~60 ms, a microsecond a line). When the
+    header block ends at the first CRLF CRLF, only that block is parsed and
+    the rest is the payload, as the parser itself would have made it. If
+    the parser does not read the block that way (a line that is no header,
+    a "From " line pushed back, any nesting), None: parse it all.
+    """
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0 or _MAY_NEST.search(raw, 0, cut):
+        return None
+    end = cut + 4
+    try:
+        msg = _parse_bytes(raw[:end], policy, headersonly=False)
+        if (
+            msg.is_multipart()
+            or msg._payload != ""  # type: ignore[attr-defined]  # the parser's own field
+            or msg.get_content_maintype() in ("multipart", "message")
+        ):
+            return None
+    except Exception:  # let the whole parse decide what fails
+        return None
+    # What the parser's single-part branch stores: the rest of its input, as
+    # it decoded it (ASCII with surrogateescape), line ends untouched.
+    msg.set_payload(raw[end:].decode("ascii", "surrogateescape"))
+    return msg
 
 
 def _repair_header_block(raw: bytes) -> bytes:
@@ -475,15 +560,55 @@ def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[
 
 def _legacy_addresses(text: str) -> list[dict[str, str]]:
     """Mailboxes by ``email.utils.getaddresses``: never raises."""
+    pairs = _legacy_pairs(text) if len(text) <= _MAX_CACHED_ADDRESSES else _read_pairs(text)
+    return [{"email": addr, "name": name} for addr, name in pairs]
+
+
+# Most mail comes from and goes to a few addresses over and over (every
+# message of a newsletter, every alert of a monitoring system): the mailboxes
+# of a header value are remembered, bounded in number and in length. Pairs,
+# not dicts, so that no payload shares a mutable object with another.
+_MAX_CACHED_ADDRESSES = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _legacy_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    return _read_pairs(text)
+
+
+# A mailbox simple enough that email.utils.getaddresses reads it as the
+# regular expression does: "<a@b.c>", "a@b.c" or "Words <a@b.c>", with
+# nothing to unquote, decode or drop. Profiled, getaddresses was a quarter of
+# the CPU of a small message; tests/test_payload_differential.py holds this
+# to the library's answers.
+_ATOM = r"[A-Za-z0-9_+\-]+"
+_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"
+_SIMPLE_MAILBOX = re.compile(
+    rf"[ \t]*(?:(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)[ \t]*)?<(?P<angle>{_ADDR_SPEC})>"
+    rf"|(?P<bare>{_ADDR_SPEC}))[ \t]*"
+)
+
+
+def _read_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """(email, name) of each mailbox of an address header value; never raises."""
+    simple: list[tuple[str, str]] = []
+    for piece in text.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(piece)
+        if match is None:
+            break
+        bare = match["bare"]
+        simple.append((bare, "") if bare is not None else (match["angle"], match["name"] or ""))
+    else:
+        return tuple(simple)
     try:
         pairs = email.utils.getaddresses([text])
     except Exception:
-        return []
-    return [
-        {"email": _clean(addr), "name": _decode_header(display_name)}
+        return ()
+    return tuple(
+        (_clean(addr), _decode_header(display_name))
         for display_name, addr in pairs
         if display_name or addr
-    ]
+    )
 
 
 # --- the MIME walk -------------------------------------------------------------
