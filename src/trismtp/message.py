@@ -49,6 +49,7 @@ import email.utils
 import functools
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
@@ -205,14 +206,19 @@ def build_payload(
     password handed in by mistake never reaches a job.
     """
     factory = _MemoHeaderFactory()
-    parsed = _parse(raw, factory)
     headers: dict[str, list[str]] = {}
     addresses: dict[str, list[dict[str, str]]] = {key: [] for key in _ADDRESS_FIELDS.values()}
     body = html_body = ""
     attachments: list[dict[str, Any]] = []
-    if parsed is not None:
+    simple = _simple_message(raw)
+    parsed = None if simple is not None else _parse(raw, factory)
+    if simple is not None:
+        items, body = simple
+        headers = _headers(items, factory, addresses)
+        del items
+    elif parsed is not None:
         msg, whole = parsed
-        headers = _headers(msg, factory, addresses)
+        headers = _headers(msg.raw_items(), factory, addresses)
         if whole:
             walk = _Walk(reparse_budget=2 * len(raw))
             walk.run(msg)
@@ -263,6 +269,42 @@ def build_payload(
 
 
 # --- parsing -----------------------------------------------------------------
+
+# Most mail a service sends (a notification, a report, smtp-source's load) is
+# a few header lines and one plain-text body, no MIME at all. For such a
+# message the whole standard-library pipeline (feed parser, Message, walk)
+# computes what can be read straight off the bytes: the header lines as the
+# parser's header_source_parse cuts them, and the body as the bytes after the
+# blank line, decoded as _text decodes an unlabelled body. The shortcut is
+# taken only where the parser could not read the bytes any other way: every
+# line of the block is "Name:value" (Name printable ASCII, no space) or a
+# continuation, every line ends in CRLF, the block ends at the first CRLF
+# CRLF, and no Content-* header (nor "begin ", a uuencoded file) asks for
+# more. tests/test_payload_differential.py holds it to the full parse.
+_SIMPLE_FIELD = r"[!-9;-~]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*"
+_SIMPLE_BLOCK = re.compile(f"(?:{_SIMPLE_FIELD})+")
+_FIELD = re.compile(r"([!-9;-~]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
+_ANY_MIME_HEADER = re.compile(rb"(?i)content-")
+
+
+def _simple_message(raw: bytes) -> tuple[list[tuple[str, str]], str] | None:
+    """The raw header items and the body text of a simple message (see above), or None."""
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0 or _ANY_MIME_HEADER.search(raw, 0, cut) or raw.find(b"begin ", cut) >= 0:
+        return None
+    # Decoded as the feed parser decodes its input.
+    block = raw[: cut + 2].decode("ascii", "surrogateescape")
+    if _SIMPLE_BLOCK.fullmatch(block) is None:
+        return None
+    # header_source_parse: the name up to the colon; the value without the
+    # blanks after the colon and without the final line break.
+    items = [(match[1], match[2].lstrip(" \t").rstrip("\r\n")) for match in _FIELD.finditer(block)]
+    data = raw[cut + 4 :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return items, text
 
 
 class _MemoHeaderFactory:
@@ -455,11 +497,11 @@ def _repair_header_block(raw: bytes) -> bytes:
 
 
 def _headers(
-    msg: Message,
+    items: Iterable[tuple[str, Any]],
     factory: _MemoHeaderFactory,
     addresses: dict[str, list[dict[str, str]]],
 ) -> dict[str, list[str]]:
-    """Every top-level header, decoded, under its canonical name.
+    """Every top-level header (``raw_items()`` of the message), decoded, under its canonical name.
 
     Fills ``addresses`` on the way.
     """
@@ -467,7 +509,7 @@ def _headers(
     # Header names are case-insensitive; every spelling of a name goes under
     # its canonical key, as in the seed (Go's net/textproto).
     keys: dict[str, str] = {}
-    for name, value in msg.raw_items():
+    for name, value in items:
         key = keys.get(name)
         if key is None:
             key = keys[name] = canonical_header_key(_clean(name))
