@@ -43,13 +43,14 @@ import base64
 import binascii
 import bisect
 import datetime
+import email.errors
 import email.feedparser
 import email.policy
 import email.utils
 import functools
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
@@ -382,7 +383,7 @@ def _parse(raw: bytes, factory: _MemoHeaderFactory) -> tuple[Message, bool] | No
     )
     for policy, headersonly in attempts:
         try:
-            single = _parse_single_part(raw, policy) if policy is modern else None
+            single = _parse_quickly(raw, policy) if policy is modern else None
             # (A Message with no headers is falsy: no "or" here.)
             msg = _parse_bytes(raw, policy, headersonly=headersonly) if single is None else single
         except Exception:  # any failure means: try the next, more lenient way
@@ -445,6 +446,137 @@ def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: b
 _MAY_NEST = re.compile(rb"(?i)multipart|message/")
 
 
+def _parse_quickly(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The parser's tree for a single-part or a plain multipart message, or None (parse it all)."""
+    single = _parse_single_part(raw, policy)
+    if single is not None:
+        return single
+    try:
+        return _parse_flat_multipart(raw, policy)
+    except Exception:  # let the whole parse decide what fails
+        return None
+
+
+# RFC 2046 §5.1.1 boundary characters, without the space: a boundary that
+# needs no unquoting or decoding to compare with a line's bytes.
+_PLAIN_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=?-]{1,70}")
+
+
+def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The parser's tree for a multipart whose parts are all single parts, or None.
+
+    The same saving as :func:`_parse_single_part` for the most common MIME
+    shape (text + html, text + attachments): the feed parser reads every
+    line of every part to find the boundaries; here the boundary lines are
+    found with one search over the bytes, each part's header block is
+    parsed alone and its body set as the parser would set it. Only where
+    the parser could not read the bytes any other way: every line ends in
+    CRLF; the message's and each part's header block is plain (see
+    :func:`_simple_message`) and ends at its first CRLF CRLF; the boundary
+    is plain; every line that starts with it is exactly a delimiter
+    ("--b") or the close delimiter ("--b--"), there is a first delimiter,
+    a close delimiter, and no two delimiters follow each other; no part is
+    multipart or message/*, and the message is not multipart/digest (whose
+    parts default to message/rfc822). Anything else: None.
+    """
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0:
+        return None
+    start = cut + 4
+    if _SIMPLE_BLOCK.fullmatch(raw[: cut + 2].decode("ascii", "surrogateescape")) is None:
+        return None
+    crlf = raw.count(b"\r\n", start)
+    if raw.count(b"\r", start) != crlf or raw.count(b"\n", start) != crlf:
+        return None  # a bare CR or LF, where the parser also breaks lines
+    root = _plain_message(raw[: cut + 2].decode("ascii", "surrogateescape"), policy)
+    if root.get_content_maintype() != "multipart" or root.get_content_type() == "multipart/digest":
+        return None
+    boundary = root.get_boundary()
+    if not isinstance(boundary, str) or _PLAIN_BOUNDARY.fullmatch(boundary) is None:
+        return None
+    # The parser reads this header here too (and notes a defect), so a value
+    # the header parser chokes on fails here as it fails there.
+    if str(root.get("content-transfer-encoding", "8bit")).lower() not in ("7bit", "8bit", "binary"):
+        root.defects.append(email.errors.InvalidMultipartContentTransferEncodingDefect())
+    dash_boundary = b"--" + boundary.encode("ascii")
+    parts: list[Message | str] = []
+    preamble_end = -1
+    part_start = -1  # where the part after the last delimiter starts
+    close = -1  # where the close delimiter line ends
+    for line_start, line_end in _lines_starting_with(raw, start, dash_boundary):
+        rest = raw[line_start + len(dash_boundary) : line_end]
+        if rest not in (b"", b"--"):
+            return None  # a line the parser may or may not take for a delimiter
+        if part_start >= 0:
+            part = _parse_part(raw, part_start, line_start, policy)
+            if part is None:
+                return None
+            parts.append(part)
+        elif rest:
+            return None  # closed before it opened
+        else:
+            preamble_end = line_start
+        if rest:
+            close = line_end
+            break
+        part_start = line_end + 2
+    if close < 0 or not parts:
+        return None
+    # What the parser leaves on the multipart besides its parts; nothing in
+    # the payload reads these, they are kept true for the tree's sake.
+    root.set_payload(parts)  # what attaching them one by one makes
+    if preamble_end > start:
+        root.preamble = raw[start : preamble_end - 2].decode("ascii", "surrogateescape")
+    root.epilogue = raw[close + 2 :].decode("ascii", "surrogateescape") if close < len(raw) else ""
+    return root
+
+
+def _lines_starting_with(raw: bytes, start: int, prefix: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end before CRLF) of each line of ``raw[start:]`` that starts with ``prefix``."""
+    found = start if raw.startswith(prefix, start) else raw.find(b"\n" + prefix, start) + 1
+    while found > 0:
+        end = raw.find(b"\r", found + len(prefix))
+        end = len(raw) if end < 0 else end
+        yield found, end
+        found = raw.find(b"\n" + prefix, end) + 1
+
+
+def _parse_part(
+    raw: bytes, start: int, end: int, policy: email.policy.Policy[Any]
+) -> Message | None:
+    """The part ``raw[start:end]`` (last line break included) as the parser reads it, or None."""
+    cut = raw.find(b"\r\n\r\n", start, end)
+    if cut < 0:
+        return None  # headers up to the delimiter (none at all fails below)
+    if _MAY_NEST.search(raw, start, cut):
+        return None
+    block = raw[start : cut + 2].decode("ascii", "surrogateescape")
+    if _SIMPLE_BLOCK.fullmatch(block) is None:
+        return None
+    part = _plain_message(block, policy)
+    if part.get_content_maintype() in ("multipart", "message"):
+        return None
+    # The parser's payload: the lines up to the delimiter, without the line
+    # break before it, which belongs to the delimiter (RFC 2046 §5.1.1).
+    body = cut + 4
+    part.set_payload(raw[body : end - 2].decode("ascii", "surrogateescape") if end > body else "")
+    return part
+
+
+def _plain_message(block: str, policy: email.policy.Policy[Any]) -> Message:
+    """The message the feed parser starts for a header block ``_SIMPLE_BLOCK`` matches.
+
+    What its ``_new_message`` and ``_parse_headers`` do for such a block: a
+    new message of the policy's class, and each field set raw, cut as
+    ``header_source_parse`` cuts it. Its body is for the caller to set.
+    """
+    factory = policy.message_factory or Message
+    msg: Message = factory(policy=policy)
+    for field in _FIELD.finditer(block):
+        msg.set_raw(field[1], field[2].lstrip(" \t").rstrip("\r\n"))
+    return msg
+
+
 def _parse_single_part(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
     """The tree the parser builds for a message that is not multipart or message/*, or None.
 
@@ -460,13 +592,15 @@ def _parse_single_part(raw: bytes, policy: email.policy.Policy[Any]) -> Message 
     if cut < 0 or _MAY_NEST.search(raw, 0, cut):
         return None
     end = cut + 4
+    block = raw[: cut + 2].decode("ascii", "surrogateescape")
     try:
-        msg = _parse_bytes(raw[:end], policy, headersonly=False)
-        if (
-            msg.is_multipart()
-            or msg._payload != ""  # type: ignore[attr-defined]  # the parser's own field
-            or msg.get_content_maintype() in ("multipart", "message")
-        ):
+        if _SIMPLE_BLOCK.fullmatch(block) is not None:
+            msg = _plain_message(block, policy)
+        else:
+            msg = _parse_bytes(raw[:end], policy, headersonly=False)
+            if msg.is_multipart() or msg._payload != "":  # type: ignore[attr-defined]
+                return None  # the parser did not read it as headers and a blank line
+        if msg.get_content_maintype() in ("multipart", "message"):
             return None
     except Exception:  # let the whole parse decide what fails
         return None
