@@ -468,7 +468,7 @@ part_bodies = (
             "\r\n\r\nblank lines around\r\n",
         ]
     )
-    | st.text(st.characters(blacklist_characters="\r\n"), max_size=80)
+    | st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=80)
     | body_texts
 )
 
@@ -500,7 +500,11 @@ def one_level_multipart(draw: st.DrawFn) -> bytes:
         lines += draw(part_extras)
         if draw(mostly):  # a blank line between headers and body
             lines.append("")
-        lines.append(draw(part_bodies).rstrip("\r\n"))
+        # Now and then a bare line break at the end, or a delimiter after one.
+        ending = draw(
+            st.sampled_from([""] * 12 + ["\r", "\n", f"\r--{boundary}", f"\n--{boundary}"])
+        )
+        lines.append(draw(part_bodies).rstrip("\r\n") + ending)
         if not draw(mostly):
             lines.append(f"--{boundary}")  # a doubled delimiter
     if draw(mostly):
@@ -535,3 +539,32 @@ def test_one_level_multipart_strategy_mostly_takes_the_shortcut() -> None:
     # A third of the shapes are meant for the full parser (odd boundaries,
     # digests, nesting, bare line breaks).
     assert taken >= total // 10, (taken, total)
+
+
+def _one_level(body: str) -> bytes:
+    head = "From: a@b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    return (head + body).encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b--\r\n",
+        "pre\r\n--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b--\r\nepi\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\n--b\r\nX: 2\r\n\r\n<p>two\r\n--b--",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r--b\r\nX: 2\r\n\r\ntwo\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\r\n--b\r\nX: 2\r\n\r\nx\r\n--b--",
+        "--b\r\nX: 1\r\n\r\none\r\n--b\rContent-Type: text/html\r\n\r\n2\r\n--b--",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b\nX: y\r\n\r\ntwo\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b \r\nX: y\r\n\r\ntwo\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b\r\n--b\r\nX: y\r\n\r\ntwo\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n--bb\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n--b--\r\n",
+        "--b\r\n\r\nno headers\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\n\r\n--b--\r\n",
+        "--b\r\nContent-Type: text/plain\r\n\r\none\r\n",
+        "--b--\r\n--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b--\r\n",
+    ],
+)
+def test_one_level_multipart_edges(body: str) -> None:
+    check_same(_one_level(body))

@@ -470,14 +470,15 @@ def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Messa
     line of every part to find the boundaries; here the boundary lines are
     found with one search over the bytes, each part's header block is
     parsed alone and its body set as the parser would set it. Only where
-    the parser could not read the bytes any other way: every line ends in
-    CRLF; the message's and each part's header block is plain (see
-    :func:`_simple_message`) and ends at its first CRLF CRLF; the boundary
-    is plain; every line that starts with it is exactly a delimiter
-    ("--b") or the close delimiter ("--b--"), there is a first delimiter,
-    a close delimiter, and no two delimiters follow each other; no part is
-    multipart or message/*, and the message is not multipart/digest (whose
-    parts default to message/rfc822). Anything else: None.
+    the parser could not read the bytes any other way: the message's and
+    each part's header block is plain (see :func:`_simple_message`) and
+    ends at its first CRLF CRLF; the boundary is plain; every line that
+    starts with it is exactly a delimiter ("--b") or the close delimiter
+    ("--b--") between CRLFs, and none follows a bare CR (the parser breaks
+    lines there too); there is a first delimiter, a close delimiter, and no
+    two delimiters follow each other; no part is multipart or message/*,
+    and the message is not multipart/digest (whose parts default to
+    message/rfc822). Anything else: None.
     """
     cut = raw.find(b"\r\n\r\n")
     if cut < 0:
@@ -485,9 +486,6 @@ def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Messa
     start = cut + 4
     if _SIMPLE_BLOCK.fullmatch(raw[: cut + 2].decode("ascii", "surrogateescape")) is None:
         return None
-    crlf = raw.count(b"\r\n", start)
-    if raw.count(b"\r", start) != crlf or raw.count(b"\n", start) != crlf:
-        return None  # a bare CR or LF, where the parser also breaks lines
     root = _plain_message(raw[: cut + 2].decode("ascii", "surrogateescape"), policy)
     if root.get_content_maintype() != "multipart" or root.get_content_type() == "multipart/digest":
         return None
@@ -499,6 +497,8 @@ def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Messa
     if str(root.get("content-transfer-encoding", "8bit")).lower() not in ("7bit", "8bit", "binary"):
         root.defects.append(email.errors.InvalidMultipartContentTransferEncodingDefect())
     dash_boundary = b"--" + boundary.encode("ascii")
+    if raw.find(b"\r" + dash_boundary, start) >= 0:
+        return None  # a line after a bare CR that may be a delimiter
     parts: list[Message | str] = []
     preamble_end = -1
     part_start = -1  # where the part after the last delimiter starts
@@ -507,6 +507,10 @@ def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Messa
         rest = raw[line_start + len(dash_boundary) : line_end]
         if rest not in (b"", b"--"):
             return None  # a line the parser may or may not take for a delimiter
+        if line_start > start and raw[line_start - 2 : line_start] != b"\r\n":
+            return None  # the line break before it is bare
+        if line_end < len(raw) and raw[line_end : line_end + 2] != b"\r\n":
+            return None  # so is the one after it
         if part_start >= 0:
             part = _parse_part(raw, part_start, line_start, policy)
             if part is None:
