@@ -568,3 +568,16 @@ def _one_level(body: str) -> bytes:
 )
 def test_one_level_multipart_edges(body: str) -> None:
     check_same(_one_level(body))
+
+
+def test_tables_shared_between_messages_stay_bounded() -> None:
+    # A sender cycling through distinct values must not grow what is kept
+    # between messages: the header objects (big parse trees) and the mailboxes.
+    for i in range(300):
+        raw = (
+            f"From: user{i} <u{i}@example.com>\r\n"
+            f"Content-Type: text/plain; charset=utf-8; x={i}\r\n\r\nhi\r\n"
+        ).encode()
+        check_same(raw)
+    assert len(message_module._SHARED_HEADERS) <= message_module._MAX_SHARED_HEADERS
+    assert message_module._legacy_pairs.cache_info().currsize <= 1024
