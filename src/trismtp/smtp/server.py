@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -138,6 +139,9 @@ class _Session:
     address: str  # its IP address alone, for the limits
     conn: ServerConnection
     stream: trio.abc.Stream
+    # The socket's descriptor while ``stream`` is the plain socket (no TLS,
+    # no PROXY prefix), else -1: see _read and _send.
+    fd: int = -1
     read_scope: trio.CancelScope | None = None
     scope: trio.CancelScope | None = None  # the whole conversation
     sending_since: float = math.inf  # when the write in progress began
@@ -490,6 +494,8 @@ class SmtpServer:
                 ServerConnection(self._session_config()),
                 transport,
             )
+            if transport is stream:
+                session.fd = stream.socket.fileno()
             # From here on, every line this task logs names the session. The
             # handler is a task of its own, so the value ends with it.
             set_session(session.id, session.remote)
@@ -588,6 +594,7 @@ class SmtpServer:
                 log.info("from %s: TLS handshake failed: %s", session.remote, exc.__cause__ or exc)
                 return False
             session.stream = tls_stream
+            session.fd = -1
             session.tls = session_tls(tls_stream)
             session.conn.tls_established()
             self._metrics.tls_handshake(True, session.tls["version"])
@@ -789,12 +796,23 @@ class SmtpServer:
             while await stream.receive_some(READ_SIZE):
                 pass
 
-    async def _send(self, session: _Session, data: bytes | bytearray) -> None:
+    async def _send(self, session: _Session, data: bytes | bytearray | memoryview) -> None:
         """Write replies; a client that stops reading is dropped after command_timeout.
 
         Without a deadline, a client that pipelines commands and never reads
         its replies would hold the session (and its buffers) for ever.
         """
+        if session.fd >= 0:
+            # Replies are small and the socket buffer is almost always empty:
+            # one write(2), without trio's checkpoint around it (a trip
+            # through the scheduler per reply; the next read yields anyway).
+            try:
+                sent = os.write(session.fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         # Not a cancel scope per write (they add up at thousands of writes a
         # second): _watch_writes cancels the session of a write that stalls.
         session.sending_since = trio.current_time()
@@ -868,15 +886,46 @@ class SmtpServer:
 
     async def _read(self, session: _Session, deadline: float) -> bytes | bytearray | None:
         """Read what is there; None on timeout or shutdown interrupting an idle wait."""
-        with trio.CancelScope(deadline=deadline) as scope:
-            session.read_scope = scope
-            if self._shutting_down and session.idle:
-                scope.cancel()
+        fd = session.fd
+        if fd < 0:
+            with trio.CancelScope(deadline=deadline) as scope:
+                session.read_scope = scope
+                if self._shutting_down and session.idle:
+                    scope.cancel()
+                try:
+                    return await session.stream.receive_some(READ_SIZE)
+                finally:
+                    session.read_scope = None
+            return None
+        # The plain socket: read(2) first, and a cancel scope (its deadline)
+        # only when there is nothing to read yet. This is what trio's
+        # receive_some does, less its wrappers and the scope per read.
+        if self._shutting_down and session.idle:
+            return None
+        if trio.current_time() >= deadline:
+            return None
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            pass
+        else:
+            # Data was waiting: yield once, so that a client that always has
+            # more to send cannot keep the other sessions from running.
+            await trio.lowlevel.checkpoint()
+            return data
+        while True:
+            with trio.CancelScope(deadline=deadline) as scope:
+                session.read_scope = scope
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    session.read_scope = None
+            if scope.cancelled_caught:
+                return None
             try:
-                return await session.stream.receive_some(READ_SIZE)
-            finally:
-                session.read_scope = None
-        return None
+                return os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
 
     async def _encode_message(
         self, session: _Session, event: MessageReceived
