@@ -148,6 +148,7 @@ class _Session:
     tls: dict[str, str] | None = None
     errors: int = 0
     auth_failures: int = 0
+    limited: bool = False  # counted in the per-address limits (see _admit)
     claim: Claim = field(default_factory=Claim)  # of the memory budget
 
     @property
@@ -475,7 +476,6 @@ class SmtpServer:
 
     async def _handle(self, stream: trio.SocketStream, *, implicit_tls: bool = False) -> None:
         session: _Session | None = None
-        limited = False
         self._metrics.connection_accepted(implicit_tls)
         try:
             peer = _host_port(stream.socket.getpeername())
@@ -510,7 +510,6 @@ class SmtpServer:
                     with trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await transport.send_all(session.conn.send(reply))
                 return
-            limited = not is_trusted(session.address, self._exempt)
             self._sessions.add(session)
             log.debug(
                 "from %s: connected%s", session.remote, " (implicit TLS)" if implicit_tls else ""
@@ -529,14 +528,17 @@ class SmtpServer:
                 self._release(session)
                 if session in self._sessions:
                     self._sessions.discard(session)
-                    if limited:
+                    if session.limited:
                         self._limits.close(session.address)
                 closing = session.stream
             else:
                 closing = stream
-            with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
-                scope.shield = True
-                await closing.aclose()
+            # The plain socket is closed by trio.serve_listeners as soon as
+            # this returns; a TLS stream's close says goodbye, and may block.
+            if closing is not stream:
+                with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
+                    scope.shield = True
+                    await closing.aclose()
 
     def _admit(self, session: _Session) -> tuple[str, Reply] | None:
         """The refusal for a new connection (its metrics reason and reply), or None.
@@ -550,6 +552,7 @@ class SmtpServer:
             return None
         refusal = self._limits.open(session.address)
         if refusal is None:
+            session.limited = True
             return None
         reason = "rate" if refusal == TOO_MANY_NEW_CONNECTIONS else "per_address"
         return reason, Reply(421, "4.7.0", f"{refusal[0].upper()}{refusal[1:]}, try again later")
