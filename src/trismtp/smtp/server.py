@@ -44,6 +44,7 @@ it was given: a few increments of pre-bound children per message.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -92,6 +93,9 @@ LAST_WORDS_TIMEOUT = 5.0
 # A TLS handshake (implicit or after STARTTLS) must finish within this (or
 # command_timeout, if shorter).
 HANDSHAKE_TIMEOUT = 30.0
+# After accept failed for want of descriptors or memory, try again this much later.
+ACCEPT_RETRY = 0.1
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # Password checks (scrypt: ~50 ms and 16 MiB each) running at once.
 AUTH_THREADS = 2
 
@@ -414,14 +418,7 @@ class SmtpServer:
                         (implicit, partial(self._handle, implicit_tls=True)),
                     ):
                         if group:
-                            await acceptors.start(
-                                partial(
-                                    trio.serve_listeners,
-                                    handler,
-                                    group,
-                                    handler_nursery=handlers,
-                                )
-                            )
+                            await acceptors.start(partial(self._accept, handler, group, handlers))
                     log.info("SMTP listening on %s", ", ".join(map(str, bound[: len(plain)])))
                     if implicit:
                         log.info(
@@ -533,12 +530,54 @@ class SmtpServer:
                 closing = session.stream
             else:
                 closing = stream
-            # The plain socket is closed by trio.serve_listeners as soon as
-            # this returns; a TLS stream's close says goodbye, and may block.
+            # A TLS stream's close says goodbye, which may block; the socket
+            # under it is closed in any case, and at once (no checkpoint: the
+            # connection is over).
             if closing is not stream:
                 with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
                     scope.shield = True
                     await closing.aclose()
+            stream.socket.close()
+
+    async def _accept(
+        self,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on ``listeners``; each runs ``handler`` in ``handlers``.
+
+        As :func:`trio.serve_listeners`, except that the handler closes its
+        own socket: serve_listeners closes it again with
+        :func:`trio.aclose_forcefully`, whose cancelled checkpoint costs more
+        than the rest of a connection's bookkeeping.
+        """
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_from, listener, handler, handlers)
+            task_status.started()
+
+    async def _accept_from(
+        self,
+        listener: trio.SocketListener,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        handlers: trio.Nursery,
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Out of file descriptors or memory: the sessions that
+                    # end free some; until then, do not spin on accept.
+                    log.error("cannot accept an SMTP connection: %s; retrying", exc)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                handlers.start_soon(handler, stream)
 
     def _admit(self, session: _Session) -> tuple[str, Reply] | None:
         """The refusal for a new connection (its metrics reason and reply), or None.
