@@ -7,8 +7,12 @@ Theory of operation
 runs one task per connection, all in one handler nursery. A session reads
 in bulk (up to 64 KiB a read), feeds the bytes to its
 :class:`~trismtp.smtp.protocol.ServerConnection`, and answers events until it
-needs more input; replies are collected and written in one ``send_all``
-before the next read, so a pipelined burst costs one write.
+needs more input; replies are collected and written in one write before
+the next read, so a pipelined burst costs one write. On a plain socket the
+reads and writes are ``os.read``/``os.write`` on its descriptor, waiting in
+trio only when there is nothing to read or no room to write: trio's
+``receive_some``/``send_all`` take a trip through the scheduler per call,
+which at four round trips a message was a large part of the CPU it costs.
 
 Every read sits under a timeout: ``command_timeout`` between commands, and a
 deadline of ``data_timeout`` for a whole DATA upload. When it expires the
