@@ -577,8 +577,14 @@ class SmtpServer:
                     if exc.errno not in _OUT_OF_RESOURCES:
                         raise
                     # Out of file descriptors or memory: the sessions that
-                    # end free some; until then, do not spin on accept.
-                    log.error("cannot accept an SMTP connection: %s; retrying", exc)
+                    # end free some; until then, do not spin on accept (nor
+                    # log ten lines a second).
+                    self._repeats.warning(
+                        "accept failed",
+                        "cannot accept SMTP connections: %s; retrying every %g s",
+                        exc,
+                        ACCEPT_RETRY,
+                    )
                     await trio.sleep(ACCEPT_RETRY)
                     continue
                 handlers.start_soon(handler, stream)
