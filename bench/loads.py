@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import HOST, Children
+from bench.procs import HOST, Children, ProcessTree, wait_sampling
 
 __all__ = ["Load", "SourceRun", "run_smtp_source", "standard_loads"]
 
@@ -108,13 +108,17 @@ def run_smtp_source(
     workdir: Path,
     name: str,
     timeout: float,
+    server: ProcessTree | None = None,
 ) -> SourceRun:
-    """Run smtp-source to completion (stopped by PID after *timeout* s) and time it."""
+    """Run smtp-source to completion (stopped by PID after *timeout* s) and time it.
+
+    Meanwhile the *server*'s process tree is sampled (its summed RSS peak).
+    """
     started = time.perf_counter()
     child = children.spawn(name, load.argv(tool, port, messages), cwd=workdir)
     timed_out = False
     try:
-        child.popen.wait(timeout)
+        wait_sampling(child.popen, timeout, server)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:

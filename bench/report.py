@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Figure", "Target", "evaluate_targets", "render_markdown", "write_plots", "write_report"]
+__all__ = [
+    "Figure",
+    "Target",
+    "evaluate_targets",
+    "render_markdown",
+    "server_label",
+    "write_plots",
+    "write_report",
+]
 
 SERVERS = ("trismtp", "trismtp-nats", "aiosmtpd", "aiosmtpd-sqlite", "smtp-sink")
 NATS = "trismtp-nats"
@@ -62,6 +70,24 @@ class Target:
         value = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
         op = "≥" if self.higher_is_better else "≤"
         return f"| {self.what} | {value} | {op} {self.limit:g}{self.unit} | **{self.verdict}** |"
+
+
+def _workers(meta: Mapping[str, Any]) -> list[int]:
+    """The SMTP process counts trismtp ran with (one, normally); [] when not recorded."""
+    seen = meta.get("trismtp_workers_effective")
+    if isinstance(seen, int):
+        return [seen]
+    return [int(n) for n in seen] if isinstance(seen, list) else []
+
+
+def server_label(server: str, meta: Mapping[str, Any]) -> str:
+    """*server*'s name in a heading: trismtp's says how many workers it ran, e.g.
+    ``trismtp (2 workers)``; results from before ``--trismtp-workers`` stay ``trismtp``."""
+    workers = _workers(meta)
+    if not server.startswith("trismtp") or not workers:
+        return server
+    many = "s" if workers != [1] else ""
+    return f"{server} ({'/'.join(map(str, workers))} worker{many})"
 
 
 def figures(throughput: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Figure]:
@@ -185,11 +211,12 @@ def throughput_table(results: Mapping[str, Any]) -> list[str]:
     figs = figures(results["throughput"])
     nats = any(server == NATS for server, _ in figs)
     peer = any(server == PEER for server, _ in figs)
-    head = ["load", "trismtp msg/s"]
-    head += [f"{NATS} msg/s"] if nats else []
+    me, them = server_label("trismtp", results["meta"]), server_label(NATS, results["meta"])
+    head = ["load", f"{me} msg/s"]
+    head += [f"{them} msg/s"] if nats else []
     head += ["aiosmtpd msg/s"] + ([f"{PEER} msg/s"] if peer else []) + ["smtp-sink msg/s"]
     head += ["trismtp/aiosmtpd"] + ([f"trismtp/{PEER}"] if peer else []) + ["trismtp/smtp-sink"]
-    head += ["trismtp peak RSS"] + ([f"{NATS} peak RSS"] if nats else [])
+    head += [f"{me} peak RSS"] + ([f"{them} peak RSS"] if nats else [])
     head += ["trismtp jobs = sent"] + ([f"{NATS} stream = sent"] if nats else [])
     head += [f"{PEER} rows = sent"] if peer else []
     align = ["---"] + ["--:"] * (len(head) - 1 - 1 - nats - peer) + ["---"] * (1 + nats + peer)
@@ -230,8 +257,9 @@ def big_messages_table(results: Mapping[str, Any]) -> list[str]:
     if not big:
         return ["Not run."]
     shown = [s for s in SERVERS if any((s, ld["key"]) in figs for ld in big)]
+    heads = [f"{server_label(s, results['meta'])} MB/s" for s in shown]
     lines = [
-        "| load | " + " | ".join(f"{s} MB/s" for s in shown) + " | trismtp/aiosmtpd |",
+        "| load | " + " | ".join(heads) + " | trismtp/aiosmtpd |",
         "|---|" + "--:|" * (len(shown) + 1),
     ]
     for load in big:
@@ -257,11 +285,12 @@ def mix_section(results: Mapping[str, Any]) -> list[str]:
     runs = results.get("mix") or []
     if not runs:
         return ["Not run."]
+    me = server_label("trismtp", results["meta"])
     lines = [
         "| offered msg/s | seconds | achieved msg/s | MB/s | 250 | 451 | other codes / errors "
         "| small dot→250 p50 / p99 ms | small due→250 p50 / p99 ms | large dot→250 p50 ms "
-        "| lost | duplicates | jobs left | trismtp CPU | generator CPU | consumer CPU "
-        "| trismtp peak RSS | valid |",
+        f"| lost | duplicates | jobs left | {me} CPU | generator CPU | consumer CPU "
+        f"| {me} peak RSS | valid |",
         "|" + "--:|" * 17 + "---|",
     ]
     for mix in runs:
@@ -305,12 +334,25 @@ def _problems(results: Mapping[str, Any]) -> list[str]:
 
 def _notes(results: Mapping[str, Any]) -> list[str]:
     lines = []
+    workers = _workers(results["meta"])
+    if any(n > 1 for n in workers):
+        lines.append(
+            "- trismtp ran as several processes (the primary and its secondary workers): "
+            "its CPU time is the sum over them (CPU shares may exceed 100 % of one core), "
+            "its RSS the sum of their VmRSS, and its peak RSS the highest such sum over "
+            "samples every 0.2 s and just before the stop (a lower bound); the sum of each "
+            "process's own VmHWM, an upper bound, is in results.json (`peak_rss_hwm_sum_kib`)."
+        )
+    for run in results["throughput"]:
+        lines += [f"- {run['server']} / {run['load']}: {n}" for n in run.get("notes", [])]
+    for phase in ("latency", "idle"):
+        lines += [f"- {phase}: {n}" for n in (results.get(phase) or {}).get("notes", [])]
     for mix in results.get("mix") or []:
         lines += [f"- mix at {mix['rate']:g} msg/s: {n}" for n in mix.get("notes", [])]
     return lines
 
 
-def _latency_section(latency: Mapping[str, Any] | None) -> list[str]:
+def _latency_section(latency: Mapping[str, Any] | None, me: str) -> list[str]:
     if not latency:
         return ["Not run."]
     res = latency.get("result")
@@ -331,11 +373,12 @@ def _latency_section(latency: Mapping[str, Any] | None) -> list[str]:
         f"| {d['max']} |",
         f"| due → 250, queueing included (ms) | {q['p50']} | {q['p90']} | {q['p99']} "
         f"| {q['p99.9']} | {q['max']} |",
-        f"\nPeak RSS of trismtp in this run: {_mib(latency.get('peak_rss_kib'))}.",
+        f"\nPeak RSS of {me} in this run: {_mib(latency.get('peak_rss_kib'))}.",
     ]
 
 
 def _idle_section(idle: Mapping[str, Any] | None) -> list[str]:
+    """The idle phase; RSS figures are sums over trismtp's processes."""
     if not idle:
         return ["Not run."]
     if idle.get("rss_per_connection_kib") is None:
@@ -371,12 +414,18 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             "",
         ]
     nats = f", nats-server {meta['nats_server_version']}" if "nats_server_version" in meta else ""
+    workers = ""
+    if "trismtp_workers" in meta:
+        ran = "/".join(map(str, _workers(meta))) or "?"
+        many = "es" if _workers(meta) != [1] else ""
+        workers = f" · trismtp `smtp.workers = {meta['trismtp_workers']}`: {ran} process{many}"
+    me = server_label("trismtp", meta)
     lines += [
         f"{meta['started']} · {meta['cpus']} CPUs · load average before "
         f"{meta['loadavg_before']}, after {meta.get('loadavg_after', '?')} · "
         f"{meta['messages']} messages a load · {meta['repeat']} run(s) each, median · "
         f"trismtp {meta['trismtp_version']}, aiosmtpd {meta['aiosmtpd_version']}{nats}, "
-        f"Python {meta['python']}, kernel {meta['kernel']}",
+        f"Python {meta['python']}, kernel {meta['kernel']}{workers}",
         "",
         "## Throughput (messages per second, wall clock of smtp-source)",
         "",
@@ -386,15 +435,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         *big_messages_table(results),
         "",
-        "## Production-like mix, open loop, consumer draining (trismtp)",
+        f"## Production-like mix, open loop, consumer draining: {me}",
         "",
         *mix_section(results),
         "",
-        "## Final dot → 250 at half the peak rate (trismtp)",
+        f"## Final dot → 250 at half the peak rate: {me}",
         "",
-        *_latency_section(results.get("latency")),
+        *_latency_section(results.get("latency"), me),
         "",
-        "## Idle connections (trismtp)",
+        f"## Idle connections: {me}",
         "",
         *_idle_section(results.get("idle")),
         "",
@@ -455,7 +504,8 @@ def write_plots(results: Mapping[str, Any], outdir: Path) -> list[Path]:
                 xs.append(j + (i - (len(shown) - 1) / 2) * width)
                 heights.append(max(f.rate, 1e-3))
                 hatches.append("" if f.valid else "//")
-        bars = ax.bar(xs, heights, width, label=server, color=colors[server])
+        legend = server_label(server, results["meta"])
+        bars = ax.bar(xs, heights, width, label=legend, color=colors[server])
         for bar, hatch, height in zip(bars, hatches, heights, strict=True):
             bar.set_hatch(hatch)
             label = f"{height:,.1f}" if height < 10 else f"{height:,.0f}"

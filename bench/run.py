@@ -14,6 +14,10 @@ Runs, in order (see bench/README.md for the method and caveats):
 4. mix: the production-like mix of issue 16 (:mod:`bench.mix`) at fixed
    rates, open loop, with a consumer draining the jobs service meanwhile.
 
+trismtp (and trismtp-nats) run with ``smtp.workers = --trismtp-workers``
+(default ``"auto"``); every CPU time and RSS figure of a server sums its
+process and its children (:class:`bench.procs.ProcessTree`).
+
 Results go to bench/results/: results.json (raw), results.md, throughput.png,
 latency.png, latency-samples.raw. Scale down with ``BENCH_MESSAGES=2000``.
 """
@@ -40,15 +44,18 @@ from typing import Any
 
 from bench.loads import Load, run_smtp_source, standard_loads
 from bench.mix import DRAIN_GRACE as MIX_DRAIN_GRACE
-from bench.procs import Children, find_tool, raise_nofile, read_line
+from bench.procs import Children, find_tool, raise_nofile, read_line, wait_sampling
 from bench.report import write_report
 from bench.servers import (
     REPO,
     SERVERS,
     STORING_SERVERS,
     RunningServer,
+    Workers,
     count_jobs,
     count_stream,
+    expected_workers,
+    parse_workers,
     start_server,
 )
 
@@ -83,6 +90,10 @@ class Options:
     results: Path
     workdir: Path | None
     keep_work: bool
+    trismtp_workers: Workers = "auto"
+    """``smtp.workers`` of every trismtp the harness starts."""
+    trismtp_workers_expected: int = 1
+    """What trismtp resolves that to here (``"auto"``: one per CPU, as the budget feeds)."""
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -169,7 +180,18 @@ def parse_args(argv: list[str] | None) -> Options:
         help="where the servers' databases go (default: a temp dir)",
     )
     p.add_argument("--keep-work", action="store_true", help="keep logs and databases")
+    p.add_argument(
+        "--trismtp-workers",
+        default=os.environ.get("BENCH_TRISMTP_WORKERS", "").strip() or "auto",
+        help='smtp.workers of trismtp and trismtp-nats: a number or "auto" '
+        "(env BENCH_TRISMTP_WORKERS; default auto)",
+    )
     a = p.parse_args(argv)
+    try:
+        workers = parse_workers(a.trismtp_workers)
+        workers_expected = expected_workers(workers)
+    except ValueError as exc:
+        p.error(f"--trismtp-workers: {exc}")
     if a.messages <= 0 or a.repeat <= 0 or a.sessions <= 0 or a.concurrent <= 0:
         p.error("--messages, --repeat, --sessions and --concurrent must be positive")
     if a.big_messages <= 0:
@@ -202,6 +224,8 @@ def parse_args(argv: list[str] | None) -> Options:
         results=a.results,
         workdir=a.workdir,
         keep_work=a.keep_work,
+        trismtp_workers=workers,
+        trismtp_workers_expected=workers_expected,
     )
 
 
@@ -220,6 +244,10 @@ class Context:
     """CPU time of the server that :meth:`finish` stopped last."""
     last_helpers: tuple[float | None, int | None] = (None, None)
     """CPU seconds and peak RSS (KiB) of that server's helpers (nats-server), if any."""
+    last_tree: dict[str, Any] = field(default_factory=dict)
+    """How that server's figures were summed over its processes (:meth:`finish`)."""
+    workers_seen: set[int] = field(default_factory=set)
+    """How many SMTP processes each trismtp that started ran (one value, normally)."""
 
     def rundir(self, name: str) -> Path:
         """A fresh directory for one server run."""
@@ -229,14 +257,32 @@ class Context:
         return path
 
     def start(self, name: str, rundir: Path, max_connections: int = 1000) -> RunningServer:
-        return start_server(
+        """Start server *name*; trismtp with ``--trismtp-workers``."""
+        server = start_server(
             name,
             self.children,
             rundir,
             smtp_sink=self.smtp_sink,
             nats_server=self.nats_server,
             max_connections=max_connections,
+            trismtp_workers=self.options.trismtp_workers,
         )
+        if server.workers is not None:
+            self.workers_seen.add(server.workers)
+        return server
+
+    def connections_limit(self, connections: int) -> int:
+        """``smtp.max_connections`` for a load of *connections* at once.
+
+        Each of trismtp's N workers takes max_connections / N, and the kernel
+        spreads connections over them by a hash, not evenly: with more than
+        one worker the harness leaves twice the room, so that no worker
+        refuses a connection of the load (1000 at once: ~500 ± 16 a worker
+        of 2, against a share of 1050).
+        """
+        if self.options.trismtp_workers_expected > 1:
+            return max(1000, 2 * connections + 100)
+        return max(1000, connections + 100)
 
     def finish(self, server: RunningServer, rundir: Path) -> tuple[int | None, int | None]:
         """Peak RSS (read before the stop), stop by PID, count what it stored; free the disk.
@@ -247,6 +293,22 @@ class Context:
         peak = server.peak_rss_kib()
         self.last_cpu_seconds = server.cpu_seconds()
         self.last_helpers = (server.helpers_cpu_seconds(), server.helpers_peak_rss_kib())
+        tree = server.tree
+        self.last_tree = {
+            "workers": server.workers,
+            "processes": len(tree.last),
+            "processes_seen": tree.processes_seen,
+            "samples": tree.samples,
+            "peak_rss_hwm_sum_kib": tree.hwm_sum_kib(),
+            "notes": [],
+            "problems": [],
+        }
+        if tree.processes_seen > len(tree.last):
+            self.last_tree["notes"].append(
+                f"{tree.processes_seen - len(tree.last)} of {server.name}'s processes exited "
+                "during the run (a worker restarted?): their CPU time counts through their "
+                "parent's cutime/cstime once it reaped them; their RSS no longer counts"
+            )
         try:
             code = self.children.stop(server.child)
             jobs = None
@@ -257,6 +319,11 @@ class Context:
         finally:
             for helper in server.helpers:
                 self.children.stop(helper)
+        if server.child.leftovers:
+            self.last_tree["problems"].append(
+                f"processes {server.child.leftovers} of {server.name} still ran after it "
+                "exited, and were stopped by PID"
+            )
         log = server.child.log_tail(5)
         if server.name in STORING_SERVERS and (code != 0 or log):
             print(f"  note: {server.name} exited {code}; its log ends:\n{log}", file=sys.stderr)
@@ -285,6 +352,11 @@ class ThroughputRun:
     """trismtp-nats: nats-server's CPU time over the same span."""
     broker_peak_rss_kib: int | None = None
     """trismtp-nats: nats-server's peak RSS (VmHWM)."""
+    workers: int | None = None
+    """trismtp: its SMTP processes (primary and secondaries) in this run."""
+    peak_rss_hwm_sum_kib: int | None = None
+    """The sum of each of the server's processes' own peak (VmHWM): an upper bound."""
+    notes: list[str] = field(default_factory=list)
 
 
 def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> ThroughputRun:
@@ -292,17 +364,18 @@ def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> T
     rundir = ctx.rundir(f"{server_name}-{load.key}")
     messages = load.messages or ctx.options.messages
     try:
-        server = ctx.start(server_name, rundir, max(1000, load.sessions + 100))
+        server = ctx.start(server_name, rundir, ctx.connections_limit(load.sessions))
     except RuntimeError as exc:
         return ThroughputRun(server_name, load.key, repeat, messages, 0.0, 0.0, False, [str(exc)])
     try:
         run = run_smtp_source(
             ctx.children, ctx.smtp_source, load, server.port, messages,
             workdir=rundir, name=f"source-{rundir.name}", timeout=ctx.options.load_timeout,
+            server=server.tree,
         )  # fmt: skip
     finally:
         peak, jobs = ctx.finish(server, rundir)
-    problems = [p for p in [run.problem()] if p]
+    problems = [p for p in [run.problem()] if p] + ctx.last_tree["problems"]
     what = "stream messages" if server_name == "trismtp-nats" else "stored jobs"
     if server_name in STORING_SERVERS and jobs != messages:
         problems.append(f"{what} {jobs} != messages sent {messages}")
@@ -310,10 +383,13 @@ def throughput_run(ctx: Context, server_name: str, load: Load, repeat: int) -> T
         peak = None
     cpu = ctx.last_cpu_seconds
     broker_cpu, broker_rss = ctx.last_helpers
+    tree = ctx.last_tree
     return ThroughputRun(
         server_name, load.key, repeat, messages, round(run.seconds, 3), round(run.rate, 1),
         not problems, problems, peak, jobs, round(cpu, 2) if cpu is not None else None,
         round(broker_cpu, 2) if broker_cpu is not None else None, broker_rss,
+        tree["workers"], tree["peak_rss_hwm_sum_kib"] if peak is not None else None,
+        tree["notes"],
     )  # fmt: skip
 
 
@@ -331,6 +407,9 @@ def throughput_phase(ctx: Context, loads: list[Load]) -> list[ThroughputRun]:
                     extra += f", server CPU {run.server_cpu_seconds:.1f} s"
                 if run.broker_cpu_seconds is not None:
                     extra += f", nats-server CPU {run.broker_cpu_seconds:.1f} s"
+                if run.workers is not None:
+                    extra += f", {run.workers} worker{'s' if run.workers > 1 else ''}"
+                mark += "".join(f"; note: {n}" for n in run.notes)
                 mbs = f" = {run.rate * load.size / 1e6:.1f} MB/s" if load.size >= 1e6 else ""
                 print(
                     f"  {server:15} {load.key:9} #{repeat}: {run.messages} msgs in "
@@ -381,7 +460,7 @@ def latency_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
             cwd=REPO,
         )  # fmt: skip
         try:
-            code: int | None = child.popen.wait(count / rate + 120)
+            code: int | None = wait_sampling(child.popen, count / rate + 120, server.tree)
         except subprocess.TimeoutExpired:
             code = None
         if code is None:
@@ -392,6 +471,7 @@ def latency_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
             problems.append(f"latency generator exit {code}: {child.log_tail(3)}")
     finally:
         peak_rss, jobs = ctx.finish(server, rundir)
+    problems += ctx.last_tree["problems"]
     if result is not None:
         if result["ok"] != count:
             problems.append(f"{result['ok']} of {count} messages got 250 ({result['codes']})")
@@ -407,7 +487,15 @@ def latency_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
         "result": result,
         "jobs_stored": jobs,
         "peak_rss_kib": peak_rss,
+        "peak_rss_hwm_sum_kib": ctx.last_tree["peak_rss_hwm_sum_kib"],
+        "workers": server.workers,
+        "server_cpu_seconds": _round(ctx.last_cpu_seconds),
+        "notes": ctx.last_tree["notes"],
     }
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
 
 
 def idle_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
@@ -416,24 +504,29 @@ def idle_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
     n = opts.idle
     rundir = ctx.rundir("trismtp-idle")
     server = ctx.start("trismtp", rundir, max_connections=max(20000, 2 * n))
+    info: dict[str, Any] = {"connections": n, "problems": [], "valid": False}
+    info["workers"] = server.workers
     loads = standard_loads(opts.sessions, opts.concurrent, opts.big_messages)
     kept = next(ld for ld in loads if ld.key == "kept-2k")
     warmup = min(500, opts.messages)
-    info: dict[str, Any] = {"connections": n, "problems": [], "valid": False}
     problems: list[str] = info["problems"]
     try:
         run = run_smtp_source(
             ctx.children, ctx.smtp_source, kept, server.port, warmup,
             workdir=rundir, name="source-idle-warmup", timeout=opts.load_timeout,
+            server=server.tree,
         )  # fmt: skip
         if run.problem():
             problems.append(f"warm-up: {run.problem()}")
         time.sleep(0.5)
         info["rss_before_kib"] = server.rss_kib()
-        _hold_idle_and_load(ctx, server, rundir, kept, info)
+        _hold_idle_and_load(ctx, server, rundir, kept, info, server.tree.last)
     finally:
         peak, jobs = ctx.finish(server, rundir)
+    problems += ctx.last_tree["problems"]
+    info["notes"] = ctx.last_tree["notes"]
     info["peak_rss_kib"] = peak
+    info["peak_rss_hwm_sum_kib"] = ctx.last_tree["peak_rss_hwm_sum_kib"]
     info["jobs_stored"] = jobs
     info["jobs_expected"] = warmup + opts.messages
     if jobs != info["jobs_expected"]:
@@ -445,9 +538,17 @@ def idle_phase(ctx: Context, runs: list[ThroughputRun]) -> dict[str, Any]:
 
 
 def _hold_idle_and_load(
-    ctx: Context, server: RunningServer, rundir: Path, kept: Load, info: dict[str, Any]
+    ctx: Context,
+    server: RunningServer,
+    rundir: Path,
+    kept: Load,
+    info: dict[str, Any],
+    before: tuple[tuple[int, int], ...],
 ) -> None:
-    """Open the idle connections, measure RSS, run the load, release them."""
+    """Open the idle connections, measure RSS, run the load, release them.
+
+    *before*: the server's processes when ``rss_before_kib`` was read.
+    """
     opts, problems = ctx.options, info["problems"]
     client = ctx.children.spawn(
         "idle-client",
@@ -467,12 +568,19 @@ def _hold_idle_and_load(
             problems.append(f"only {ready['opened']} of {opts.idle} opened: {ready['failures']}")
         time.sleep(2.0)  # let the server settle after the burst of accepts
         info["rss_idle_kib"] = server.rss_kib()
-        if info["rss_idle_kib"] is not None and info["rss_before_kib"] is not None:
+        if server.tree.last != before:
+            # A worker restarted in between: the two sums are of different processes.
+            problems.append(
+                f"trismtp's processes changed between the two RSS readings: "
+                f"{[pid for pid, _ in before]} → {[pid for pid, _ in server.tree.last]}"
+            )
+        elif info["rss_idle_kib"] is not None and info["rss_before_kib"] is not None:
             grown = info["rss_idle_kib"] - info["rss_before_kib"]
             info["rss_per_connection_kib"] = round(grown / max(ready["opened"], 1), 2)
         run = run_smtp_source(
             ctx.children, ctx.smtp_source, kept, server.port, opts.messages,
             workdir=rundir, name="source-idle-load", timeout=opts.load_timeout,
+            server=server.tree,
         )  # fmt: skip
         info |= {"load_messages": opts.messages, "load_rate": round(run.rate, 1)}
         if run.problem():
@@ -519,14 +627,14 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
             cwd=REPO,
         )  # fmt: skip
         try:
-            sender.popen.wait(opts.mix_seconds + MIX_DRAIN_GRACE + 120)
+            wait_sampling(sender.popen, opts.mix_seconds + MIX_DRAIN_GRACE + 120, server.tree)
         except subprocess.TimeoutExpired:
             problems.append("mix generator timed out")
         ctx.children.stop(sender)
         if consumer.alive:
             consumer.popen.send_signal(signal.SIGUSR1)  # drain, then stop when idle
             try:
-                consumer.popen.wait(600)
+                wait_sampling(consumer.popen, 600, server.tree)
             except subprocess.TimeoutExpired:
                 problems.append("consumer did not finish draining in 600 s")
         ctx.children.stop(consumer)
@@ -540,13 +648,17 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
             problems.append(f"consumer wrote no result: {consumer.log_tail(3)}")
     finally:
         peak, left = ctx.finish(server, rundir)
+    problems += ctx.last_tree["problems"]
     info: dict[str, Any] = {
         "rate": rate,
         "seconds": opts.mix_seconds,
         "problems": problems,
         "peak_rss_kib": peak,
+        "peak_rss_hwm_sum_kib": ctx.last_tree["peak_rss_hwm_sum_kib"],
         "jobs_left": left,
         "server_cpu_seconds": round(ctx.last_cpu_seconds or 0.0, 2),
+        "workers": server.workers,
+        "notes": list(ctx.last_tree["notes"]),
     }
     if send is not None and drained is not None:
         ok = set(send.pop("ok_indices"))
@@ -573,7 +685,7 @@ def mix_phase(ctx: Context, rate: float) -> dict[str, Any]:
         if send.get("cut_off"):  # a figure (it fell behind), not a failure of the run
             in_flight = send.get("in_flight_at_cut_off", 0)
             never = send["count"] - send["sent"] - in_flight
-            info["notes"] = [
+            info["notes"] += [
                 f"cut off {MIX_DRAIN_GRACE:g} s after the last message fell due: of "
                 f"{send['count']}, {never} never sent and {in_flight} sent but unanswered "
                 "(the server fell behind the offered rate)"
@@ -649,6 +761,8 @@ def _meta(opts: Options, loads: list[Load], nats_server: str | None) -> dict[str
         "mix_seconds": opts.mix_seconds,
         "servers": list(opts.servers),
         "loads": [load.key for load in loads],
+        "trismtp_workers": opts.trismtp_workers,
+        "trismtp_workers_expected": opts.trismtp_workers_expected,
     }
     if nats_server is not None and "trismtp-nats" in opts.servers:
         meta["nats_server_version"] = _nats_version(nats_server)
@@ -725,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
                     mix = mix_phase(ctx, rate)
                     results["mix"].append(mix)
                     print(f"  {_mix_line(mix)}", flush=True)
+            seen = sorted(ctx.workers_seen)
+            # Normally one value; more would mean trismtp resolved "auto" differently.
+            meta["trismtp_workers_effective"] = seen[0] if len(seen) == 1 else seen or None
     finally:
         if not opts.keep_work:
             shutil.rmtree(workroot, ignore_errors=True)

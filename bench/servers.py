@@ -1,7 +1,9 @@
 """The servers under test, each started fresh on its own 127.0.0.1 port.
 
 * ``trismtp``: ``trismtp serve``, the full path (embedded jobs service, a
-  fresh SQLite database in the run's own directory, ``log.level = "warning"``).
+  fresh SQLite database in the run's own directory, ``log.level = "warning"``,
+  ``smtp.workers`` as the harness was asked: the primary then starts the other
+  workers as its children, and every figure of the server sums the tree).
 * ``trismtp-nats`` (optional): ``trismtp serve`` with ``jobs.url =
   "nats+ws://…"``, publishing to a ``nats-server`` (JetStream, a fresh
   ``store_dir``) that is started beside it as another child process.
@@ -17,17 +19,24 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from bench.procs import (
     HOST,
+    POLL,
     Child,
     Children,
+    ProcessTree,
     clean_env,
+    descendants,
     free_port,
     proc_cpu_seconds,
     proc_status_kib,
@@ -40,8 +49,11 @@ __all__ = [
     "SERVERS",
     "STORING_SERVERS",
     "RunningServer",
+    "Workers",
     "count_jobs",
     "count_stream",
+    "expected_workers",
+    "parse_workers",
     "start_server",
     "trismtp_binary",
 ]
@@ -57,6 +69,43 @@ STAT_TIMEOUT = 60.0
 BACKLOG = 4096
 DEFAULT_MAX_CONNECTIONS = 1000
 """trismtp's ``smtp.max_connections`` default, kept unless a run needs more."""
+WORKERS_START_TIMEOUT = 60.0
+"""Seconds trismtp's secondary workers get to greet, after the primary greeted."""
+PROBES_PER_WORKER = 8
+"""Connections per worker that must all be greeted before a run starts (see
+:func:`_wait_for_workers`): a worker gets none of them with odds of about e^-8."""
+PROBE_TIMEOUT = 1.0
+
+Workers = int | Literal["auto"]
+"""``smtp.workers`` as the harness passes it to trismtp: a number, or ``"auto"``."""
+
+
+def parse_workers(text: str) -> Workers:
+    """``"auto"`` or a whole number ≥ 1, as ``smtp.workers`` takes it; ValueError otherwise."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f'{text!r}: must be "auto" or a whole number ≥ 1')
+    return int(text)
+
+
+def expected_workers(workers: Workers) -> int:
+    """How many SMTP processes trismtp will run for *workers*, by trismtp's own rule.
+
+    ``"auto"`` resolves as the daemon resolves it (one per CPU the harness,
+    and so its children, may run on; as many as the default memory budget
+    feeds). A count trismtp would refuse raises ValueError with its reason.
+    """
+    from pydantic import ValidationError
+
+    from trismtp.settings import SmtpSettings
+
+    try:
+        return SmtpSettings(workers=workers).worker_count()
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise ValueError(f"smtp.workers = {workers!r}: {reasons}") from None
 
 
 @dataclass
@@ -80,6 +129,8 @@ class RunningServer:
     """Processes the server needs (nats-server), to stop after it, by PID."""
     helper_cpu_at_ready: float = 0.0
     """CPU time the helpers had used by the time the server first greeted."""
+    workers: int | None = None
+    """trismtp: its SMTP processes (the primary and its secondaries) once all greeted."""
 
     def helpers_cpu_seconds(self) -> float | None:
         """CPU time of the helpers since the server first greeted; None without helpers."""
@@ -95,18 +146,31 @@ class RunningServer:
             return None
         return sum(p for p in peaks if p is not None)
 
+    @property
+    def tree(self) -> ProcessTree:
+        """The server's process and its descendants (trismtp's secondary workers)."""
+        if self.child.tree is None:
+            self.child.tree = ProcessTree(self.child.pid)
+        return self.child.tree
+
+    def processes(self) -> tuple[tuple[int, int], ...] | None:
+        """(PID, start time) of each process of the tree now; None once it is gone."""
+        sample = self.tree.sample()
+        return None if sample is None else sample.processes
+
     def rss_kib(self) -> int | None:
-        """Resident memory now (VmRSS), in KiB."""
-        return proc_status_kib(self.child.pid, "VmRSS")
+        """Resident memory now (VmRSS), in KiB, summed over the process tree."""
+        sample = self.tree.sample()
+        return None if sample is None else sample.rss_kib
 
     def cpu_seconds(self) -> float | None:
-        """CPU time (user + system, all threads) used since it first greeted."""
-        total = proc_cpu_seconds(self.child.pid)
-        return None if total is None else total - self.cpu_at_ready
+        """CPU time (user + system, all threads, the whole tree) used since it was ready."""
+        sample = self.tree.sample()
+        return None if sample is None else sample.cpu_seconds - self.cpu_at_ready
 
     def peak_rss_kib(self) -> int | None:
-        """Peak resident memory so far (VmHWM), in KiB."""
-        return proc_status_kib(self.child.pid, "VmHWM")
+        """Peak resident memory so far, in KiB, of the tree (:meth:`ProcessTree.peak_rss_kib`)."""
+        return self.tree.peak_rss_kib()
 
 
 def trismtp_binary() -> list[str]:
@@ -120,7 +184,7 @@ def _toml_str(value: str | Path) -> str:
 
 
 def _write_trismtp_config(
-    workdir: Path, port: int, service_port: int, nats_url: str | None = None
+    workdir: Path, port: int, service_port: int, workers: Workers, nats_url: str | None = None
 ) -> tuple[Path, Path]:
     """A settings file for one run; returns (config path, database path).
 
@@ -144,6 +208,7 @@ def _write_trismtp_config(
             [
                 "[smtp]",
                 f"listen = [{_toml_str(f'{HOST}:{port}')}]",
+                f"workers = {_toml_str(workers) if workers == 'auto' else workers}",
                 *jobs,
                 "[shutdown]",
                 "grace = 5",
@@ -158,10 +223,14 @@ def _write_trismtp_config(
 
 
 def _start_trismtp(
-    children: Children, workdir: Path, max_connections: int, nats_url: str | None = None
+    children: Children,
+    workdir: Path,
+    max_connections: int,
+    workers: Workers,
+    nats_url: str | None = None,
 ) -> RunningServer:
     port, service_port = free_port(), free_port()
-    config, database = _write_trismtp_config(workdir, port, service_port, nats_url)
+    config, database = _write_trismtp_config(workdir, port, service_port, workers, nats_url)
     env: dict[str, str] = {}
     if max_connections != DEFAULT_MAX_CONNECTIONS:
         env["TRISMTP_SMTP__MAX_CONNECTIONS"] = str(max_connections)
@@ -198,7 +267,11 @@ def _nats_config(workdir: Path, port: int, ws_port: int) -> Path:
 
 
 def _start_trismtp_nats(
-    children: Children, workdir: Path, nats_server: str | None, max_connections: int
+    children: Children,
+    workdir: Path,
+    nats_server: str | None,
+    max_connections: int,
+    workers: Workers,
 ) -> RunningServer:
     """nats-server (JetStream, WebSocket), then ``trismtp serve`` publishing to it."""
     if nats_server is None:
@@ -210,7 +283,8 @@ def _start_trismtp_nats(
     )
     try:
         wait_for_port(ws_port, nats, NATS_START_TIMEOUT)
-        server = _start_trismtp(children, workdir, max_connections, f"nats+ws://{HOST}:{ws_port}")
+        nats_url = f"nats+ws://{HOST}:{ws_port}"
+        server = _start_trismtp(children, workdir, max_connections, workers, nats_url)
     except BaseException:
         children.stop(nats)
         raise
@@ -262,16 +336,22 @@ def start_server(
     smtp_sink: str,
     nats_server: str | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    trismtp_workers: Workers = "auto",
 ) -> RunningServer:
     """Start server *name* in *workdir* and wait until it greets on its port.
 
+    trismtp runs with ``smtp.workers = trismtp_workers``, and counts as
+    started once every worker greets; its CPU time is counted from then on
+    (the workers' start-up is not part of a run).
     On failure (RuntimeError) every process started for it has been stopped.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "trismtp":
-        server = _start_trismtp(children, workdir, max_connections)
+        server = _start_trismtp(children, workdir, max_connections, trismtp_workers)
     elif name == "trismtp-nats":
-        server = _start_trismtp_nats(children, workdir, nats_server, max_connections)
+        server = _start_trismtp_nats(
+            children, workdir, nats_server, max_connections, trismtp_workers
+        )
     elif name == "aiosmtpd":
         server = _start_aiosmtpd(children, workdir)
     elif name == "aiosmtpd-sqlite":
@@ -280,15 +360,83 @@ def start_server(
         server = _start_smtp_sink(children, workdir, smtp_sink, max_connections)
     else:
         raise ValueError(f"unknown server {name!r}")
+    server.child.tree = ProcessTree(server.child.pid)
     try:
         wait_for_smtp(server.port, server.child)
+        if name in ("trismtp", "trismtp-nats"):
+            expected = expected_workers(trismtp_workers)
+            server.workers = _wait_for_workers(server, expected, WORKERS_START_TIMEOUT)
     except BaseException:
         for child in (server.child, *server.helpers):
             children.stop(child)
         raise
-    server.cpu_at_ready = proc_cpu_seconds(server.child.pid) or 0.0
+    server.cpu_at_ready = server.cpu_seconds() or 0.0
     server.helper_cpu_at_ready = server.helpers_cpu_seconds() or 0.0
     return server
+
+
+def _secondaries(pid: int) -> list[int]:
+    """The PIDs of trismtp's secondary workers below *pid* (``serve --worker K``)."""
+    found = []
+    for child in descendants(pid):
+        with suppress(OSError):
+            if b"--worker" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                found.append(child)
+    return found
+
+
+def _wait_for_workers(server: RunningServer, expected: int, timeout: float) -> int:
+    """Wait until trismtp runs *expected* SMTP processes that all greet; return how many run.
+
+    The primary greets before its secondaries have started (they take about
+    a second to import and connect their pushers), and the kernel hands each
+    new connection to one worker's copy of the socket by a hash of the
+    client's port: a run started at once would queue some of its connections
+    on a worker still starting. So: the secondaries must exist, and
+    ``PROBES_PER_WORKER`` connections per worker must all be greeted.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if not server.child.alive:
+            raise RuntimeError(
+                f"{server.name} exited ({server.child.popen.returncode}) while its workers "
+                f"started:\n{server.child.log_tail()}"
+            )
+        running = 1 + len(_secondaries(server.child.pid))
+        if running >= expected and (
+            expected == 1 or _all_greet(server.port, PROBES_PER_WORKER * expected)
+        ):
+            return running
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"{server.name}: {running} of {expected} SMTP workers running, not all "
+                f"greeting, {timeout:g} s after it first greeted:\n{server.child.log_tail()}"
+            )
+        time.sleep(POLL)
+
+
+def _all_greet(port: int, connections: int) -> bool:
+    """Open *connections* at once; True if each is greeted with 220 within PROBE_TIMEOUT."""
+    with ExitStack() as stack:
+        socks = []
+        try:
+            for _ in range(connections):
+                sock = stack.enter_context(socket.create_connection((HOST, port), PROBE_TIMEOUT))
+                socks.append(sock)
+        except OSError:
+            return False
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        for sock in socks:
+            try:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not sock.recv(1024).startswith(b"220"):
+                    return False
+            except OSError:
+                return False
+        for sock in socks:
+            with suppress(OSError):
+                sock.sendall(b"QUIT\r\n")
+        return True
 
 
 def count_jobs(database: Path) -> int | None:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trismtp.health import NotReady, serve_metrics
 from trismtp.jobs.pusher import Pusher
-from trismtp.metrics import ABUSE_REASONS, REFUSAL_REASONS, Metrics
+from trismtp.metrics import ABUSE_REASONS, REFUSAL_REASONS, Metrics, merge_expositions
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, SmtpSettings, embedded_url
 from trismtp.smtp.server import SmtpServer
@@ -440,3 +440,28 @@ async def test_the_pusher_reconnects_while_idle(nursery: trio.Nursery, tmp_path:
     assert pusher.unavailable is None
     assert value(metrics.registry, "trismtp_pusher_reconnects_total") == 1
     assert value(metrics.registry, "trismtp_pusher_connected") == 1
+
+
+def test_merged_exposition_adds_the_workers_samples() -> None:
+    primary, secondary = Metrics(), Metrics()
+    primary.message_answered(250)
+    secondary.message_answered(250)
+    secondary.message_answered(250)
+    secondary.message_answered(451)
+    primary.batch_acked(3)
+    secondary.batch_acked(5)
+    page = merge_expositions(primary.registry, [generate_latest(secondary.registry).decode()])
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page.decode())
+        for sample in family.samples
+    }
+    assert samples[("trismtp_messages_total", (("code", "250"),))] == 3
+    assert samples[("trismtp_messages_total", (("code", "451"),))] == 1
+    assert samples[("trismtp_push_batch_size_count", ())] == 2
+    assert samples[("trismtp_push_batch_size_sum", ())] == 8
+    # A counter's creation time is the earliest, not a sum of timestamps.
+    created = samples[("trismtp_messages_created", (("code", "250"),))]
+    assert created < 2 * 10**10
+    # Without other workers the page is the registry's own.
+    assert merge_expositions(primary.registry, []) == generate_latest(primary.registry)

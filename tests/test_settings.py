@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trismtp.settings import ConfigError, Settings, load_settings, parse_host_port
+from trismtp.smtp.budget import minimum_budget
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,3 +239,28 @@ def test_nested_sections_from_file_and_environment(
     assert settings.smtp.tls.addresses() == [parse_host_port("127.0.0.1:4650")]
     # The file's other smtp keys survive the environment's nested ones.
     assert settings.smtp.limits.min_data_rate == 1024
+
+
+def test_workers_auto_is_one_per_cpu_the_memory_budget_feeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().smtp.worker_count() == 1
+    monkeypatch.setenv("TRISMTP_SMTP__WORKERS", "2")
+    assert load_settings().smtp.worker_count() == 2
+    monkeypatch.delenv("TRISMTP_SMTP__WORKERS")
+    # A machine with 8 CPUs for this process.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    big = write(tmp_path / "big.toml", '[smtp]\nworkers = "auto"\nmemory_budget = 8589934592\n')
+    assert load_settings(big).smtp.worker_count() == 8
+    # A budget for three messages of max_message_size: three workers, not eight.
+    three = minimum_budget(26_214_400) * 3
+    tight = write(tmp_path / "tight.toml", f'[smtp]\nworkers = "auto"\nmemory_budget = {three}\n')
+    assert load_settings(tight).smtp.worker_count() == 3
+
+
+def test_workers_that_the_budget_cannot_feed_name_both_keys(tmp_path: Path) -> None:
+    config = write(tmp_path / "s.toml", "[smtp]\nworkers = 4\nmemory_budget = 268435456\n")
+    with pytest.raises(ConfigError) as failure:
+        load_settings(config)
+    assert "workers = 4" in str(failure.value)
+    assert "smtp.memory_budget" in str(failure.value)

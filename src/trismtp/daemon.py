@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import trio
+from prometheus_client import generate_latest
 
 from trismtp import allocator, systemd
 from trismtp import log as logs
 from trismtp.health import serve_metrics
-from trismtp.jobs.pusher import Pusher
+from trismtp.jobs.lanes import Lanes
 from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.service.store import JobStore
@@ -98,7 +99,7 @@ class Daemon:
         self.metrics = Metrics()
         """The daemon's metrics, in a registry of its own."""
         self._smtp: SmtpServer | None = None
-        self._pusher: Pusher | None = None
+        self._pusher: Lanes | None = None
         self._store: JobStore | None = None  # the embedded jobs service's
         self._stopping = False
         self._signalled = False
@@ -120,7 +121,13 @@ class Daemon:
                 metrics_address = settings.metrics.address()
                 if metrics_address is not None:
                     metrics_address = await service_nursery.start(
-                        serve_metrics, metrics_address, self.metrics.registry, self.not_ready
+                        partial(
+                            serve_metrics,
+                            metrics_address,
+                            self.metrics.registry,
+                            self.not_ready,
+                            others=self._other_metrics,
+                        )
                     )
                 service_address: HostPort | None = None
                 if settings.jobs.url == "embedded":
@@ -167,7 +174,7 @@ class Daemon:
         for the :class:`Listening` reported once SMTP accepts.
         """
         settings = self.settings
-        pusher = Pusher(
+        pusher = Lanes(
             settings.jobs,
             url,
             settings.jobs_token(),
@@ -230,10 +237,19 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(self._watch_signals)
-                nursery.start_soon(read_commands, self.stop, self.kill, self.reload)
+                nursery.start_soon(
+                    read_commands,
+                    self.stop,
+                    self.kill,
+                    self.reload,
+                    partial(generate_latest, self.metrics.registry),
+                )
                 await self._serve_smtp(worker.jobs_url, listeners, task_status=_ReportReady())
                 nursery.cancel_scope.cancel()
         log.info("stopped" if not self.killed else "stopped at once")
+
+    async def _other_metrics(self) -> list[str]:
+        return await self._pool.metrics() if self._pool is not None else []
 
     def _watch_store(self, store: JobStore) -> None:
         self._store = store

@@ -32,14 +32,15 @@ millisecond, once per scrape.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from trismtp.metrics import merge_expositions
 from trismtp.settings import HostPort
 
 __all__ = ["MAX_CONNECTIONS", "NotReady", "serve_metrics"]
@@ -48,6 +49,9 @@ log = logging.getLogger("trismtp.metrics")
 
 NotReady = Callable[[], str | None]
 """Returns None when the daemon is ready, else one line saying why it is not."""
+
+OtherMetrics = Callable[[], Awaitable[list[str]]]
+"""The other worker processes' expositions, added into ``/metrics``."""
 
 # A GET's request line and headers: a scraper's take a few hundred bytes.
 MAX_REQUEST_BYTES = 8192
@@ -67,6 +71,7 @@ async def serve_metrics(
     registry: CollectorRegistry,
     not_ready: NotReady,
     *,
+    others: OtherMetrics | None = None,
     read_timeout: float = READ_TIMEOUT,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
@@ -79,7 +84,7 @@ async def serve_metrics(
         raise OSError(exc.errno, f"metrics cannot listen on {address}: {reason}") from exc
     host, port = listeners[0].socket.getsockname()[:2]
     bound = HostPort(str(host), int(port))
-    server = _HttpServer(registry, not_ready, read_timeout, max_request_bytes)
+    server = _HttpServer(registry, not_ready, read_timeout, max_request_bytes, others)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)
         log.info("metrics and health checks on http://%s (/metrics, /healthz, /readyz)", bound)
@@ -93,7 +98,9 @@ class _HttpServer:
         not_ready: NotReady,
         read_timeout: float,
         max_request_bytes: int,
+        others: OtherMetrics | None = None,
     ) -> None:
+        self._others = others
         self._registry = registry
         self._not_ready = not_ready
         self._read_timeout = read_timeout
@@ -133,19 +140,21 @@ class _HttpServer:
                 if event is h11.NEED_DATA:
                     conn.receive_data(await stream.receive_some(READ_SIZE))
                 elif isinstance(event, h11.Request):
-                    return self._route(event)
+                    return await self._route(event)
                 else:  # the client closed before sending a request
                     return None
         return _Response.error(408)
 
-    def _route(self, request: h11.Request) -> _Response:
+    async def _route(self, request: h11.Request) -> _Response:
         path = request.target.partition(b"?")[0]
         if request.method != b"GET":
             response = _Response(
                 405, b"Method Not Allowed: GET only\n", head=request.method == b"HEAD"
             )
         elif path == b"/metrics":
-            response = _Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
+            others = await self._others() if self._others is not None else []
+            page = merge_expositions(self._registry, others)
+            response = _Response(200, page, CONTENT_TYPE_LATEST)
         elif path == b"/healthz":
             response = _Response(200, b"ok\n")
         elif path == b"/readyz":

@@ -12,16 +12,29 @@ touches client data sits in its own ``try``, and the parse itself falls back
 from the modern policy to ``compat32`` (whose header access is plain string
 slicing) to a headers-only parse before giving up on structure altogether.
 
-The standard library's ``email`` package does the MIME work. Two of its
+The standard library's ``email`` package does the MIME work. Some of its
 habits are expensive on the hot path, so we work around them rather than
-replace it:
+replace it, each time building exactly what it would have built
+(tests/test_payload_differential.py compares every payload with the parser
+as it was before these shortcuts, byte for byte):
 
 - ``policy.default`` builds a new header object, with a freshly created
   class, on *every* header access, and the parser itself reads a part's
-  Content-Type several times. A per-parse memo in front of the header factory
-  makes parsing a message of 1,000 parts about eight times faster.
+  Content-Type several times. A memo in front of the header factory (per
+  parse, and shared between messages for short values such as
+  ``text/plain; charset=utf-8``) makes parsing a message of 1,000 parts
+  about eight times faster.
 - Most header values are plain ASCII with no encoded words; their decoded
   form is the unfolded source text, so we skip the header parser for them.
+  Simple mailboxes (``<a@b>``, ``Name <a@b>``) are read without
+  ``getaddresses``, and the mailboxes of a header value are remembered.
+- The feed parser handles a message line by line, about a microsecond a
+  line. A message with no MIME headers and a plain header block (most
+  machine-sent mail) is read straight off its bytes; a single-part message
+  or a one-level multipart has its header blocks made into Messages
+  directly and its bodies cut out of the bytes at the delimiters
+  (``_parse_single_part``, ``_parse_flat_multipart``). Anything less plain
+  goes through the whole parser.
 
 Header values in ``message.headers`` are decoded as unstructured text (RFC
 2047 encoded words decoded, folding and surrounding whitespace removed, raw
@@ -43,11 +56,14 @@ import base64
 import binascii
 import bisect
 import datetime
+import email.errors
+import email.feedparser
 import email.policy
 import email.utils
 import functools
 import io
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
@@ -203,15 +219,20 @@ def build_payload(
     ``authentication`` keeps only ``mechanism`` and ``username``, so a
     password handed in by mistake never reaches a job.
     """
-    factory = _MemoHeaderFactory(_REGISTRY)
-    parsed = _parse(raw, factory)
+    factory = _MemoHeaderFactory()
     headers: dict[str, list[str]] = {}
     addresses: dict[str, list[dict[str, str]]] = {key: [] for key in _ADDRESS_FIELDS.values()}
     body = html_body = ""
     attachments: list[dict[str, Any]] = []
-    if parsed is not None:
+    simple = _simple_message(raw)
+    parsed = None if simple is not None else _parse(raw, factory)
+    if simple is not None:
+        items, body = simple
+        headers = _headers(items, factory, addresses)
+        del items
+    elif parsed is not None:
         msg, whole = parsed
-        headers = _headers(msg, factory, addresses)
+        headers = _headers(msg.raw_items(), factory, addresses)
         if whole:
             walk = _Walk(reparse_budget=2 * len(raw))
             walk.run(msg)
@@ -263,37 +284,93 @@ def build_payload(
 
 # --- parsing -----------------------------------------------------------------
 
+# Most mail a service sends (a notification, a report, smtp-source's load) is
+# a few header lines and one plain-text body, no MIME at all. For such a
+# message the whole standard-library pipeline (feed parser, Message, walk)
+# computes what can be read straight off the bytes: the header lines as the
+# parser's header_source_parse cuts them, and the body as the bytes after the
+# blank line, decoded as _text decodes an unlabelled body. The shortcut is
+# taken only where the parser could not read the bytes any other way: every
+# line of the block is "Name:value" (Name printable ASCII, no space) or a
+# continuation, every line ends in CRLF, the block ends at the first CRLF
+# CRLF, and no Content-* header (nor "begin ", a uuencoded file) asks for
+# more. tests/test_payload_differential.py holds it to the full parse.
+_SIMPLE_FIELD = r"[!-9;-~]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*"
+_SIMPLE_BLOCK = re.compile(f"(?:{_SIMPLE_FIELD})+")
+_FIELD = re.compile(r"([!-9;-~]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
+_ANY_MIME_HEADER = re.compile(rb"(?i)content-")
+
+
+def _simple_message(raw: bytes) -> tuple[list[tuple[str, str]], str] | None:
+    """The raw header items and the body text of a simple message (see above), or None."""
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0 or _ANY_MIME_HEADER.search(raw, 0, cut) or raw.find(b"begin ", cut) >= 0:
+        return None
+    # Decoded as the feed parser decodes its input.
+    block = raw[: cut + 2].decode("ascii", "surrogateescape")
+    if _SIMPLE_BLOCK.fullmatch(block) is None:
+        return None
+    # header_source_parse: the name up to the colon; the value without the
+    # blanks after the colon and without the final line break.
+    items = [(match[1], match[2].lstrip(" \t").rstrip("\r\n")) for match in _FIELD.finditer(block)]
+    data = raw[cut + 4 :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return items, text
+
 
 class _MemoHeaderFactory:
-    """``policy.default``'s header factory, remembering results for one parse.
+    """``policy.default``'s header factory, remembering the header objects it made.
 
     Header objects are immutable, so handing out the same one for the same
     (name, value) is invisible to callers; it saves re-parsing a part's
-    Content-Type each time the parser or the walk asks for it. The registry
-    also builds a new class for every header it makes; one per header name
-    is enough.
+    Content-Type each time the parser or the walk asks for it. Short values
+    are remembered across messages too (``text/plain; charset=utf-8`` is in
+    most mail), in a table shared by every parse and bounded in entries;
+    longer ones only for one parse. The registry also builds a new class for
+    every header it makes; one per header class is enough.
     """
 
-    __slots__ = ("_classes", "_headers", "_registry")
+    __slots__ = ("_headers",)
 
-    def __init__(self, registry: HeaderRegistry) -> None:
-        self._registry = registry
-        self._classes: dict[str, type[BaseHeader]] = {}
+    def __init__(self) -> None:
         self._headers: dict[tuple[str, str], BaseHeader] = {}
 
     def __call__(self, name: str, value: Any) -> Any:
         if not isinstance(value, str):
-            return self._registry(name, value)
+            return _REGISTRY(name, value)
         value = value[:_MAX_PARSED_HEADER]
         key = (name, value)
-        header = self._headers.get(key)
+        memo = _SHARED_HEADERS if len(value) <= _MAX_SHARED_VALUE else self._headers
+        header = memo.get(key)
         if header is None:
-            lower = name.lower()
-            cls = self._classes.get(lower)
+            base = _REGISTRY.registry.get(name.lower(), _REGISTRY.default_class)
+            cls = _HEADER_CLASSES.get(base)
             if cls is None:
-                cls = self._classes[lower] = self._registry[name]
-            header = self._headers[key] = cls(name, value)
+                cls = _HEADER_CLASSES[base] = _REGISTRY[name]
+            header = cls(name, value)
+            if memo is _SHARED_HEADERS and len(memo) >= _MAX_SHARED_HEADERS:
+                # Dropping all at once keeps this a plain dict, whose single
+                # operations are atomic for the parsing threads; the common
+                # values are back after a few messages.
+                memo.clear()
+            memo[key] = header
         return header
+
+
+# The header objects shared between parses: values up to _MAX_SHARED_VALUE
+# characters, _MAX_SHARED_HEADERS of them. A parse tree is big: 8 KB for
+# "text/plain; charset=utf-8", up to ~1 KB a character for a value made of
+# parameters (";a=b;a=b…"), so a sender cycling through hostile values makes
+# the table hold ~6 MB at most (measured); the few content types most mail
+# uses stay in it.
+_MAX_SHARED_VALUE = 100
+_MAX_SHARED_HEADERS = 64
+_SHARED_HEADERS: dict[tuple[str, str], BaseHeader] = {}
+# The registry's class for each of its header classes (a handful).
+_HEADER_CLASSES: dict[type[Any], type[BaseHeader]] = {}
 
 
 class _BoundedCompat32(email.policy.Compat32):
@@ -322,11 +399,41 @@ def _parse(raw: bytes, factory: _MemoHeaderFactory) -> tuple[Message, bool] | No
     )
     for policy, headersonly in attempts:
         try:
-            msg = _parse_bytes(raw, policy, headersonly=headersonly)
+            single = _parse_quickly(raw, policy) if policy is modern else None
+            # (A Message with no headers is falsy: no "or" here.)
+            msg = _parse_bytes(raw, policy, headersonly=headersonly) if single is None else single
         except Exception:  # any failure means: try the next, more lenient way
             continue
         return msg, not headersonly
     return None
+
+
+class _LineEndAtEnd:
+    """``email.feedparser.NLCRE_eol`` that looks at the last two characters only.
+
+    The feed parser strips the line break before a boundary from each part
+    by searching the whole part for a CRLF, CR or LF at its very end, and
+    ``re`` tries that at every position: for a 2.5 MB base64 attachment,
+    more time than all the rest of its parse. A match can only start in the
+    last two characters, and the parser only reads ``group(0)``, so
+    searching those gives the same answer.
+    """
+
+    __slots__ = ("pattern",)
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+
+    def search(self, text: str) -> re.Match[str] | None:
+        """The line break that ends ``text``, as ``pattern.search(text)`` finds it."""
+        return self.pattern.search(text[-2:])
+
+
+# Installed for the whole process, and only over the exact pattern it stands
+# for: another Python's parser keeps whatever it has.
+_NLCRE_EOL = getattr(email.feedparser, "NLCRE_eol", None)
+if isinstance(_NLCRE_EOL, re.Pattern) and _NLCRE_EOL.pattern == r"(\r\n|\r|\n)\Z":
+    email.feedparser.NLCRE_eol = _LineEndAtEnd(_NLCRE_EOL)  # type: ignore[attr-defined]
 
 
 # What BytesParser hands the feed parser at a time.
@@ -347,6 +454,180 @@ def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: b
     for start in range(0, len(raw), _FEED_CHUNK):
         parser.feed(raw[start : start + _FEED_CHUNK])
     return parser.close()
+
+
+# A header block that may declare a multipart or message/* body: those go
+# through the whole parser. Case-insensitive, and anywhere in the block, so
+# that it errs towards the full parse.
+_MAY_NEST = re.compile(rb"(?i)multipart|message/")
+
+
+def _parse_quickly(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The parser's tree for a single-part or a plain multipart message, or None (parse it all)."""
+    single = _parse_single_part(raw, policy)
+    if single is not None:
+        return single
+    try:
+        return _parse_flat_multipart(raw, policy)
+    except Exception:  # let the whole parse decide what fails
+        return None
+
+
+# RFC 2046 §5.1.1 boundary characters, without the space: a boundary that
+# needs no unquoting or decoding to compare with a line's bytes.
+_PLAIN_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=?-]{1,70}")
+
+
+def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The parser's tree for a multipart whose parts are all single parts, or None.
+
+    The same saving as :func:`_parse_single_part` for the most common MIME
+    shape (text + html, text + attachments): the feed parser reads every
+    line of every part to find the boundaries; here the boundary lines are
+    found with one search over the bytes, each part's header block is
+    parsed alone and its body set as the parser would set it. Only where
+    the parser could not read the bytes any other way: the message's and
+    each part's header block is plain (see :func:`_simple_message`) and
+    ends at its first CRLF CRLF; the boundary is plain; every line that
+    starts with it is exactly a delimiter ("--b") or the close delimiter
+    ("--b--") between CRLFs, and none follows a bare CR (the parser breaks
+    lines there too); there is a first delimiter, a close delimiter, and no
+    two delimiters follow each other; no part is multipart or message/*,
+    and the message is not multipart/digest (whose parts default to
+    message/rfc822). Anything else: None.
+    """
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0:
+        return None
+    start = cut + 4
+    if _SIMPLE_BLOCK.fullmatch(raw[: cut + 2].decode("ascii", "surrogateescape")) is None:
+        return None
+    root = _plain_message(raw[: cut + 2].decode("ascii", "surrogateescape"), policy)
+    if root.get_content_maintype() != "multipart" or root.get_content_type() == "multipart/digest":
+        return None
+    boundary = root.get_boundary()
+    if not isinstance(boundary, str) or _PLAIN_BOUNDARY.fullmatch(boundary) is None:
+        return None
+    # The parser reads this header here too (and notes a defect), so a value
+    # the header parser chokes on fails here as it fails there.
+    if str(root.get("content-transfer-encoding", "8bit")).lower() not in ("7bit", "8bit", "binary"):
+        root.defects.append(email.errors.InvalidMultipartContentTransferEncodingDefect())
+    dash_boundary = b"--" + boundary.encode("ascii")
+    if raw.find(b"\r" + dash_boundary, start) >= 0:
+        return None  # a line after a bare CR that may be a delimiter
+    parts: list[Message | str] = []
+    preamble_end = -1
+    part_start = -1  # where the part after the last delimiter starts
+    close = -1  # where the close delimiter line ends
+    for line_start, line_end in _lines_starting_with(raw, start, dash_boundary):
+        rest = raw[line_start + len(dash_boundary) : line_end]
+        if rest not in (b"", b"--"):
+            return None  # a line the parser may or may not take for a delimiter
+        if line_start > start and raw[line_start - 2 : line_start] != b"\r\n":
+            return None  # the line break before it is bare
+        if line_end < len(raw) and raw[line_end : line_end + 2] != b"\r\n":
+            return None  # so is the one after it
+        if part_start >= 0:
+            part = _parse_part(raw, part_start, line_start, policy)
+            if part is None:
+                return None
+            parts.append(part)
+        elif rest:
+            return None  # closed before it opened
+        else:
+            preamble_end = line_start
+        if rest:
+            close = line_end
+            break
+        part_start = line_end + 2
+    if close < 0 or not parts:
+        return None
+    # What the parser leaves on the multipart besides its parts; nothing in
+    # the payload reads these, they are kept true for the tree's sake.
+    root.set_payload(parts)  # what attaching them one by one makes
+    if preamble_end > start:
+        root.preamble = raw[start : preamble_end - 2].decode("ascii", "surrogateescape")
+    root.epilogue = raw[close + 2 :].decode("ascii", "surrogateescape") if close < len(raw) else ""
+    return root
+
+
+def _lines_starting_with(raw: bytes, start: int, prefix: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end before CRLF) of each line of ``raw[start:]`` that starts with ``prefix``."""
+    found = start if raw.startswith(prefix, start) else raw.find(b"\n" + prefix, start) + 1
+    while found > 0:
+        end = raw.find(b"\r", found + len(prefix))
+        end = len(raw) if end < 0 else end
+        yield found, end
+        found = raw.find(b"\n" + prefix, end) + 1
+
+
+def _parse_part(
+    raw: bytes, start: int, end: int, policy: email.policy.Policy[Any]
+) -> Message | None:
+    """The part ``raw[start:end]`` (last line break included) as the parser reads it, or None."""
+    cut = raw.find(b"\r\n\r\n", start, end)
+    if cut < 0:
+        return None  # headers up to the delimiter (none at all fails below)
+    if _MAY_NEST.search(raw, start, cut):
+        return None
+    block = raw[start : cut + 2].decode("ascii", "surrogateescape")
+    if _SIMPLE_BLOCK.fullmatch(block) is None:
+        return None
+    part = _plain_message(block, policy)
+    if part.get_content_maintype() in ("multipart", "message"):
+        return None
+    # The parser's payload: the lines up to the delimiter, without the line
+    # break before it, which belongs to the delimiter (RFC 2046 §5.1.1).
+    body = cut + 4
+    part.set_payload(raw[body : end - 2].decode("ascii", "surrogateescape") if end > body else "")
+    return part
+
+
+def _plain_message(block: str, policy: email.policy.Policy[Any]) -> Message:
+    """The message the feed parser starts for a header block ``_SIMPLE_BLOCK`` matches.
+
+    What its ``_new_message`` and ``_parse_headers`` do for such a block: a
+    new message of the policy's class, and each field set raw, cut as
+    ``header_source_parse`` cuts it. Its body is for the caller to set.
+    """
+    factory = policy.message_factory or Message
+    msg: Message = factory(policy=policy)
+    for field in _FIELD.finditer(block):
+        msg.set_raw(field[1], field[2].lstrip(" \t").rstrip("\r\n"))
+    return msg
+
+
+def _parse_single_part(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
+    """The tree the parser builds for a message that is not multipart or message/*, or None.
+
+    The feed parser splits the body of such a message into lines only to
+    join them again into its payload, and that line loop was most of the
+    CPU of parsing a big one (10 MB: ~60 ms, a microsecond a line). When the
+    header block ends at the first CRLF CRLF, only that block is parsed and
+    the rest is the payload, as the parser itself would have made it. If
+    the parser does not read the block that way (a line that is no header,
+    a "From " line pushed back, any nesting), None: parse it all.
+    """
+    cut = raw.find(b"\r\n\r\n")
+    if cut < 0 or _MAY_NEST.search(raw, 0, cut):
+        return None
+    end = cut + 4
+    block = raw[: cut + 2].decode("ascii", "surrogateescape")
+    try:
+        if _SIMPLE_BLOCK.fullmatch(block) is not None:
+            msg = _plain_message(block, policy)
+        else:
+            msg = _parse_bytes(raw[:end], policy, headersonly=False)
+            if msg.is_multipart() or msg._payload != "":  # type: ignore[attr-defined]
+                return None  # the parser did not read it as headers and a blank line
+        if msg.get_content_maintype() in ("multipart", "message"):
+            return None
+    except Exception:  # let the whole parse decide what fails
+        return None
+    # What the parser's single-part branch stores: the rest of its input, as
+    # it decoded it (ASCII with surrogateescape), line ends untouched.
+    msg.set_payload(raw[end:].decode("ascii", "surrogateescape"))
+    return msg
 
 
 def _repair_header_block(raw: bytes) -> bytes:
@@ -370,11 +651,11 @@ def _repair_header_block(raw: bytes) -> bytes:
 
 
 def _headers(
-    msg: Message,
+    items: Iterable[tuple[str, Any]],
     factory: _MemoHeaderFactory,
     addresses: dict[str, list[dict[str, str]]],
 ) -> dict[str, list[str]]:
-    """Every top-level header, decoded, under its canonical name.
+    """Every top-level header (``raw_items()`` of the message), decoded, under its canonical name.
 
     Fills ``addresses`` on the way.
     """
@@ -382,7 +663,7 @@ def _headers(
     # Header names are case-insensitive; every spelling of a name goes under
     # its canonical key, as in the seed (Go's net/textproto).
     keys: dict[str, str] = {}
-    for name, value in msg.raw_items():
+    for name, value in items:
         key = keys.get(name)
         if key is None:
             key = keys[name] = canonical_header_key(_clean(name))
@@ -475,15 +756,55 @@ def _addresses(factory: _MemoHeaderFactory, name: str, value: Any) -> list[dict[
 
 def _legacy_addresses(text: str) -> list[dict[str, str]]:
     """Mailboxes by ``email.utils.getaddresses``: never raises."""
+    pairs = _legacy_pairs(text) if len(text) <= _MAX_CACHED_ADDRESSES else _read_pairs(text)
+    return [{"email": addr, "name": name} for addr, name in pairs]
+
+
+# Most mail comes from and goes to a few addresses over and over (every
+# message of a newsletter, every alert of a monitoring system): the mailboxes
+# of a header value are remembered, bounded in number and in length. Pairs,
+# not dicts, so that no payload shares a mutable object with another.
+_MAX_CACHED_ADDRESSES = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _legacy_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    return _read_pairs(text)
+
+
+# A mailbox simple enough that email.utils.getaddresses reads it as the
+# regular expression does: "<a@b.c>", "a@b.c" or "Words <a@b.c>", with
+# nothing to unquote, decode or drop. Profiled, getaddresses was a quarter of
+# the CPU of a small message; tests/test_payload_differential.py holds this
+# to the library's answers.
+_ATOM = r"[A-Za-z0-9_+\-]+"
+_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"
+_SIMPLE_MAILBOX = re.compile(
+    rf"[ \t]*(?:(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)[ \t]*)?<(?P<angle>{_ADDR_SPEC})>"
+    rf"|(?P<bare>{_ADDR_SPEC}))[ \t]*"
+)
+
+
+def _read_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """(email, name) of each mailbox of an address header value; never raises."""
+    simple: list[tuple[str, str]] = []
+    for piece in text.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(piece)
+        if match is None:
+            break
+        bare = match["bare"]
+        simple.append((bare, "") if bare is not None else (match["angle"], match["name"] or ""))
+    else:
+        return tuple(simple)
     try:
         pairs = email.utils.getaddresses([text])
     except Exception:
-        return []
-    return [
-        {"email": _clean(addr), "name": _decode_header(display_name)}
+        return ()
+    return tuple(
+        (_clean(addr), _decode_header(display_name))
         for display_name, addr in pairs
         if display_name or addr
-    ]
+    )
 
 
 # --- the MIME walk -------------------------------------------------------------

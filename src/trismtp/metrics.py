@@ -25,11 +25,14 @@ their gauges read them at scrape time through ``set_function``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
-__all__ = ["ABUSE_REASONS", "REFUSAL_REASONS", "Metrics"]
+__all__ = ["ABUSE_REASONS", "REFUSAL_REASONS", "Metrics", "merge_expositions"]
 
 REFUSAL_REASONS = ("max_connections", "per_address", "rate", "proxy_header")
 """Why a connection was closed before its session began (``reason`` label)."""
@@ -170,7 +173,8 @@ class Metrics:
         )
         self.pusher_connected = Gauge(
             "trismtp_pusher_connected",
-            "1 while the pusher is connected to its destination (jobs service or NATS), else 0.",
+            "Pushers connected to their destination (jobs service or NATS): 1 or 0, "
+            "with smtp.workers > 1 one per worker.",
             registry=r,
         )
         # -- the embedded jobs store --------------------------------------
@@ -284,3 +288,64 @@ class Metrics:
 
     def reconnected(self) -> None:
         self.reconnects.inc()
+
+
+def merge_expositions(registry: CollectorRegistry, others: Sequence[str]) -> bytes:
+    """The text exposition of *registry* with the samples of *others* added in.
+
+    With ``smtp.workers`` > 1 the primary's ``/metrics`` shows the whole
+    daemon: each secondary worker's exposition (*others*) is parsed and its
+    samples added to the primary's, name and labels alike: counters,
+    histograms and gauges are sums over the workers (connections open,
+    memory claimed, pushers connected …), and ``*_created`` the earliest.
+    A family only one worker has (the jobs store's gauges) passes unchanged.
+    """
+    if not others:
+        return generate_latest(registry)
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    order: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
+
+    def add(family: Metric) -> None:
+        if family.name not in families:
+            families[family.name] = Metric(family.name, family.documentation, family.type)
+            order[family.name] = []
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key not in values:
+                values[key] = sample.value
+                order[family.name].append(key)
+            elif sample.name.endswith("_created"):
+                values[key] = min(values[key], sample.value)
+            else:
+                values[key] += sample.value
+
+    for family in registry.collect():
+        add(family)
+    for text in others:
+        for family in text_string_to_metric_families(text):
+            add(family)
+    merged = CollectorRegistry(auto_describe=False)
+    merged.register(_Fixed(families, values, order))
+    return generate_latest(merged)
+
+
+class _Fixed(Collector):
+    """Families built by :func:`merge_expositions`, for ``generate_latest``."""
+
+    def __init__(
+        self,
+        families: dict[str, Metric],
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+        order: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]],
+    ) -> None:
+        self._families = families
+        self._values = values
+        self._order = order
+
+    def collect(self) -> Iterator[Metric]:
+        for name, family in self._families.items():
+            family.samples = []
+            for sample_name, labels in self._order[name]:
+                family.add_sample(sample_name, dict(labels), self._values[(sample_name, labels)])
+            yield family

@@ -67,6 +67,8 @@ STABLE_AFTER = 60.0
 START_TIMEOUT = 30.0
 # After "kill", how long a worker gets before SIGKILL.
 KILL_GRACE = 5.0
+# How long /metrics waits for a worker's numbers.
+METRICS_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,9 @@ class _Worker:
     process: trio.Process | None = None
     ready: bool = False
     restarts: int = 0
+    # One question at a time on the worker's stdin/stdout ("metrics").
+    asking: trio.Lock = field(default_factory=trio.Lock)
+    unread: bytearray = field(default_factory=bytearray)
 
 
 @dataclass(slots=True)
@@ -153,6 +158,22 @@ class WorkerPool:
     def reload(self) -> None:
         """Pass SIGHUP's reload on to every secondary."""
         self._tell_all(b"reload\n")
+
+    async def metrics(self) -> list[str]:
+        """Every ready secondary's metrics exposition (the ones that answer in time)."""
+        texts: list[str] = []
+
+        async def ask(worker: _Worker) -> None:
+            with trio.move_on_after(METRICS_TIMEOUT):
+                text = await _ask_metrics(worker)
+                if text is not None:
+                    texts.append(text)
+
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                if worker.ready:
+                    nursery.start_soon(ask, worker)
+        return texts
 
     def _tell_all(self, line: bytes) -> None:
         for worker in self.workers:
@@ -205,8 +226,9 @@ class WorkerPool:
             if self._stopping:
                 _write_now(process, b"stop\n")
             assert process.stdout is not None
+            worker.unread.clear()
             with trio.move_on_after(START_TIMEOUT):
-                line = await _read_line(process.stdout)
+                line = await _read_line(process.stdout, worker.unread)
                 if line == b"ready":
                     worker.ready = True
                     log.info("worker %d ready (pid %d)", options.index, process.pid)
@@ -224,11 +246,7 @@ class WorkerPool:
                     raise OSError(0, f"SMTP worker {options.index} did not start (see its log)")
             if task_status is not None:
                 task_status.started()
-            # Nothing more comes on stdout; read it to its end so a stray
-            # write never blocks the worker.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain, process.stdout)
-                await process.wait()
+            await process.wait()
             return process.returncode if process.returncode is not None else -1
         finally:
             worker.ready = False
@@ -266,41 +284,68 @@ async def _kill(process: trio.Process) -> None:
     await process.wait()
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    buffer = bytearray()
+async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> bytes | None:
+    """The next line from *stream* (buffered in *buffer*), stripped; None at its end."""
     while b"\n" not in buffer:
-        chunk = await stream.receive_some(256)
+        chunk = await stream.receive_some(65536)
         if not chunk:
-            break
+            return None
         buffer += chunk
-    return bytes(buffer.split(b"\n", 1)[0]).strip()
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.strip()
 
 
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
-    while await stream.receive_some(4096):
-        pass
+async def _read_exactly(stream: trio.abc.ReceiveStream, buffer: bytearray, size: int) -> bytes:
+    while len(buffer) < size:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError
+        buffer += chunk
+    data = bytes(buffer[:size])
+    del buffer[:size]
+    return data
+
+
+async def _ask_metrics(worker: _Worker) -> str | None:
+    """Ask one secondary for its exposition: ``metrics`` → ``metrics LENGTH`` + the text."""
+    async with worker.asking:
+        process = worker.process
+        if process is None or process.stdout is None or process.returncode is not None:
+            return None
+        try:
+            _write_now(process, b"metrics\n")
+            header = await _read_line(process.stdout, worker.unread)
+            if header is None or not header.startswith(b"metrics "):
+                return None
+            size = int(header.split()[1])
+            return (await _read_exactly(process.stdout, worker.unread, size)).decode()
+        except (OSError, EOFError, ValueError, trio.BrokenResourceError):
+            return None
 
 
 async def read_commands(
-    on_stop: Callable[[], None], on_kill: Callable[[], None], on_reload: Callable[[], None]
+    on_stop: Callable[[], None],
+    on_kill: Callable[[], None],
+    on_reload: Callable[[], None],
+    metrics: Callable[[], bytes],
 ) -> None:
     """A secondary's side of the control pipe: its stdin, one command a line.
 
-    End of file (the primary exited, or was killed) counts as ``stop``.
+    ``metrics`` is answered on stdout (``metrics LENGTH`` and the
+    exposition). End of file (the primary exited, or was killed) counts as
+    ``stop``.
     """
-    stream = trio.lowlevel.FdStream(sys.stdin.fileno())
-    buffer = bytearray()
+    commands = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    answers = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     handlers = {b"stop": on_stop, b"kill": on_kill, b"reload": on_reload}
-    while True:
-        chunk = await stream.receive_some(256)
-        if not chunk:
-            log.warning("the primary process is gone; stopping")
-            on_stop()
-            return
-        buffer += chunk
-        while b"\n" in buffer:
-            line, _, rest = bytes(buffer).partition(b"\n")
-            buffer[:] = rest
-            handler = handlers.get(line.strip())
-            if handler is not None:
+    buffer = bytearray()
+    async with commands, answers:
+        while (line := await _read_line(commands, buffer)) is not None:
+            if line == b"metrics":
+                page = metrics()
+                await answers.send_all(b"metrics %d\n" % len(page) + page)
+            elif (handler := handlers.get(line)) is not None:
                 handler()
+    log.warning("the primary process is gone; stopping")
+    on_stop()

@@ -6,6 +6,9 @@ import datetime
 import json
 import uuid
 
+import pytest
+from pydantic import ValidationError
+
 from trismtp.jobs.email import EmailJob
 from trismtp.jobs.model import Job
 from trismtp.message import Envelope
@@ -83,3 +86,31 @@ def test_wire_form_round_trips_through_the_model() -> None:
 def test_every_message_gets_its_own_id() -> None:
     ids = {EmailJob(raw=RAW, envelope=ENVELOPE).id for _ in range(100)}
     assert len(ids) == 100
+
+
+def test_job_json_is_the_model_s_json_for_any_settings() -> None:
+    email = EmailJob(raw=RAW, envelope=ENVELOPE)
+    for settings in (
+        JobsSettings(),
+        JobsSettings(pipeline="inbound", job_name="mail.in", priority=-3, delay=7, auto_ack=True),
+        JobsSettings(headers={"tenant": ["acme"], "trace": ["a", "b"]}),
+    ):
+        for include_raw in (True, False):
+            expected = email.to_job(settings, include_raw=include_raw).to_json()
+            # Twice: the settings are checked by the model the first time only.
+            assert email.to_job_json(settings, include_raw=include_raw) == expected
+            assert email.to_job_json(settings, include_raw=include_raw) == expected
+
+
+def test_job_json_refuses_what_the_model_refuses() -> None:
+    # A pipeline name the Job model rejects (a control character) that the
+    # [jobs] settings let through: the job is refused as before, every time.
+    settings = JobsSettings(pipeline="in\x01bound")
+    email = EmailJob(raw=RAW, envelope=ENVELOPE)
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            email.to_job_json(settings, include_raw=True)
+    good = JobsSettings()
+    email.to_job_json(good, include_raw=True)
+    with pytest.raises(ValidationError):
+        EmailJob(raw=RAW, envelope=ENVELOPE, id="x" * 257).to_job_json(good, include_raw=True)

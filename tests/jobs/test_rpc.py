@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,7 +14,11 @@ import trio
 import trio.testing
 from pydantic import SecretStr
 from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import TextMessage
 
+from trismtp import wsmask
 from trismtp.jobs.model import Job, JobOptions
 from trismtp.jobs.rpc import (
     METHOD_NOT_FOUND,
@@ -23,7 +28,7 @@ from trismtp.jobs.rpc import (
     JobsUnavailable,
     RpcError,
 )
-from trismtp.jobs.websocket import FRAGMENT_CHARS, _fragments
+from trismtp.jobs.websocket import FRAGMENT_CHARS, _fragments, frame_header
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings
 
@@ -406,3 +411,21 @@ async def test_a_peer_that_hangs_up_fails_waiting_calls(nursery: trio.Nursery) -
 
     assert [failure.close_code for failure in failures] == [1011] * 3
     assert "going down" in str(failures[0])
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65_535, 65_536, 65_537, 1_000_003])
+@pytest.mark.parametrize("finished", [True, False])
+@pytest.mark.parametrize("masked", [True, False], ids=["client", "server"])
+def test_our_frames_parse_in_wsproto_at_every_length_boundary(
+    length: int, finished: bool, masked: bool
+) -> None:
+    # send_text and send_message build frames themselves (header, a client's
+    # key and masked payload); wsproto on the other side must read them.
+    payload = ("é" * (length // 2) + "x" * (length % 2)).encode()
+    key = os.urandom(4) if masked else b""
+    frame = frame_header(0x1, finished=finished, length=len(payload), key=key)
+    peer = Connection(ConnectionType.SERVER if masked else ConnectionType.CLIENT)
+    peer.receive_data(frame + (wsmask.mask(payload, key) if masked else payload))
+    events = [event for event in peer.events() if isinstance(event, TextMessage)]
+    assert "".join(event.data for event in events).encode() == payload
+    assert events[-1].message_finished is finished

@@ -165,8 +165,11 @@ class Pusher:
         connect: Connect = open_sink,
         expire_batches: bool = False,
         metrics: Metrics | None = None,
+        lane: str = "",
     ) -> None:
         self._settings = settings
+        # Which lane this is (trismtp.jobs.lanes), for the connection's log lines.
+        self._lane = f" ({lane})" if lane else ""
         self._url = url
         self._token = token
         self._connect = connect
@@ -519,16 +522,18 @@ class Pusher:
             self._last_error = str(exc)
             self._down = str(exc)
             if self._failures == 1 or math.log2(self._failures).is_integer():
-                log.warning("cannot connect to the %s at %s: %s", self._what, self._url, exc)
+                log.warning(
+                    "cannot connect to the %s at %s%s: %s", self._what, self._url, self._lane, exc
+                )
             return None
         self._down = None
         self._connections += 1
         if self._connections > 1:
             self._metrics.reconnected()
         if self._failures or self._connections > 1:
-            log.info("reconnected to the %s at %s", self._what, self._url)
+            log.info("reconnected to the %s at %s%s", self._what, self._url, self._lane)
         else:
-            log.info("connected to the %s at %s", self._what, self._url)
+            log.info("connected to the %s at %s%s", self._what, self._url, self._lane)
         return self._client
 
     async def _hold_connection(

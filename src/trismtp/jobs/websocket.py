@@ -8,12 +8,18 @@ module is that one place: the parsed target, the opening of the stream and
 handshake, the translation of trio, trio-websocket and OS errors, and
 :func:`run_client`, the life of a client whose connection needs tasks of its
 own (a reader, a writer) beside the callers.
+
+It also writes the data frames of big messages itself, for both ends:
+:func:`send_text` (the pusher's requests, fragmented and masked) and
+:func:`send_message` (the jobs service's replies), with frame masking in C
+(:mod:`trismtp.wsmask`, installed when this module loads).
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -29,7 +35,8 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
-from wsproto.events import TextMessage
+
+from trismtp import wsmask
 
 __all__ = [
     "FRAGMENT_CHARS",
@@ -40,12 +47,17 @@ __all__ = [
     "Stream",
     "Target",
     "collapse",
+    "frame_header",
     "map_exceptions",
     "open_websocket",
     "run_client",
+    "send_message",
     "send_text",
     "unavailable",
 ]
+
+# Frames are masked in C from here on: a big PushBatch is ~25 MB to mask.
+wsmask.install()
 
 # trio-websocket reads 4 KiB at a time by default; batches are megabytes.
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
@@ -262,7 +274,7 @@ def collapse(
 
 
 async def send_text(ws: WebSocketConnection, parts: Sequence[str]) -> None:
-    """Send the concatenation of ``parts`` as one text message.
+    """Send the concatenation of ``parts`` as one text message (client side).
 
     A long message goes out in frames of at most :data:`FRAGMENT_CHARS`
     (RFC 6455 §5.4 fragmentation), each encoded and masked on its own. Sent
@@ -272,24 +284,97 @@ async def send_text(ws: WebSocketConnection, parts: Sequence[str]) -> None:
     Raises what ``send_message`` raises (ConnectionClosed).
     """
     if sum(map(len, parts)) <= FRAGMENT_CHARS:
-        await ws.send_message("".join(parts))
+        await _send_frame(ws, "".join(parts).encode(), opcode=_TEXT, finished=True)
         return
     previous: str | None = None
+    opcode = _TEXT
     for fragment in _fragments(parts, FRAGMENT_CHARS):
         if previous is not None:
-            await _send_frame(ws, previous, finished=False)
+            await _send_frame(ws, previous.encode(), opcode=opcode, finished=False)
+            opcode = _CONTINUATION
         previous = fragment
-    await _send_frame(ws, previous or "", finished=True)
+    await _send_frame(ws, (previous or "").encode(), opcode=opcode, finished=True)
 
 
-async def _send_frame(ws: WebSocketConnection, text: str, *, finished: bool) -> None:
-    # trio-websocket sends a message in one frame only; its _send() takes any
-    # wsproto event and, like send_message(), holds the stream lock per frame
-    # and raises ConnectionClosed. Our writers send one message at a time, so
-    # fragments of two messages never interleave (control frames may).
+# RFC 6455 §5.2: opcodes, and the bits of a frame's first two bytes.
+_TEXT: Final = 0x1
+_CONTINUATION: Final = 0x0
+_FIN: Final = 0x80
+_MASKED: Final = 0x80
+# Frames longer than this go out as header and payload in two writes, not
+# copied into one buffer.
+_SEPARATE_HEADER: Final = 64 * 1024
+
+
+def frame_header(opcode: int, *, finished: bool, length: int, key: bytes = b"") -> bytes:
+    """The header of a frame of *length* payload bytes (RFC 6455 §5.2).
+
+    With a 4-byte *key*, a masked (client) frame's, key included; without,
+    a server frame's.
+    """
+    first = opcode | (_FIN if finished else 0)
+    masked = _MASKED if key else 0
+    if length < 126:
+        return bytes((first, masked | length)) + key
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, masked | 126, length) + key
+    return struct.pack("!BBQ", first, masked | 127, length) + key
+
+
+async def send_message(ws: WebSocketConnection, text: str) -> None:
+    """Send *text* as one text message in one frame, like ``ws.send_message``.
+
+    For the service's replies (a Reserve's may be 16 MiB): built here, the
+    frame is the reply's UTF-8 and a header, where trio-websocket's path
+    would hold four more copies of it at once.
+    """
+    await _send_frame(ws, text.encode(), opcode=_TEXT, finished=True)
+
+
+async def _send_frame(
+    ws: WebSocketConnection, payload: bytes, *, opcode: int, finished: bool
+) -> None:
+    """Send one data frame of a message we send whole, frame after frame.
+
+    We build the frame ourselves rather than through ``ws._send(TextMessage)``:
+    wsproto copies a frame's payload five times on the way out (into a
+    bytearray, into the masker, out of it, into the frame, into the bytes it
+    returns), and a big frame's copies are alive at once (bench/wspath.py:
+    ~30 ms less CPU for a Peek answered with a 22 MB job, a few ms for a
+    PushBatch of one). Here a client's payload is masked once
+    (:func:`trismtp.wsmask.mask`, a fresh key from ``os.urandom`` per frame
+    as RFC 6455 §5.3 asks; a server's frames are not masked) and written as
+    it is.
+
+    What this relies on in trio-websocket (pinned; the tests send through
+    it): the stream and its lock, held per frame like its own ``_send``, and
+    ``_abort_web_socket`` for a broken stream. wsproto's state is untouched:
+    it never sees these frames, and our writers send one message at a time,
+    all of it, so fragments of two messages never interleave (control frames
+    from trio-websocket may, as RFC 6455 allows). Raises ConnectionClosed, as
+    ``send_message`` does.
+    """
     if ws.closed is not None:
         raise ConnectionClosed(ws.closed)
-    await ws._send(TextMessage(data=text, message_finished=finished))
+    if ws.is_client:
+        key = os.urandom(4)
+        header = frame_header(opcode, finished=finished, length=len(payload), key=key)
+        payload = wsmask.mask(payload, key)
+    else:
+        header = frame_header(opcode, finished=finished, length=len(payload))
+    async with ws._stream_lock:
+        if ws.closed is not None:  # a close frame went out while we waited
+            raise ConnectionClosed(ws.closed)
+        try:
+            if len(payload) < _SEPARATE_HEADER:
+                await ws._stream.send_all(header + payload)
+            else:
+                await ws._stream.send_all(header)
+                await ws._stream.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            assert ws.closed is not None
+            raise ConnectionClosed(ws.closed) from None
 
 
 def _fragments(parts: Iterable[str], size: int) -> Iterator[str]:

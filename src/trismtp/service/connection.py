@@ -10,9 +10,9 @@ has its own bound here, so that no client can run the service out of memory:
   permits. While the budget is spent, the connection's read loop stops
   reading, and TCP pushes back on the client.
 
-* **Replies waiting to be sent.** trio-websocket's ``send_message`` waits
-  while the socket is full, so the replies of a client that does not read
-  pile up in memory, each waiting its turn. :class:`ReplyOutbox` sends them
+* **Replies waiting to be sent.** A WebSocket send waits while the socket
+  is full, so the replies of a client that does not read pile up in
+  memory, each waiting its turn. :class:`ReplyOutbox` sends them
   one at a time (so only the reply on the wire has its WebSocket frame
   built) and counts the bytes of those waiting behind it. The calls whose
   replies carry jobs (Reserve, Peek: up to 16 MiB each) run at most a few at
@@ -42,6 +42,8 @@ from typing import Final
 
 import trio
 from trio_websocket import WebSocketConnection
+
+from trismtp.jobs.websocket import send_message
 
 __all__ = ["CHUNK", "CallBudget", "ReplyOutbox", "SendGuard", "SendStalled"]
 
@@ -157,7 +159,7 @@ class ReplyOutbox:
                 self._waiting -= size
                 size = 0
                 self._room.unpark_all()
-                await self._ws.send_message(reply)
+                await send_message(self._ws, reply)
         finally:
             if size:  # cancelled while waiting
                 self._waiting -= size

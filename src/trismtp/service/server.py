@@ -66,6 +66,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from trismtp import wsmask
 from trismtp.jobs.model import MAX_PRIORITY, MIN_PRIORITY, Job, PipelineName
 from trismtp.jsonrpc import (
     BATCH_EXPIRED,
@@ -124,6 +125,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0
 
 RequestId = str | int | float | None
+
+# Requests are unmasked in C from here on: a big PushBatch is ~25 MB to unmask.
+wsmask.install()
 
 
 # -- params of each method (SPEC §6) -----------------------------------------

@@ -58,7 +58,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import count
 
-import orjson
 import trio
 
 from trismtp import allocator
@@ -1038,13 +1037,7 @@ class SmtpServer:
 
 
 def _encode_job(email: EmailJob, jobs: JobsSettings, include_raw: bool) -> tuple[str, str]:
-    job = email.to_job(jobs, include_raw=include_raw)
-    job_id = job.id
-    # Job.to_json() would hold the payload, the JSON's bytes and its text at
-    # once: the payload goes before the text is made.
-    encoded = orjson.dumps(job.to_dict())
-    del job
-    return job_id, encoded.decode()
+    return email.id, email.to_job_json(jobs, include_raw=include_raw)
 
 
 def _timeout_reply(conn: ServerConnection) -> Reply:
