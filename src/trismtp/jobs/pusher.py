@@ -212,7 +212,12 @@ class Pusher:
         queued = False
         try:
             with trio.move_on_after(timeout):
-                await self._send.send(pending)
+                try:
+                    # Without the checkpoint of send() while there is room
+                    # (nearly always): the wait for the ack parks us anyway.
+                    self._send.send_nowait(pending)
+                except trio.WouldBlock:
+                    await self._send.send(pending)
                 queued = True
                 await pending.done.wait()
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -41,6 +41,7 @@ entries plus one per address that has a connection open; see
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -60,6 +61,9 @@ TOO_MANY_NEW_CONNECTIONS = "too many new connections from your address, slow dow
 _FULL_SWEEP_INTERVAL = 1.0
 
 
+# Worked out on every open and close: parsing the address costs more than
+# the rest of the bookkeeping, and busy clients come back from few addresses.
+@functools.lru_cache(maxsize=4096)
 def address_key(address: str) -> str:
     """The key under which ``address`` (a plain IP, no port) is limited.
 

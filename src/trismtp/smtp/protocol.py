@@ -114,6 +114,9 @@ class Reply:
     code: int
     enhanced: str
     text: str | tuple[str, ...]
+    # The encoded reply, made on first use: most replies are module
+    # constants sent thousands of times a second.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def lines(self) -> tuple[str, ...]:
         """The text as one or more lines."""
@@ -121,6 +124,13 @@ class Reply:
 
     def encode(self) -> bytes:
         """The reply as it goes on the wire, multi-line where needed."""
+        wire = self._wire
+        if wire is None:
+            wire = self._encode()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    def _encode(self) -> bytes:
         lines = self.lines() or ("",)
         prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(lines) - 1
@@ -239,6 +249,9 @@ Event = Command | MessageReceived | ConnectionClosed
 
 # Replies used in more than one place.
 _OK = Reply(250, "2.0.0", "OK")
+_MAIL_OK = Reply(250, "2.1.0", "OK")
+_RCPT_OK = Reply(250, "2.1.5", "OK")
+_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 _BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 _LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 _NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
@@ -259,6 +272,10 @@ _NEWLINE_RE = re.compile(rb"\r\n|\r|\n")
 _KNOWN_UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT"})
 _PATH_RE = re.compile(r"\s*<([^<>]*)>(.*)\Z|\s*([^\s<>]+)(.*)\Z", re.DOTALL)
 _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+# What str.isspace() calls white space (\s in a str pattern is the same
+# test), and the other control characters below 32.
+_BAD_ADDRESS_CHAR = re.compile(r"[\s\x00-\x1f]")
+_BAD_HOSTNAME_CHAR = re.compile(r"[\x00-\x20\x7f]")
 _TERMINATOR = b"\r\n.\r\n"
 
 
@@ -505,7 +522,7 @@ class ServerConnection:
         return handler(self, verb, argument)
 
     def _hello(self, verb: str, argument: str) -> Command:
-        if not argument or any(ord(c) <= 32 or ord(c) == 127 for c in argument):
+        if not argument or _BAD_HOSTNAME_CHAR.search(argument) is not None:
             return Command(verb, argument, Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
         if verb == "HELO":
             return Command(verb, argument, Reply(250, "", self.config.hostname))
@@ -563,7 +580,7 @@ class ServerConnection:
                 return Command(
                     verb, argument, Reply(555, "5.5.4", f"Parameter {name} not recognized")
                 )
-        return Command(verb, argument, Reply(250, "2.1.0", "OK"), address, params)
+        return Command(verb, argument, _MAIL_OK, address, params)
 
     def _rcpt(self, verb: str, argument: str) -> Command:
         if self.state not in (State.MAIL, State.RCPT):
@@ -585,7 +602,7 @@ class ServerConnection:
             )
         if len(self.recipients) >= self.config.max_recipients:
             return Command(verb, argument, Reply(452, "4.5.3", "Too many recipients"))
-        return Command(verb, argument, Reply(250, "2.1.5", "OK"), address, params)
+        return Command(verb, argument, _RCPT_OK, address, params)
 
     def _data(self, verb: str, argument: str) -> Command:
         if argument:
@@ -594,7 +611,7 @@ class ServerConnection:
             return Command(verb, argument, Reply(503, "5.5.1", "No valid recipients"))
         if self.state is not State.RCPT:
             return Command(verb, argument, _BAD_SEQUENCE)
-        return Command(verb, argument, Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        return Command(verb, argument, _GO_AHEAD)
 
     def _starttls(self, verb: str, argument: str) -> Command:
         if not self.config.starttls:
@@ -811,7 +828,7 @@ def _parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]
     # A source route (<@a,@b:user@c>) is obsolete; keep only the mailbox.
     if address.startswith("@") and ":" in address:
         address = address.partition(":")[2]
-    if any(c.isspace() or ord(c) < 32 for c in address):
+    if _BAD_ADDRESS_CHAR.search(address) is not None:
         return Reply(501, "5.1.7", "Bad address syntax")
     params: dict[str, str | None] = {}
     for item in rest.split():

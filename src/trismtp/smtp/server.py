@@ -7,8 +7,12 @@ Theory of operation
 runs one task per connection, all in one handler nursery. A session reads
 in bulk (up to 64 KiB a read), feeds the bytes to its
 :class:`~trismtp.smtp.protocol.ServerConnection`, and answers events until it
-needs more input; replies are collected and written in one ``send_all``
-before the next read, so a pipelined burst costs one write.
+needs more input; replies are collected and written in one write before
+the next read, so a pipelined burst costs one write. On a plain socket the
+reads and writes are ``os.read``/``os.write`` on its descriptor, waiting in
+trio only when there is nothing to read or no room to write: trio's
+``receive_some``/``send_all`` take a trip through the scheduler per call,
+which at four round trips a message was a large part of the CPU it costs.
 
 Every read sits under a timeout: ``command_timeout`` between commands, and a
 deadline of ``data_timeout`` for a whole DATA upload. When it expires the
@@ -44,8 +48,10 @@ it was given: a few increments of pre-bound children per message.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -90,6 +96,9 @@ LAST_WORDS_TIMEOUT = 5.0
 # A TLS handshake (implicit or after STARTTLS) must finish within this (or
 # command_timeout, if shorter).
 HANDSHAKE_TIMEOUT = 30.0
+# After accept failed for want of descriptors or memory, try again this much later.
+ACCEPT_RETRY = 0.1
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # Password checks (scrypt: ~50 ms and 16 MiB each) running at once.
 AUTH_THREADS = 2
 
@@ -137,12 +146,16 @@ class _Session:
     address: str  # its IP address alone, for the limits
     conn: ServerConnection
     stream: trio.abc.Stream
+    # The socket's descriptor while ``stream`` is the plain socket (no TLS,
+    # no PROXY prefix), else -1: see _read and _send.
+    fd: int = -1
     read_scope: trio.CancelScope | None = None
     scope: trio.CancelScope | None = None  # the whole conversation
     sending_since: float = math.inf  # when the write in progress began
     tls: dict[str, str] | None = None
     errors: int = 0
     auth_failures: int = 0
+    limited: bool = False  # counted in the per-address limits (see _admit)
     claim: Claim = field(default_factory=Claim)  # of the memory budget
 
     @property
@@ -408,14 +421,7 @@ class SmtpServer:
                         (implicit, partial(self._handle, implicit_tls=True)),
                     ):
                         if group:
-                            await acceptors.start(
-                                partial(
-                                    trio.serve_listeners,
-                                    handler,
-                                    group,
-                                    handler_nursery=handlers,
-                                )
-                            )
+                            await acceptors.start(partial(self._accept, handler, group, handlers))
                     log.info("SMTP listening on %s", ", ".join(map(str, bound[: len(plain)])))
                     if implicit:
                         log.info(
@@ -470,7 +476,6 @@ class SmtpServer:
 
     async def _handle(self, stream: trio.SocketStream, *, implicit_tls: bool = False) -> None:
         session: _Session | None = None
-        limited = False
         self._metrics.connection_accepted(implicit_tls)
         try:
             peer = _host_port(stream.socket.getpeername())
@@ -489,6 +494,8 @@ class SmtpServer:
                 ServerConnection(self._session_config()),
                 transport,
             )
+            if transport is stream:
+                session.fd = stream.socket.fileno()
             # From here on, every line this task logs names the session. The
             # handler is a task of its own, so the value ends with it.
             set_session(session.id, session.remote)
@@ -503,7 +510,6 @@ class SmtpServer:
                     with trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await transport.send_all(session.conn.send(reply))
                 return
-            limited = not is_trusted(session.address, self._exempt)
             self._sessions.add(session)
             log.debug(
                 "from %s: connected%s", session.remote, " (implicit TLS)" if implicit_tls else ""
@@ -522,14 +528,65 @@ class SmtpServer:
                 self._release(session)
                 if session in self._sessions:
                     self._sessions.discard(session)
-                    if limited:
+                    if session.limited:
                         self._limits.close(session.address)
                 closing = session.stream
             else:
                 closing = stream
-            with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
-                scope.shield = True
-                await closing.aclose()
+            # A TLS stream's close says goodbye, which may block; the socket
+            # under it is closed in any case, and at once (no checkpoint: the
+            # connection is over).
+            if closing is not stream:
+                with trio.move_on_after(LAST_WORDS_TIMEOUT) as scope:
+                    scope.shield = True
+                    await closing.aclose()
+            stream.socket.close()
+
+    async def _accept(
+        self,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on ``listeners``; each runs ``handler`` in ``handlers``.
+
+        As :func:`trio.serve_listeners`, except that the handler closes its
+        own socket: serve_listeners closes it again with
+        :func:`trio.aclose_forcefully`, whose cancelled checkpoint costs more
+        than the rest of a connection's bookkeeping.
+        """
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_from, listener, handler, handlers)
+            task_status.started()
+
+    async def _accept_from(
+        self,
+        listener: trio.SocketListener,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        handlers: trio.Nursery,
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Out of file descriptors or memory: the sessions that
+                    # end free some; until then, do not spin on accept (nor
+                    # log ten lines a second).
+                    self._repeats.warning(
+                        "accept failed",
+                        "cannot accept SMTP connections: %s; retrying every %g s",
+                        exc,
+                        ACCEPT_RETRY,
+                    )
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                handlers.start_soon(handler, stream)
 
     def _admit(self, session: _Session) -> tuple[str, Reply] | None:
         """The refusal for a new connection (its metrics reason and reply), or None.
@@ -543,6 +600,7 @@ class SmtpServer:
             return None
         refusal = self._limits.open(session.address)
         if refusal is None:
+            session.limited = True
             return None
         reason = "rate" if refusal == TOO_MANY_NEW_CONNECTIONS else "per_address"
         return reason, Reply(421, "4.7.0", f"{refusal[0].upper()}{refusal[1:]}, try again later")
@@ -587,6 +645,7 @@ class SmtpServer:
                 log.info("from %s: TLS handshake failed: %s", session.remote, exc.__cause__ or exc)
                 return False
             session.stream = tls_stream
+            session.fd = -1
             session.tls = session_tls(tls_stream)
             session.conn.tls_established()
             self._metrics.tls_handshake(True, session.tls["version"])
@@ -788,12 +847,23 @@ class SmtpServer:
             while await stream.receive_some(READ_SIZE):
                 pass
 
-    async def _send(self, session: _Session, data: bytes | bytearray) -> None:
+    async def _send(self, session: _Session, data: bytes | bytearray | memoryview) -> None:
         """Write replies; a client that stops reading is dropped after command_timeout.
 
         Without a deadline, a client that pipelines commands and never reads
         its replies would hold the session (and its buffers) for ever.
         """
+        if session.fd >= 0:
+            # Replies are small and the socket buffer is almost always empty:
+            # one write(2), without trio's checkpoint around it (a trip
+            # through the scheduler per reply; the next read yields anyway).
+            try:
+                sent = os.write(session.fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         # Not a cancel scope per write (they add up at thousands of writes a
         # second): _watch_writes cancels the session of a write that stalls.
         session.sending_since = trio.current_time()
@@ -867,15 +937,46 @@ class SmtpServer:
 
     async def _read(self, session: _Session, deadline: float) -> bytes | bytearray | None:
         """Read what is there; None on timeout or shutdown interrupting an idle wait."""
-        with trio.CancelScope(deadline=deadline) as scope:
-            session.read_scope = scope
-            if self._shutting_down and session.idle:
-                scope.cancel()
+        fd = session.fd
+        if fd < 0:
+            with trio.CancelScope(deadline=deadline) as scope:
+                session.read_scope = scope
+                if self._shutting_down and session.idle:
+                    scope.cancel()
+                try:
+                    return await session.stream.receive_some(READ_SIZE)
+                finally:
+                    session.read_scope = None
+            return None
+        # The plain socket: read(2) first, and a cancel scope (its deadline)
+        # only when there is nothing to read yet. This is what trio's
+        # receive_some does, less its wrappers and the scope per read.
+        if self._shutting_down and session.idle:
+            return None
+        if trio.current_time() >= deadline:
+            return None
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            pass
+        else:
+            # Data was waiting: yield once, so that a client that always has
+            # more to send cannot keep the other sessions from running.
+            await trio.lowlevel.checkpoint()
+            return data
+        while True:
+            with trio.CancelScope(deadline=deadline) as scope:
+                session.read_scope = scope
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    session.read_scope = None
+            if scope.cancelled_caught:
+                return None
             try:
-                return await session.stream.receive_some(READ_SIZE)
-            finally:
-                session.read_scope = None
-        return None
+                return os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
 
     async def _encode_message(
         self, session: _Session, event: MessageReceived
