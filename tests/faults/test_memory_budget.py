@@ -22,6 +22,8 @@ from typing import Any, Final
 import pytest
 import trio
 
+from trismtp.smtp.server import TRIM_AFTER
+
 from ..e2e.trismtp_e2e import Daemon, Launcher, free_port
 from .harness import (
     FaultSummary,
@@ -46,8 +48,10 @@ BURST_MESSAGES, BURST_SIZE, BURST_BOUND_MIB = 20, 20_000_000, 1024
 # A normal message during the held uploads is answered within this.
 SMALL_WITHIN: Final = 10.0
 WAITING: Final = "trismtp_memory_waiting_sessions"
-# Resident once every message is answered, above the daemon at rest before.
+# Resident once every message is answered, above the daemon at rest before,
+# and how long after the last answer that may take.
 IDLE_BOUND_MIB: Final = 256
+AT_REST_MARGIN: Final = 1.0
 
 
 def _mib(kib: int) -> float:
@@ -314,7 +318,10 @@ async def _burst(launch: Launcher, count: int, size: int, *, declare: bool = Fal
                 for n in range(count):
                     senders.start_soon(send, n)
         elapsed = trio.current_time() - started
-        # Every message is answered: this is the daemon at rest again.
+        # Every message is answered: the daemon gives the freed memory back
+        # once no large message has been in flight for TRIM_AFTER seconds;
+        # then it is at rest again.
+        await trio.sleep(TRIM_AFTER + AT_REST_MARGIN)
         after = sampler.now_kib()
         peak = sampler.peak_kib()
         nursery.cancel_scope.cancel()
