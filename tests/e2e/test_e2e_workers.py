@@ -111,17 +111,24 @@ def send_one(conn: SmtpConn, subject: str) -> str:
     return queued_id(conn.reply())
 
 
-def test_both_workers_take_mail_and_every_250_is_stored(launch: Launcher) -> None:
-    daemon, secondary = start_workers(launch)
+def mail_through_both(daemon: Daemon, secondary: int, subject: str) -> set[str]:
+    """CONNECTIONS sessions at once, which both workers serve; one message on each."""
     with ExitStack() as stack:
         conns = [stack.enter_context(daemon.connect()) for _ in range(CONNECTIONS)]
         for conn in conns:
             conn.start()
-        served = {serving_pid(conn, daemon.smtp_port, [daemon.pid, secondary]) for conn in conns}
-        assert served == {daemon.pid, secondary}, f"sessions served by {served}"
-        ids = {send_one(conn, f"n{i}") for i, conn in enumerate(conns)}
+        pids = [daemon.pid, secondary]
+        served = {serving_pid(conn, daemon.smtp_port, pids) for conn in conns}
+        assert served == set(pids), f"sessions served by {served}, workers {pids}"
+        ids = {send_one(conn, f"{subject}{i}") for i, conn in enumerate(conns)}
         for conn in conns:
             conn.quit()
+    return ids
+
+
+def test_both_workers_take_mail_and_every_250_is_stored(launch: Launcher) -> None:
+    daemon, secondary = start_workers(launch)
+    ids = mail_through_both(daemon, secondary, "n")
     assert len(ids) == CONNECTIONS
     assert {job.id for job in daemon.jobs()} == ids
     # /metrics adds the secondary's numbers to the primary's.
@@ -165,13 +172,7 @@ def test_a_worker_that_dies_is_started_again(launch: Launcher) -> None:
         detail=daemon.log_tail,
     )
     again = int(match[0].group(1))
-    with ExitStack() as stack:
-        conns = [stack.enter_context(daemon.connect()) for _ in range(CONNECTIONS)]
-        for conn in conns:
-            conn.start()
-        served = {serving_pid(conn, daemon.smtp_port, [daemon.pid, again]) for conn in conns}
-        assert served == {daemon.pid, again}, f"sessions served by {served}"
-        ids = {send_one(conn, f"again{i}") for i, conn in enumerate(conns)}
+    ids = mail_through_both(daemon, again, "again")
     assert ids <= {job.id for job in daemon.jobs()}
 
 

@@ -24,6 +24,8 @@ To the SMTP server and the daemon the lanes look like one pusher.
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from trismtp.jobs.pusher import Connect, Pusher
@@ -51,7 +53,8 @@ class Lanes:
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
-        self.small = Pusher(
+        lane = partial(
+            Pusher,
             settings,
             url,
             token,
@@ -59,15 +62,8 @@ class Lanes:
             expire_batches=expire_batches,
             metrics=self._metrics,
         )
-        self.large = Pusher(
-            settings,
-            url,
-            token,
-            connect=connect,
-            expire_batches=expire_batches,
-            metrics=self._metrics,
-            lane="large jobs",
-        )
+        self.small = lane()
+        self.large = lane(lane="large jobs")
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
 
     async def push(self, job_id: str, encoded: str, pipeline: str = "") -> None:
