@@ -104,7 +104,6 @@ class _Worker:
     options: WorkerOptions
     process: trio.Process | None = None
     ready: bool = False
-    restarts: int = 0
     # One question at a time on the worker's stdin/stdout ("metrics").
     asking: trio.Lock = field(default_factory=trio.Lock)
     unread: bytearray = field(default_factory=bytearray)
@@ -122,11 +121,6 @@ class WorkerPool:
     def of(cls, options: list[WorkerOptions]) -> WorkerPool:
         """A pool for these secondaries (not started yet)."""
         return cls([_Worker(option) for option in options])
-
-    @property
-    def ready(self) -> int:
-        """Secondaries that accept connections now."""
-        return sum(worker.ready for worker in self.workers)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every secondary, report once all are ready, keep them running until stopped.
@@ -199,7 +193,6 @@ class WorkerPool:
             lived = trio.current_time() - started_at
             if lived >= STABLE_AFTER:
                 backoff = FIRST_BACKOFF
-            worker.restarts += 1
             log.error(
                 "worker %d exited unexpectedly (code %s); starting it again in %g s",
                 index,
