@@ -103,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # `trismtp jobs peek | head`: the reader went away. Say nothing and
+        # exit as a program killed by SIGPIPE would; the output still
+        # buffered must not be flushed into the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     sys.exit(status)
 
 
@@ -473,6 +479,7 @@ def _prompt_password() -> str:
 # -- helpers ------------------------------------------------------------------
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 # How long a thread running Python code (a big message's parse) may hold the
 # GIL before the event loop gets it back. The default, 5 ms, is paid at every
 # system call the loop makes while such a thread runs: an echo over a socket

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +13,16 @@ import pytest
 
 import trismtp
 
-from .trismtp_e2e import HOST, free_port, one_line_error, run_cli, write_settings
+from .trismtp_e2e import (
+    CLI_TIMEOUT,
+    HOST,
+    clean_env,
+    free_port,
+    one_line_error,
+    run_cli,
+    trismtp_argv,
+    write_settings,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -175,3 +187,26 @@ def test_jobs_stat_with_nothing_listening_says_what_to_do(
     assert "connection refused" in line.lower(), line
     assert line.count(str(port)) == 1, f"the address once, not repeated: {line}"
     assert what in line, f"{what!r} is what to do: {line}"
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    # `trismtp config | head -1`, `trismtp jobs peek | head`: the reader has
+    # gone before the command writes. It exits as if killed by SIGPIPE.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*trismtp_argv(), "config"],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 128 + signal.SIGPIPE
