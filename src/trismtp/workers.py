@@ -114,7 +114,6 @@ class WorkerPool:
     """The primary's secondaries: start, watch, restart, stop (see the module docstring)."""
 
     workers: list[_Worker] = field(default_factory=list)
-    _stopping: bool = False
     _stop_requested: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
@@ -128,24 +127,18 @@ class WorkerPool:
         Returns when :meth:`stop` was called and every secondary has exited.
         Cancelled, it kills them (``kill``, then SIGKILL after a few seconds).
         """
-        try:
-            async with trio.open_nursery() as nursery:
-                for worker in self.workers:
-                    await nursery.start(self._keep, worker)
-                task_status.started()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._kill_all()
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                await nursery.start(self._keep, worker)
+            task_status.started()
 
     def stop(self) -> None:
         """Ask every secondary to stop gracefully; :meth:`run` returns when they have."""
-        self._stopping = True
         self._stop_requested.set()
         self._tell_all(b"stop\n")
 
     def kill(self) -> None:
         """Ask every secondary to stop at once."""
-        self._stopping = True
         self._stop_requested.set()
         self._tell_all(b"kill\n")
 
@@ -168,6 +161,10 @@ class WorkerPool:
                 if worker.ready:
                     nursery.start_soon(ask, worker)
         return texts
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_requested.is_set()
 
     def _tell_all(self, line: bytes) -> None:
         for worker in self.workers:
@@ -244,21 +241,12 @@ class WorkerPool:
         finally:
             worker.ready = False
             if process.returncode is None:
+                # Cancelled (the daemon stops at once): say so, then make sure.
+                with contextlib.suppress(OSError):
+                    _write_now(process, b"kill\n")
                 with trio.CancelScope(shield=True):
                     await _kill(process)
             worker.process = None
-
-    async def _kill_all(self) -> None:
-        processes = [w.process for w in self.workers if w.process is not None]
-        if not processes:
-            return
-        for process in processes:
-            if process.returncode is None:
-                with contextlib.suppress(OSError):
-                    _write_now(process, b"kill\n")
-        async with trio.open_nursery() as nursery:
-            for process in processes:
-                nursery.start_soon(_kill, process)
 
 
 def _write_now(process: trio.Process, line: bytes) -> None:
