@@ -8,7 +8,7 @@ import json
 import logging
 import traceback
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from itertools import count
 from pathlib import Path
 
@@ -295,6 +295,26 @@ async def test_ensure_stream_leaves_an_existing_stream_alone(nats: NatsServer) -
         with pytest.raises(JetStreamError) as caught:
             await client.request("$JS.API.STREAM.INFO.NO_SUCH_STREAM", b"", 5)
         assert caught.value.err_code == 10059
+
+
+async def test_ensure_stream_from_many_connections_at_once_all_succeed(nats: NatsServer) -> None:
+    # What the daemon's lanes and workers do at start: each connection
+    # creates the stream if missing. The losers of the race get "name in
+    # use" or, from nats-server 2.9, "subjects overlap" for the very stream
+    # the winner just made; neither is an error for them.
+    async def ensure(client: NatsClient, stream: str, subject: str, into: list[str]) -> None:
+        info = await ensure_stream(client, stream, [subject])
+        into.append(info["config"]["name"])
+
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(NatsClient.connect(nats.url)) for _ in range(8)]
+        for round_ in range(20):
+            stream, subject = unique(f"race{round_}")
+            names: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(ensure, client, stream, subject, names)
+            assert names == [stream] * len(clients)
 
 
 async def test_message_larger_than_max_payload_is_refused_before_sending(

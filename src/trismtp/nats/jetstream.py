@@ -32,6 +32,7 @@ DEFAULT_API_TIMEOUT: Final = 5.0
 # JetStream API error codes (``err_code``), from nats-server's errors.json.
 ERR_NO_MESSAGE: Final = 10037
 ERR_STREAM_NAME_IN_USE: Final = 10058
+ERR_STREAM_SUBJECT_OVERLAP: Final = 10065
 ERR_STREAM_NOT_FOUND: Final = 10059
 _STREAM_NAME_FORBIDDEN: Final = re.compile(r"[\s.*>/\\\x00]")
 
@@ -145,9 +146,13 @@ async def ensure_stream(
         try:
             created = await _api(client, f"STREAM.CREATE.{stream}", orjson.dumps(config), timeout)
         except JetStreamError as exc:
-            if exc.err_code != ERR_STREAM_NAME_IN_USE:
+            # Created by someone else since we looked (another connection of
+            # this daemon: its lanes and workers all start at once). Racing
+            # the creator, nats-server 2.9 answers "name in use" or, at times,
+            # "subjects overlap" with that very stream: check theirs. A
+            # different stream holding the subjects leaves ours missing.
+            if exc.err_code not in (ERR_STREAM_NAME_IN_USE, ERR_STREAM_SUBJECT_OVERLAP):
                 raise
-            # Created by someone else since we looked: check theirs.
             info = await stream_info(client, stream, timeout=timeout)
             if info is None:
                 raise
