@@ -92,8 +92,9 @@ class Daemon:
         self.killed = False
         """True when the daemon was stopped at once rather than gracefully."""
         self._scope = trio.CancelScope()
-        # Big messages' buffers go back to the system once freed.
-        allocator.configure()
+        # Big messages' buffers go back to the system once freed; the heaps keep
+        # at most this process's share of the memory budget for the next ones.
+        allocator.configure(settings.smtp.memory_budget_bytes() // self._workers)
         # Certificate and users file now, so a broken one is a config error (exit 2).
         self._tls, self._users = load_security(settings.smtp)
         self.metrics = Metrics()
