@@ -136,6 +136,13 @@ _SQLITE_INTERRUPT: Final = 9
 INLINE_READ_BUDGET: Final = 0.002
 # Pages given back to the file system per step when a full disk is drained.
 _VACUUM_STEP: Final = 256
+# KiB of the writer's page cache (SQLite's default: 2 MiB). A consumer
+# reserves and acks a job soon after it was pushed; with 2 MiB the pages of
+# a big job had been pushed out by then and were read back from the WAL,
+# twice (Reserve reads the payload, the delete walks its overflow chain).
+# The mix's store work alone (docs/performance.md, "The writer's page cache")
+# cost 17.5-18.6 ms of CPU per MB of job with 2 MiB, 13.0-14.5 with 16-64 MiB.
+WRITER_CACHE_KIB: Final = 32 * 1024
 
 # Primary SQLite result codes that mean "the file cannot be used right now",
 # as opposed to a bug in our SQL: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR,
@@ -928,6 +935,7 @@ class JobStore:
                 f"{mode!r}); put the database on a local file system"
             )
         db.execute("PRAGMA synchronous = FULL")
+        db.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         if self._on_connect is not None:
             self._on_connect(db)
         self._migrate(db)
