@@ -486,6 +486,7 @@ class JobsServiceSettings(_Section):
     dead_letter_pipeline: str = "dead-letter"
     dedupe_window: float = Field(default=86400.0, ge=0, allow_inf_nan=False)
     disk_reserve: int = Field(default=32 * 1024 * 1024, ge=0)
+    secure_delete: bool = False
 
     @field_validator("listen")
     @classmethod

@@ -340,6 +340,29 @@ async def test_durability_pragmas_are_set(db_path: Path) -> None:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
+@pytest.mark.parametrize("secure_delete", [False, True])
+async def test_an_acked_jobs_content_is_zeroed_only_with_secure_delete(
+    db_path: Path, secure_delete: bool
+) -> None:
+    # A mail of ~100 KB: its payload fills overflow pages of its own.
+    secret = "".join(f"secret-{i:06d} " for i in range(8000))
+    async with JobStore.open(db_path, policy=Policy(secure_delete=secure_delete)) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("a", payload=secret)])
+        (reserved,) = await store.reserve("smtp", 1, lease=30)
+        assert await store.ack(refs([reserved])) == Settled(1)
+    # Closed: the WAL is checkpointed into the file and removed.
+    assert not await trio.Path(db_path.with_name(db_path.name + "-wal")).exists()
+    left = (await trio.Path(db_path).read_bytes()).count(b"secret-")
+    if secure_delete:
+        assert left == 0
+    else:
+        # Freed as they are (SQLite's default where it is not built with
+        # SECURE_DELETE): the next jobs overwrite them. Set either way, so
+        # the result does not depend on how SQLite was built.
+        assert left > 7000
+
+
 class Disk:
     """Fills the "disk" under a running store by capping its database's size.
 

@@ -785,6 +785,7 @@ async def serve_jobs(
         dead_letter=settings.dead_letter_pipeline,
         dedupe_window=settings.dedupe_window,
         disk_reserve=settings.disk_reserve,
+        secure_delete=settings.secure_delete,
     )
     async with JobStore.open(settings.database, clock=clock, policy=policy) as store:
         for name in [*settings.pipelines, settings.dead_letter_pipeline]:

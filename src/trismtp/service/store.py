@@ -328,6 +328,9 @@ class Policy:
     dead_letter: str = DEFAULT_DEAD_LETTER
     dedupe_window: float = DEFAULT_DEDUPE_WINDOW  # seconds; 0: forget at once
     disk_reserve: int = DEFAULT_DISK_RESERVE  # bytes kept free for consumers; 0: none
+    # Overwrite a deleted job's pages with zeros (SQLite's secure_delete).
+    # Off: the pages go to the free list as they are and new jobs reuse them.
+    secure_delete: bool = False
 
 
 Clock = Callable[[], float]
@@ -936,6 +939,11 @@ class JobStore:
             )
         db.execute("PRAGMA synchronous = FULL")
         db.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+        # Set either way: SQLite's default depends on how it was built
+        # (Debian's turns it on). On, every acked job is written a second
+        # time, as zeros, through the WAL and the checkpoint: 13.3 -> 9.6 ms
+        # of CPU per MB of job for the mix's store work (python -m bench.store).
+        db.execute(f"PRAGMA secure_delete = {int(self._policy.secure_delete)}")
         if self._on_connect is not None:
             self._on_connect(db)
         self._migrate(db)
