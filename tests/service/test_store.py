@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from trismtp.jobs.model import Job, JobOptions
 from trismtp.service import store as store_module
@@ -338,6 +339,33 @@ async def test_durability_pragmas_are_set(db_path: Path) -> None:
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+async def test_small_ops_queued_with_a_big_push_commit_before_it(db_path: Path) -> None:
+    done: list[str] = []
+    async with JobStore.open(db_path) as store:
+        await store.declare("smtp")
+
+        async def push(job_id: str, size: int) -> None:
+            await store.push_batch([make_job(job_id, payload="x" * size)])
+            done.append(job_id)
+
+        # Another process holds the write lock: the writer waits in its
+        # first transaction while the next two ops queue up behind it.
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(push, "first", 10)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(push, "big", store_module.HEAVY_PUSH)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(push, "small", 10)
+            await trio.testing.wait_all_tasks_blocked()
+            other.execute("COMMIT")
+            other.close()
+        assert set(stored(db_path)) == {"first", "big", "small"}
+    # Queued after the big one, committed before it.
+    assert done == ["first", "small", "big"]
 
 
 @pytest.mark.parametrize("secure_delete", [False, True])
