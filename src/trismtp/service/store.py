@@ -706,24 +706,20 @@ class JobStore:
                 # first, in a transaction of their own, instead of waiting
                 # for it.
                 light = [op for op in group if not op.heavy]
-                if light and len(light) < len(group):
-                    await self._commit_group(light)
-                    await self._commit_group([op for op in group if op.heavy])
-                else:
-                    await self._commit_group(group)
-
-    async def _commit_group(self, group: list[_Op[Any]]) -> None:
-        try:
-            with trio.CancelScope(shield=True):
-                results = await trio.to_thread.run_sync(self._run_group, group)
-        except BaseException as exc:
-            # A bug in the bookkeeping below: tell the waiters (they
-            # are shielded and would wait forever), then crash loudly.
-            for op in group:
-                op.resolve(outcome.Error(exc))
-            raise
-        for op, result in zip(group, results, strict=True):
-            op.resolve(result)
+                heavy = [op for op in group if op.heavy]
+                try:
+                    for part in (light, heavy) if light and heavy else (group,):
+                        with trio.CancelScope(shield=True):
+                            results = await trio.to_thread.run_sync(self._run_group, part)
+                        for op, result in zip(part, results, strict=True):
+                            op.resolve(result)
+                except BaseException as exc:
+                    # A bug in the bookkeeping below: tell the waiters (they
+                    # are shielded and would wait forever), then crash loudly.
+                    for op in group:
+                        if not op.done.is_set():
+                            op.resolve(outcome.Error(exc))
+                    raise
 
     def _run_group(self, group: Sequence[_Op[Any]]) -> list[outcome.Outcome[Any]]:
         """Run *group* in one transaction (in a worker thread); an outcome per op."""
