@@ -33,6 +33,7 @@ from trismtp.jobs.rpc import JobsClient
 from trismtp.jobs.websocket import FRAGMENT_CHARS
 
 from .service.test_server import job, service_settings, start_service, stored_ids
+from .stored import payload_of
 
 
 @pytest.mark.parametrize(
@@ -211,8 +212,8 @@ async def test_a_plain_trio_websocket_client_pushes_to_the_service(
     assert json.loads(out) == {"jsonrpc": "2.0", "id": 7, "result": {}}
     assert stored_ids(service.database) == {"plain-1"}
     with sqlite3.connect(service.database) as db:
-        (payload,) = db.execute("SELECT payload FROM jobs").fetchone()
-    assert payload == "é" * (size // 2) + "x"
+        row = db.execute("SELECT payload, payload_file FROM jobs").fetchone()
+    assert payload_of(service.database, *row) == "é" * (size // 2) + "x"
 
 
 async def test_our_client_sends_to_a_plain_trio_websocket_server() -> None:

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ..stored import payload_of
+
 __all__ = [
     "CLI_TIMEOUT",
     "HOST",
@@ -560,8 +562,8 @@ def stored_jobs(database: Path) -> list[StoredJob]:
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
     try:
         rows = db.execute(
-            "SELECT id, pipeline, name, payload, headers, priority, delay, auto_ack"
-            " FROM jobs ORDER BY rowid"
+            "SELECT id, pipeline, name, payload, headers, priority, delay, auto_ack,"
+            " payload_file FROM jobs ORDER BY rowid"
         ).fetchall()
     finally:
         db.close()
@@ -570,7 +572,7 @@ def stored_jobs(database: Path) -> list[StoredJob]:
             id=row[0],
             pipeline=row[1],
             name=row[2],
-            payload_text=row[3],
+            payload_text=payload_of(database, row[3], row[8]),
             headers=json.loads(row[4]),
             priority=row[5],
             delay=row[6],

@@ -36,6 +36,7 @@ from ..e2e.trismtp_e2e import (
     clean_env,
     trismtp_argv,
 )
+from ..stored import payload_of
 from .load import LoadGenerator, LoadReport, Outcome
 
 __all__ = [
@@ -262,12 +263,13 @@ def stored_rows(database: Path) -> list[tuple[str, str | None]]:
     """(job id, the Message-ID in its payload without <>) for every row of ``jobs``."""
     db = _connect_ro(database)
     try:
-        rows = db.execute("SELECT id, payload FROM jobs").fetchall()
+        rows = db.execute("SELECT id, payload, payload_file FROM jobs").fetchall()
     finally:
         db.close()
     out: list[tuple[str, str | None]] = []
-    for job_id, payload in rows:
-        message_id = json.loads(payload).get("message", {}).get("id")
+    for job_id, payload, payload_file in rows:
+        text = payload_of(database, payload, payload_file)
+        message_id = json.loads(text).get("message", {}).get("id")
         clean = message_id.strip().strip("<>") if isinstance(message_id, str) else None
         out.append((str(job_id), clean))
     return out

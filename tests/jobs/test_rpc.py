@@ -33,6 +33,7 @@ from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings
 
 from ..gate_clock import GateClock
+from ..stored import payload_of
 
 
 class Service:
@@ -121,8 +122,8 @@ async def test_a_request_in_parts_larger_than_a_frame_arrives_whole(service: Ser
 
     assert service.stored_ids() == {"big", "small"}
     with sqlite3.connect(service.settings.database) as db:
-        (payload,) = db.execute("SELECT payload FROM jobs WHERE id = 'big'").fetchone()
-    assert payload == big.payload
+        row = db.execute("SELECT payload, payload_file FROM jobs WHERE id = 'big'").fetchone()
+    assert payload_of(service.settings.database, *row) == big.payload
 
 
 def test_fragments_cut_and_join_parts_to_the_frame_size() -> None:

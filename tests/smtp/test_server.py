@@ -16,6 +16,8 @@ from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, SmtpSettings, embedded_url
 from trismtp.smtp.server import SmtpServer
 
+from ..stored import payload_of
+
 
 class Client:
     """A line-oriented SMTP client on a trio stream, for exact byte control."""
@@ -65,7 +67,10 @@ class Harness:
 
     def stored(self) -> list[dict[str, object]]:
         with sqlite3.connect(self.database) as db:
-            return [json.loads(row[0]) for row in db.execute("SELECT payload FROM jobs")]
+            return [
+                json.loads(payload_of(self.database, *row))
+                for row in db.execute("SELECT payload, payload_file FROM jobs")
+            ]
 
 
 async def start(

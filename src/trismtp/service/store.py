@@ -45,7 +45,37 @@ therefore funnels every write through one **writer task**::
 * **Time** comes from ``clock`` (wall-clock seconds by default: timestamps are
   stored and must survive restarts). Tests pass their own to expire leases.
 
-Schema (``PRAGMA user_version`` = 2; raise it with each migration)::
+Big payloads
+------------
+A payload of :data:`FILE_PAYLOAD` characters or more is a file of its own in
+``<database>-payloads/``, and its row holds ``""`` and the file's name. In the
+database, a 13 MB job held the one writer for ~110 ms: its insert wrote it to
+the WAL, fsynced it and then checkpointed it (copied again, fsynced again),
+its Reserve read and JSON-sized it, its delete walked its overflow pages.
+Every other operation waited meanwhile. As a file:
+
+* **Push** writes and fsyncs each file, then fsyncs the directory, in the
+  caller's own worker thread, before the operation reaches the writer: the
+  row that names a file commits only once the file is durable. A push that
+  fails, or whose job was a duplicate, removes its files.
+* **Reserve** opens the files inside its transaction and reads them after the
+  commit, in a worker thread: a Destroy, or an Ack by the next holder of an
+  expired lease, that removes a file meanwhile does not take it from an open
+  descriptor. ``payload_size`` (the payload's size as JSON) bounds the reply
+  by ``max_bytes`` without reading the file. A row whose file is missing
+  (deleted by hand, a backup restored without it) sends its job to the
+  dead-letter pipeline with an empty payload and a ``payload_missing`` header.
+* **Delete** (Ack, auto-ack, Destroy): a trigger records the file's name in
+  ``freed_files`` in the same transaction; after the commit the writer removes
+  the files and, in its next transaction, those rows. A crash in between
+  leaves a file no job names.
+* **Open** removes the files no job names, while holding an exclusive lock on
+  the directory: a second process on the same database (which does not get
+  the lock) may have files in flight, and leaves them alone.
+* With ``secure_delete`` every payload stays in its row: unlinking a file
+  does not zero its blocks.
+
+Schema (``PRAGMA user_version`` = 3; raise it with each migration)::
 
     pipelines(name TEXT PRIMARY KEY, driver TEXT = 'sqlite',
               priority INTEGER = 10,        -- reported by Stat
@@ -55,6 +85,8 @@ Schema (``PRAGMA user_version`` = 2; raise it with each migration)::
     jobs(seq INTEGER PRIMARY KEY,           -- written once: what was pushed
          id TEXT UNIQUE,                    -- the idempotency key
          pipeline, name, priority, delay, auto_ack, created_at,
+         payload_file TEXT NULL,            -- a big payload's file (payload is "")
+         payload_size INTEGER NULL,         -- its size as JSON (bytes, quotes included)
          headers TEXT (JSON), payload TEXT) -- the big values last
     queue(seq INTEGER PRIMARY KEY,          -- = jobs.seq: the state, small rows
           pipeline TEXT, priority INTEGER,
@@ -67,6 +99,9 @@ Schema (``PRAGMA user_version`` = 2; raise it with each migration)::
     INDEX queue_waiting ON queue(pipeline, available_at) WHERE token IS NULL     -- Stat
     acked(id TEXT PRIMARY KEY, token TEXT, at REAL)   -- done ids, kept dedupe_window s
     meta(key TEXT PRIMARY KEY, value)                 -- 'probe': the last write probe
+    freed_files(name TEXT)            -- files of deleted jobs, to remove after the commit
+    INDEX jobs_payload_file ON jobs(payload_file) WHERE payload_file IS NOT NULL
+    TRIGGER jobs_file_freed: a deleted job's payload_file goes into freed_files
 
 Why two tables for a job: a lease, a Nack or an Extend rewrites the job's
 state; SQLite rewrites a whole row to change one column, so with the payload
@@ -92,6 +127,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -104,7 +140,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, BinaryIO, Final, Generic, TypeVar
 
 import orjson
 import outcome
@@ -116,7 +152,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_PRIORITY: Final = 10
 DRIVER: Final = "sqlite"
 # Ops committed together at most; bounds one transaction's size and latency.
@@ -146,6 +182,9 @@ WRITER_CACHE_KIB: Final = 32 * 1024
 # Characters of payload from which a push commits after the other ops queued
 # with it (see _write_loop).
 HEAVY_PUSH: Final = 1024 * 1024
+# Characters of payload from which a job's payload is a file of its own beside
+# the database (see "Big payloads" above) instead of a value in its row.
+FILE_PAYLOAD: Final = 256 * 1024
 
 # Primary SQLite result codes that mean "the file cannot be used right now",
 # as opposed to a bug in our SQL: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR,
@@ -171,6 +210,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     delay      INTEGER NOT NULL,
     auto_ack   INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    payload_file TEXT,
+    payload_size INTEGER,
     headers    TEXT NOT NULL,
     payload    TEXT NOT NULL
 );
@@ -191,6 +232,9 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value
 );
+CREATE TABLE IF NOT EXISTS freed_files (
+    name TEXT NOT NULL
+);
 """
 
 _INDEXES: Final = """
@@ -200,6 +244,12 @@ CREATE INDEX IF NOT EXISTS queue_leased ON queue (pipeline, available_at)
 CREATE INDEX IF NOT EXISTS queue_waiting ON queue (pipeline, available_at)
     WHERE token IS NULL;
 CREATE INDEX IF NOT EXISTS acked_at ON acked (at);
+CREATE INDEX IF NOT EXISTS jobs_payload_file ON jobs (payload_file)
+    WHERE payload_file IS NOT NULL;
+CREATE TRIGGER IF NOT EXISTS jobs_file_freed AFTER DELETE ON jobs
+    WHEN OLD.payload_file IS NOT NULL BEGIN
+    INSERT INTO freed_files (name) VALUES (OLD.payload_file);
+END;
 CREATE TRIGGER IF NOT EXISTS jobs_queued AFTER INSERT ON jobs BEGIN
     INSERT INTO queue (seq, pipeline, priority, available_at)
         VALUES (NEW.seq, NEW.pipeline, NEW.priority, NEW.created_at + NEW.delay);
@@ -234,6 +284,13 @@ INSERT INTO queue (seq, pipeline, priority, available_at, token, attempts)
            attempts
     FROM jobs_v1;
 DROP TABLE jobs_v1;
+"""
+
+# Version 2 kept every payload in its row.
+_MIGRATE_2_TO_3: Final = """
+ALTER TABLE jobs ADD COLUMN payload_file TEXT;
+ALTER TABLE jobs ADD COLUMN payload_size INTEGER;
+{tables}
 """
 
 
@@ -387,6 +444,9 @@ class JobStore:
         self._healthy = True
         self._failure = ""  # why the store cannot write, while it cannot
         self._reserve = _DiskReserve(path.with_name(path.name + "-reserve"), policy.disk_reserve)
+        self._payloads = path.with_name(path.name + "-payloads")
+        self._payloads_lock: int | None = None  # the directory, flocked while open
+        self._freed_unlinked = False  # freed_files rows whose files are unlinked
         self._full = False  # the disk filled up: new jobs are refused, see _DiskReserve
         self._room_checked_at = -math.inf
         self._dead_letter_warned_at = -float("inf")
@@ -435,11 +495,17 @@ class JobStore:
                 await trio.to_thread.run_sync(store._drop_connection)
                 async with store._read_limiter:
                     await trio.to_thread.run_sync(store._drop_reader)
+                store._release_payloads()
 
     @property
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def payloads(self) -> Path:
+        """The directory of the payloads kept as files (beside the database)."""
+        return self._payloads
 
     @property
     def unwritable(self) -> str | None:
@@ -472,11 +538,31 @@ class JobStore:
         storing it would only make the sender's retry a duplicate.
         """
         window = self._policy.dedupe_window
-        await self._run(
-            partial(_push_batch, jobs=list(jobs), expires_at=expires_at, window=window),
-            grows=True,
-            heavy=sum(len(job.payload) for job in jobs) >= HEAVY_PUSH,
+        jobs = list(jobs)
+        big = (
+            []
+            if self._policy.secure_delete
+            else [index for index, job in enumerate(jobs) if len(job.payload) >= FILE_PAYLOAD]
         )
+        files: dict[int, tuple[str, int]] = {}
+        if big:
+            if self._full:
+                raise StorageUnavailable(self._full_reason())
+            written = await trio.to_thread.run_sync(
+                self._write_payloads, [jobs[index].payload for index in big]
+            )
+            files = dict(zip(big, written, strict=True))
+        try:
+            unused = await self._run(
+                partial(_push_batch, jobs=jobs, files=files, expires_at=expires_at, window=window),
+                grows=True,
+                heavy=sum(len(job.payload) for i, job in enumerate(jobs) if i not in files)
+                >= HEAVY_PUSH,
+            )
+        except BaseException:
+            self._remove_payloads([name for name, _ in files.values()])
+            raise
+        self._remove_payloads(unused)
 
     async def list_pipelines(self) -> list[str]:
         """The declared pipelines' names, sorted."""
@@ -522,7 +608,7 @@ class JobStore:
         stop before their JSON (with the lease) would pass that many bytes,
         but at least one job is handed out if any is ready.
         """
-        return await self._run(
+        reserved = await self._run(
             partial(
                 _reserve,
                 pipeline=pipeline,
@@ -531,8 +617,14 @@ class JobStore:
                 max_bytes=max_bytes,
                 policy=self._policy,
                 moved=self._dead_lettered,
+                payloads=self._payloads,
             )
         )
+        if not any(file is not None for _, file in reserved):
+            return [job for job, _ in reserved]
+        # The files were opened in the transaction: an Ack or a Destroy
+        # committed since then cannot take them away from this read.
+        return await trio.to_thread.run_sync(_read_payloads, reserved)
 
     async def peek(
         self, pipeline: str, max_jobs: int, *, max_bytes: int | None = None
@@ -543,7 +635,13 @@ class JobStore:
         *max_bytes* bounds their JSON as for :meth:`reserve`.
         """
         return await self._read(
-            partial(_peek, pipeline=pipeline, max_jobs=max_jobs, max_bytes=max_bytes),
+            partial(
+                _peek,
+                pipeline=pipeline,
+                max_jobs=max_jobs,
+                max_bytes=max_bytes,
+                payloads=self._payloads,
+            ),
             snapshot=True,
         )
 
@@ -601,6 +699,103 @@ class JobStore:
             attempts,
             f" (and {more} more jobs since the last such line)" if more else "",
         )
+
+    # -- payload files -------------------------------------------------------
+
+    def _write_payloads(self, payloads: Sequence[str]) -> list[tuple[str, int]]:
+        """Write each payload to a new file, durably (in a worker thread).
+
+        Returns each file's name and the payload's size as JSON. Raises
+        :class:`StorageUnavailable`, with no file left behind, if any write fails.
+        """
+        written: list[tuple[str, int]] = []
+        try:
+            self._payloads.mkdir(mode=0o700, exist_ok=True)
+            for payload in payloads:
+                data = payload.encode()
+                name = secrets.token_hex(16)
+                fd = os.open(
+                    self._payloads / name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                )
+                written.append((name, len(orjson.dumps(payload))))
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_directory(self._payloads)  # the new names are durable too
+        except OSError as exc:
+            self._remove_payloads([name for name, _ in written])
+            what = "is full" if exc.errno == errno.ENOSPC else f"failed: {exc.strerror}"
+            raise StorageUnavailable(f"storing a job's payload in {self._payloads} {what}") from exc
+        except BaseException:
+            self._remove_payloads([name for name, _ in written])
+            raise
+        return written
+
+    def _remove_payloads(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                (self._payloads / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # left for the sweep at the next start
+                logger.warning("cannot remove the payload file %s: %s", self._payloads / name, exc)
+
+    def _unlink_freed(self, db: sqlite3.Connection) -> None:
+        """Remove the files of the jobs deleted by the last commit (writer's thread)."""
+        names = [name for (name,) in db.execute("SELECT name FROM freed_files")]
+        if names:
+            self._remove_payloads(names)
+            self._freed_unlinked = True  # their rows go in the next transaction
+
+    def _sweep_payloads(self, db: sqlite3.Connection) -> None:
+        """At open: remove payload files no job refers to (a crash can leave them).
+
+        Only while this store holds the directory's lock: another process
+        serving the same database may be writing a payload it has not committed.
+        """
+        self._payloads.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self._payloads, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            logger.warning(
+                "another process holds %s: it serves %s too, so payload files left by a"
+                " crash are not removed by this one",
+                self._payloads,
+                self._path,
+            )
+            return
+        self._payloads_lock = fd
+        db.execute("DELETE FROM freed_files")
+        orphans = [
+            entry.name
+            for entry in os.scandir(self._payloads)
+            if db.execute(
+                "SELECT 1 FROM jobs INDEXED BY jobs_payload_file WHERE payload_file = ?",
+                (entry.name,),
+            ).fetchone()
+            is None
+        ]
+        if orphans:
+            self._remove_payloads(orphans)
+            logger.info(
+                "removed %d payload files from %s that no job refers to (a push that never"
+                " committed, or an ack whose file was not removed yet)",
+                len(orphans),
+                self._payloads,
+            )
+
+    def _release_payloads(self) -> None:
+        fd, self._payloads_lock = self._payloads_lock, None
+        if fd is not None:
+            os.close(fd)
 
     # -- reads --------------------------------------------------------------
 
@@ -742,6 +937,8 @@ class JobStore:
             try:
                 db = self._connection()
                 db.execute("BEGIN IMMEDIATE")
+                if self._freed_unlinked:
+                    db.execute("DELETE FROM freed_files")
                 for index in todo:
                     running = index
                     staged[index] = _run_in_savepoint(db, group[index].fn, now)
@@ -770,8 +967,13 @@ class JobStore:
                 results[running] = outcome.Error(_copy(failure))
                 todo.remove(running)
             else:
+                self._freed_unlinked = False
                 results.update(staged)
                 self._report(None)
+                try:
+                    self._unlink_freed(db)
+                except sqlite3.Error as exc:  # the rows stay: the next commit tries again
+                    logger.debug("cannot list the payload files to remove: %s", exc)
                 break
         return [results[index] for index in range(len(group))]
 
@@ -881,6 +1083,14 @@ class JobStore:
         if problems != ["ok"]:
             self._drop_connection()
             raise DatabaseCorrupt(_corrupt_message(self._path, problems[0]))
+        try:
+            self._sweep_payloads(db)
+        except Exception as exc:
+            self._drop_connection()
+            failure = _storage_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
         _marker(self._path).touch()
         if self._reserve.size and not self._reserve.present and not self._reserve.create():
             logger.warning(
@@ -972,9 +1182,10 @@ class JobStore:
             )
         if version == 0:
             steps = _TABLES
-        else:  # version 1
+        else:
             logger.info("migrating %s to schema version %d", self._path, SCHEMA_VERSION)
-            steps = _MIGRATE_1_TO_2.format(tables=_TABLES)
+            # Version 1's migration creates the tables as they are now.
+            steps = (_MIGRATE_1_TO_2 if version == 1 else _MIGRATE_2_TO_3).format(tables=_TABLES)
         db.executescript(
             f"BEGIN IMMEDIATE; {steps} {_INDEXES}"
             " UPDATE pipelines SET jobs ="
@@ -1148,9 +1359,13 @@ def _push_batch(
     now: float,
     *,
     jobs: list[Job],
+    files: Mapping[int, tuple[str, int]],
     expires_at: float | None,
     window: float,
-) -> None:
+) -> list[str]:
+    """Insert *jobs*; *files* maps a job's index to its payload's file and JSON
+    size. Returns the files no stored job refers to (their ids were stored or
+    acked already): the caller removes them."""
     if expires_at is not None and now > expires_at:
         raise BatchExpired(now - expires_at)
     _require_pipelines(db, {job.options.pipeline for job in jobs})
@@ -1160,7 +1375,8 @@ def _push_batch(
     forget_before = now - window if window > 0 else math.inf
     db.executemany(
         "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
-        " created_at, headers, payload) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+        " created_at, payload_file, payload_size, headers, payload)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
         " WHERE NOT EXISTS (SELECT 1 FROM acked WHERE id = ? AND at >= ?)",
         [
             (
@@ -1171,14 +1387,23 @@ def _push_batch(
                 job.options.delay,
                 int(job.options.auto_ack),
                 now,
+                *files.get(index, (None, None)),
                 json.dumps(job.headers, ensure_ascii=False, separators=(",", ":")),
-                job.payload,
+                "" if index in files else job.payload,
                 job.id,
                 forget_before,
             )
-            for job in jobs
+            for index, job in enumerate(jobs)
         ],
     )
+    return [
+        name
+        for index, (name, _) in files.items()
+        if db.execute(
+            "SELECT 1 FROM jobs WHERE id = ? AND payload_file = ?", (jobs[index].id, name)
+        ).fetchone()
+        is None
+    ]
 
 
 def _probe(db: sqlite3.Connection, now: float) -> None:
@@ -1271,18 +1496,17 @@ def _priorities(db: sqlite3.Connection, pipeline: str) -> Iterable[int]:
         ).fetchone()
 
 
-_JOB_COLUMNS: Final = "id, name, payload, headers, priority, delay, auto_ack, pipeline"
+_JOB_COLUMNS: Final = (
+    "id, name, payload, headers, priority, delay, auto_ack, pipeline, payload_file, payload_size"
+)
 
 
-def _load_job(db: sqlite3.Connection, seq: int) -> Job:
+def _load_job(db: sqlite3.Connection, seq: int) -> tuple[Job, str | None, int]:
+    """Job *seq*, the name of its payload's file (its payload is then ""),
+    and the payload's size as JSON."""
     row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq = ?", (seq,)).fetchone()
-    return _job(row)
-
-
-def _job(row: Sequence[Any]) -> Job:
-    """A Job from ``id, name, payload, headers, priority, delay, auto_ack, pipeline``."""
-    job_id, name, payload, headers, priority, delay, auto_ack, pipeline = row
-    return Job(
+    job_id, name, payload, headers, priority, delay, auto_ack, pipeline, file, size = row
+    job = Job(
         job=name,
         id=job_id,
         payload=payload,
@@ -1291,10 +1515,41 @@ def _job(row: Sequence[Any]) -> Job:
             priority=priority, pipeline=pipeline, delay=delay, auto_ack=bool(auto_ack)
         ),
     )
+    return job, file, 2 if file is None else size
 
 
-def _json_size(data: Mapping[str, Any]) -> int:
-    return len(orjson.dumps(data))
+def _json_size(data: Mapping[str, Any], payload_size: int = 2) -> int:
+    """The size of *data* as JSON, its payload counted as *payload_size* bytes
+    (for a payload still in its file; 2: the payload is in *data*)."""
+    return len(orjson.dumps(data)) + payload_size - 2
+
+
+def _read_payload(file: BinaryIO) -> str:
+    with file:
+        return file.read().decode()
+
+
+def _read_payloads(reserved: list[tuple[Reserved, BinaryIO | None]]) -> list[Reserved]:
+    """Reserved jobs with the payloads of their files read in (a worker thread)."""
+    try:
+        return [
+            item
+            if file is None
+            else Reserved(item.job.model_copy(update={"payload": _read_payload(file)}), item.lease)
+            for item, file in reserved
+        ]
+    finally:
+        for _, file in reserved:
+            if file is not None:
+                file.close()
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _reserve(
@@ -1307,13 +1562,37 @@ def _reserve(
     max_bytes: int | None,
     policy: Policy,
     moved: Callable[[str, str, int], None],
-) -> list[Reserved]:
+    payloads: Path,
+) -> list[tuple[Reserved, BinaryIO | None]]:
+    """The jobs leased, each with its payload's file, opened, if it has one."""
     row = db.execute("SELECT paused FROM pipelines WHERE name = ?", (pipeline,)).fetchone()
     if row is None:
         raise NoSuchPipeline([pipeline])
-    out: list[Reserved] = []
+    out: list[tuple[Reserved, BinaryIO | None]] = []
     if row[0] or max_jobs <= 0:
         return out
+    try:
+        _lease(db, now, pipeline, max_jobs, lease, max_bytes, policy, moved, payloads, out)
+    except BaseException:
+        for _, file in out:
+            if file is not None:
+                file.close()
+        raise
+    return out
+
+
+def _lease(
+    db: sqlite3.Connection,
+    now: float,
+    pipeline: str,
+    max_jobs: int,
+    lease: float,
+    max_bytes: int | None,
+    policy: Policy,
+    moved: Callable[[str, str, int], None],
+    payloads: Path,
+    out: list[tuple[Reserved, BinaryIO | None]],
+) -> None:
     used = 0
     for priority in list(_priorities(db, pipeline)):
         while len(out) < max_jobs:
@@ -1326,22 +1605,30 @@ def _reserve(
             if not candidates:
                 break
             for seq, attempts in candidates:
+                job, file, payload_size = _load_job(db, seq)
                 if _exhausted(policy, pipeline, attempts):
                     # It came back after its last allowed delivery.
-                    job = _load_job(db, seq)
                     _dead_letter(db, now, seq, job, attempts, policy.dead_letter)
                     moved(job.id, pipeline, attempts)
                     continue
-                job = _load_job(db, seq)
+                opened: BinaryIO | None = None
+                if file is not None:
+                    try:
+                        opened = open(payloads / file, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
+                    except FileNotFoundError:
+                        _payload_missing(db, now, seq, job, attempts, policy, payloads / file)
+                        continue
                 granted = Lease(
                     token=secrets.token_urlsafe(18),
                     attempt=attempts + 1,
                     expires_at=now + lease,
                 )
                 reserved = Reserved(job, granted)
-                size = _json_size(reserved.to_dict()) + 1
+                size = _json_size(reserved.to_dict(), payload_size) + 1
                 if max_bytes is not None and out and used + size > max_bytes:
-                    return out
+                    if opened is not None:
+                        opened.close()
+                    return
                 used += size
                 if job.options.auto_ack:
                     _delete(db, now, seq, job.id, granted.token, policy.dedupe_window)
@@ -1350,12 +1637,38 @@ def _reserve(
                         "UPDATE queue SET token = ?, attempts = ?, available_at = ? WHERE seq = ?",
                         (granted.token, granted.attempt, granted.expires_at, seq),
                     )
-                out.append(reserved)
+                out.append((reserved, opened))
                 if max_bytes is not None and used >= max_bytes:
-                    return out
+                    return
         if len(out) >= max_jobs:
             break
-    return out
+
+
+def _payload_missing(
+    db: sqlite3.Connection,
+    now: float,
+    seq: int,
+    job: Job,
+    attempts: int,
+    policy: Policy,
+    path: Path,
+) -> None:
+    """Job *seq*'s payload file is gone (deleted by hand, or a backup restored
+    without it): the job goes to the dead-letter pipeline, its payload empty
+    and a ``payload_missing`` header naming the file, rather than block its
+    pipeline."""
+    logger.error(
+        "job %s of pipeline %r has lost its payload: %s is missing; the job goes to %r"
+        " with an empty payload and the header payload_missing",
+        job.id,
+        job.options.pipeline,
+        path,
+        policy.dead_letter,
+    )
+    headers = {**job.headers, "payload_missing": [str(path)]}
+    job = job.model_copy(update={"headers": headers})
+    _dead_letter(db, now, seq, job, attempts, policy.dead_letter)
+    db.execute("UPDATE jobs SET payload_file = NULL, payload_size = NULL WHERE seq = ?", (seq,))
 
 
 def _exhausted(policy: Policy, pipeline: str, attempts: int) -> bool:
@@ -1382,7 +1695,13 @@ def _dead_letter(
 
 
 def _peek(
-    db: sqlite3.Connection, now: float, *, pipeline: str, max_jobs: int, max_bytes: int | None
+    db: sqlite3.Connection,
+    now: float,
+    *,
+    pipeline: str,
+    max_jobs: int,
+    max_bytes: int | None,
+    payloads: Path,
 ) -> list[Job]:
     _require_pipelines(db, [pipeline])
     out: list[Job] = []
@@ -1393,10 +1712,16 @@ def _peek(
             " ORDER BY available_at, seq LIMIT ?",
             (pipeline, priority, max_jobs - len(out)),
         ).fetchall():
-            job = _load_job(db, seq)
-            size = _json_size(job.to_dict()) + 1
+            job, file, payload_size = _load_job(db, seq)
+            size = _json_size(job.to_dict(), payload_size) + 1
             if max_bytes is not None and out and used + size > max_bytes:
                 return out
+            if file is not None:
+                try:
+                    payload = _read_payload(open(payloads / file, "rb", buffering=0))  # noqa: SIM115
+                except FileNotFoundError:
+                    continue  # acked since this read's snapshot (or lost: Reserve says so)
+                job = job.model_copy(update={"payload": payload})
             used += size
             out.append(job)
             if max_bytes is not None and used >= max_bytes:
@@ -1469,7 +1794,7 @@ def _requeue(
         seq, attempts, pipeline = current
         done += 1
         if _exhausted(policy, pipeline, attempts):
-            _dead_letter(db, now, seq, _load_job(db, seq), attempts, policy.dead_letter)
+            _dead_letter(db, now, seq, _load_job(db, seq)[0], attempts, policy.dead_letter)
             moved(job_id, pipeline, attempts)
             continue
         db.execute(
