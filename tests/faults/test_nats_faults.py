@@ -79,7 +79,7 @@ async def read_stream(nats: NatsServer) -> list[StoredMessage]:
 
 
 def stream_as_store(messages: list[StoredMessage], database: Path) -> Path:
-    """The stream's messages as the store's ``jobs`` table (id, payload), so that
+    """The stream's messages as the store's ``jobs`` table (id, payload, no file), so that
     the suite's :func:`~.harness.check_store` reads them unchanged.
 
     One row per stream message, its id the job's (``uuid`` header), its payload
@@ -98,7 +98,7 @@ def stream_as_store(messages: list[StoredMessage], database: Path) -> Path:
         rows.append((msg_ids[0], payload))
     db = sqlite3.connect(database)
     try:
-        db.execute("CREATE TABLE jobs (id TEXT NOT NULL, payload TEXT NOT NULL)")
+        db.execute("CREATE TABLE jobs (id TEXT NOT NULL, payload TEXT NOT NULL, payload_file TEXT)")
         db.executemany("INSERT INTO jobs (id, payload) VALUES (?, ?)", rows)
         db.commit()
     finally:
