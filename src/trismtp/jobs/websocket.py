@@ -321,14 +321,16 @@ def frame_header(opcode: int, *, finished: bool, length: int, key: bytes = b"") 
     return struct.pack("!BBQ", first, masked | 127, length) + key
 
 
-async def send_message(ws: WebSocketConnection, text: str) -> None:
-    """Send *text* as one text message in one frame, like ``ws.send_message``.
+async def send_message(ws: WebSocketConnection, text: str | bytes) -> None:
+    """Send *text* (or its UTF-8) as one text message in one frame, like
+    ``ws.send_message``.
 
     For the service's replies (a Reserve's may be 16 MiB): built here, the
     frame is the reply's UTF-8 and a header, where trio-websocket's path
     would hold four more copies of it at once.
     """
-    await _send_frame(ws, text.encode(), opcode=_TEXT, finished=True)
+    payload = text if isinstance(text, bytes) else text.encode()
+    await _send_frame(ws, payload, opcode=_TEXT, finished=True)
 
 
 async def _send_frame(

@@ -150,7 +150,7 @@ class ReplyOutbox:
         while self._waiting >= self._limit:
             await self._room.park()
 
-    async def send(self, reply: str) -> None:
+    async def send(self, reply: str | bytes) -> None:
         """Send *reply* after those before it; raises what ``send_message`` raises."""
         size = len(reply)
         self._waiting += size
