@@ -1168,6 +1168,9 @@ def _content_id(part: Message) -> str | None:
 
 def _leaf_bytes(part: Message) -> bytes:
     """The decoded content of a leaf part."""
+    fast = _base64_in_one_pass(part)
+    if fast is not None:
+        return fast
     try:
         data = part.get_payload(decode=True)
     except Exception:
@@ -1176,6 +1179,30 @@ def _leaf_bytes(part: Message) -> bytes:
         payload = part.get_payload()
         data = payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else b""
     return data if isinstance(data, bytes) else b""
+
+
+def _base64_in_one_pass(part: Message) -> bytes | None:
+    """``part.get_payload(decode=True)`` for a base64 leaf of ASCII text, or
+    None to take that path.
+
+    The standard library joins the lines (a copy), checks the alphabet with
+    a regular expression and decodes (~28 ms for a 5 MB attachment); binascii
+    skips the line breaks itself (~15 ms). Where it succeeds its result is the
+    standard library's: both decode with ``a2b_base64``, which skips every
+    character outside the alphabet wherever it is, and what it refuses
+    (missing padding, say) goes the standard library's way, which mends it.
+    tests/test_payload_differential.py holds both paths to the same job.
+    """
+    # What get_payload() reads: a str for a parsed leaf, a list for a multipart.
+    payload = getattr(part, "_payload", None)
+    if not isinstance(payload, str) or not payload.isascii():
+        return None  # 8-bit bytes: get_payload() has its own rules for them
+    if str(part.get("content-transfer-encoding", "")).lower() != "base64":
+        return None
+    try:
+        return binascii.a2b_base64(payload.encode("ascii"))
+    except binascii.Error:
+        return None
 
 
 def _flatten_body(part: Message) -> bytes:
