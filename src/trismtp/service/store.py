@@ -481,7 +481,11 @@ class JobStore:
             on_connect=on_connect,
             policy=policy or Policy(),
         )
-        await trio.to_thread.run_sync(store._open_now)
+        try:
+            await trio.to_thread.run_sync(store._open_now)
+        except BaseException:
+            store._release_payloads()  # taken before a later step failed
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store._write_loop)
