@@ -169,6 +169,25 @@ async def test_files_no_job_refers_to_are_removed_at_open(
         assert db.execute("SELECT COUNT(*) FROM freed_files").fetchone() == (0,)
 
 
+async def test_the_files_of_a_database_that_vanished_are_kept_aside(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deleted by mistake: the sweep must not take the payloads a restored
+    # backup of the database will need.
+    async with JobStore.open(db_path) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job("a", payload=big_payload("a"))])
+        [name] = files(db_path)
+    os.unlink(db_path)
+
+    with caplog.at_level(logging.WARNING, logger="trismtp.service.store"):
+        async with JobStore.open(db_path):
+            assert files(db_path) == []
+    [aside] = db_path.parent.glob("jobs.sqlite3-payloads.orphan-*")
+    assert (aside / name).read_bytes().decode() == big_payload("a")
+    assert any(str(aside) in r.getMessage() for r in caplog.records)
+
+
 async def test_a_second_store_on_the_database_leaves_files_alone(
     store: JobStore, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1113,6 +1113,10 @@ class JobStore:
         orphans = [
             side for side in (wal, self._path.with_name(self._path.name + "-shm")) if side.exists()
         ]
+        if self._payloads.is_dir() and any(self._payloads.iterdir()):
+            # The payloads of the jobs that were lost with it: the sweep at
+            # open would remove them all, and a restored database needs them.
+            orphans.append(self._payloads)
         if not held and not orphans:
             return  # a first start
         logger.warning(
