@@ -1547,9 +1547,13 @@ def _read_payloads(reserved: list[tuple[Reserved, BinaryIO | None]]) -> list[Res
             for item, file in reserved
         ]
     finally:
-        for _, file in reserved:
-            if file is not None:
-                file.close()
+        _close_files(reserved)
+
+
+def _close_files(reserved: list[tuple[Reserved, BinaryIO | None]]) -> None:
+    for _, file in reserved:
+        if file is not None:
+            file.close()
 
 
 def _fsync_directory(path: Path) -> None:
@@ -1582,9 +1586,7 @@ def _reserve(
     try:
         _lease(db, now, pipeline, max_jobs, lease, max_bytes, policy, moved, payloads, out)
     except BaseException:
-        for _, file in out:
-            if file is not None:
-                file.close()
+        _close_files(out)
         raise
     return out
 
