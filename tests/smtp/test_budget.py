@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -195,3 +197,33 @@ async def test_an_upload_that_outgrows_the_budget_waits_then_completes(
     subjects = sorted(str(p["message"]["subject"]) for p in harness.stored())  # type: ignore[index]
     assert subjects == ["first", "grows"]
     assert harness.smtp.budget.used == 0
+
+
+async def test_an_upload_that_waits_for_memory_past_data_timeout_gets_421_saying_why(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    size = MIB
+    harness = await start(
+        nursery,
+        tmp_path,
+        max_message_size=size,
+        memory_budget=minimum_budget(size),
+        data_timeout=1.0,
+    )
+    big = await harness.connect()  # holds the budget and never goes on
+    assert (await _transaction(big, size=size))[1] == "250 2.1.0 OK"
+
+    late = await harness.connect()
+    assert (await late.command("EHLO client.example")).startswith("250")
+    assert (await late.command("MAIL FROM:<a@example.com>")) == "250 2.1.0 OK"
+    assert (await late.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
+    assert (await late.command("DATA")).startswith("354 ")
+    with caplog.at_level(logging.WARNING, logger="trismtp.smtp"):
+        # Past the small messages' reserve: this upload must wait for memory.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await late.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
+        assert (await late.reply()).startswith("421 4.3.1 ")
+
+    [line] = [r.getMessage() for r in caplog.records if "system storage" in r.getMessage()]
+    assert "smtp.memory_budget" in line
+    assert "smtp.data_timeout" in line

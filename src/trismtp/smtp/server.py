@@ -711,9 +711,11 @@ class SmtpServer:
                 if conn.state is State.DATA:
                     data_received += len(data)
                     waited = await self._claim_data(session, data_received, data_deadline)
-                    if waited is None:
+                    if isinstance(waited, str):
                         self._metrics.memory_refusal()
-                        log.warning("from %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0])
+                        log.warning(
+                            "from %s: %s: %s", session.remote, NO_MEMORY_CLOSING.lines()[0], waited
+                        )
                         await self._send(session, conn.send(NO_MEMORY_CLOSING))
                         await self._discard_rest(session)
                         return
@@ -829,12 +831,12 @@ class SmtpServer:
         )
         return NO_MEMORY
 
-    async def _claim_data(self, session: _Session, received: int, deadline: float) -> float | None:
+    async def _claim_data(self, session: _Session, received: int, deadline: float) -> float | str:
         """Claim memory for ``received`` octets of DATA: the seconds waited.
 
         While the claim waits, the session does not read: the client's
         writes block (TCP back-pressure) until other messages are answered.
-        None when it cannot wait (too much is parked, see
+        Why not, for the log, when it cannot wait (too much is parked, see
         :mod:`trismtp.smtp.budget`) or waited until ``deadline``.
         """
         needed = min(received, self._claim_cap)
@@ -846,11 +848,19 @@ class SmtpServer:
             return 0.0
         started = trio.current_time()
         log.debug("from %s: waiting for memory (%d bytes)", session.remote, target)
+        budget = self._budget
+        full = (
+            "the memory budget for messages in flight"
+            f" (this process's {budget.total >> 20} MiB of smtp.memory_budget)"
+        )
         with trio.move_on_at(deadline):
-            if not await self._budget.claim(session.claim, target, parking=received):
-                return None
+            if not await budget.claim(session.claim, target, parking=received):
+                return (
+                    f"{full} is full, and the uploads waiting for it already hold"
+                    f" {budget.parked >> 20} MiB of its {budget.park_limit >> 20} MiB park limit"
+                )
             return trio.current_time() - started
-        return None
+        return f"{full} stayed full until smtp.data_timeout ran out"
 
     async def _discard_rest(self, session: _Session) -> None:
         """After a 421 mid-upload: let the client read it before the connection goes.
