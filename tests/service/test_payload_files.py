@@ -146,19 +146,26 @@ async def test_destroy_and_auto_ack_remove_the_files(store: JobStore, db_path: P
     assert set(stored(db_path)) == {"kept"}
 
 
-async def test_files_no_job_refers_to_are_removed_at_open(
-    db_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def push_one_big_job_and_close(db_path: Path) -> str:
+    """A store with job "a" of a big payload, closed: the payload's file name."""
     async with JobStore.open(db_path) as store:
         await store.declare("smtp")
         await store.push_batch([make_job("a", payload=big_payload("a"))])
-        [kept] = files(db_path)
-        # A crash between a payload's fsync and its row's commit, and one
-        # between an ack's commit and the removal of its file:
-        (store.payloads / "0123456789abcdef0123456789abcdef").write_bytes(b'"never committed"')
+        [name] = files(db_path)
+    return name
+
+
+async def test_files_no_job_refers_to_are_removed_at_open(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = await push_one_big_job_and_close(db_path)
+    # A crash between a payload's fsync and its row's commit, and one
+    # between an ack's commit and the removal of its file:
+    directory = db_path.with_name(db_path.name + "-payloads")
+    (directory / "0123456789abcdef0123456789abcdef").write_bytes(b'"never committed"')
     with sqlite3.connect(db_path) as db:
         db.execute("INSERT INTO freed_files (name) VALUES ('feedfacefeedfacefeedfacefeedface')")
-    (db_path.with_name(db_path.name + "-payloads") / "feedfacefeedfacefeedfacefeedface").touch()
+    (directory / "feedfacefeedfacefeedfacefeedface").touch()
 
     with caplog.at_level(logging.INFO, logger="trismtp.service.store"):
         async with JobStore.open(db_path) as store:
@@ -174,10 +181,7 @@ async def test_the_files_of_a_database_that_vanished_are_kept_aside(
 ) -> None:
     # Deleted by mistake: the sweep must not take the payloads a restored
     # backup of the database will need.
-    async with JobStore.open(db_path) as store:
-        await store.declare("smtp")
-        await store.push_batch([make_job("a", payload=big_payload("a"))])
-        [name] = files(db_path)
+    name = await push_one_big_job_and_close(db_path)
     os.unlink(db_path)
 
     with caplog.at_level(logging.WARNING, logger="trismtp.service.store"):
