@@ -334,7 +334,10 @@ def test_a_workqueue_stream_takes_one_roadrunner_instance_only(
     nats_servers: NatsServers, launch: Launcher
 ) -> None:
     nats = nats_servers.new().start()
-    nats_daemon(launch, nats, {"retention": "workqueue"})
+    daemon = nats_daemon(launch, nats, {"retention": "workqueue"})
+    # The pusher creates the stream once it has connected, which may be after
+    # SMTP listens: a 250 means the stream is there.
+    send_many(daemon.smtp_port, 1, "wq")
 
     async def two_instances(client: NatsClient) -> None:
         await RoadRunnerPipeline(client).run()
