@@ -86,3 +86,18 @@ def test_anything_but_a_response_is_a_protocol_error(message: str) -> None:
     protocol.request("jobs.List", "{}")
     with pytest.raises(ProtocolError):
         protocol.receive(message)
+
+
+def test_replies_read_the_same_whichever_json_parser_reads_them() -> None:
+    # orjson reads replies (a Reserve's carries megabytes of payload); what it
+    # refuses and the standard library reads still comes through as before.
+    protocol = ClientProtocol()
+    for _ in range(3):
+        protocol.request("jobs.List", "{}")
+    payload = json.dumps({"subject": "Grüße", "body": "line\r\n" * 1000})
+    reply = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"payload": payload}})
+    assert protocol.receive(reply.encode()) == [Reply(1, {"payload": payload})]
+    (nan,) = protocol.receive('{"jsonrpc":"2.0","id":2,"result":{"x":NaN}}')
+    assert nan.result["x"] != nan.result["x"]
+    lone = protocol.receive('{"jsonrpc":"2.0","id":3,"result":"\\ud800"}')
+    assert lone == [Reply(3, "\ud800")]

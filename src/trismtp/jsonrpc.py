@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+import orjson
+
 __all__ = [
     "BATCH_EXPIRED",
     "INTERNAL_ERROR",
@@ -126,6 +128,22 @@ class Reply:
     error: RpcError | None = None
 
 
+def _loads(message: str | bytes) -> Any:
+    """*message* read as JSON: by orjson, or by the standard library where
+    orjson refuses it (NaN, a lone surrogate escape, nesting past 1024).
+
+    A Reserve's reply carries megabytes of payload text; the standard
+    library took a third of the consumer's CPU reading it, orjson takes a
+    few percent. What either accepts reads the same, but for integers past
+    64 bits, which orjson reads as floats: the service sends none (ids are
+    ours, counts are small, payloads are strings).
+    """
+    try:
+        return orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return json.loads(message)
+
+
 def encode_params(params: Mapping[str, Any]) -> str:
     """*params* as compact JSON text (non-ASCII kept as it is)."""
     return json.dumps(params, ensure_ascii=False, separators=(",", ":"))
@@ -181,7 +199,7 @@ class ClientProtocol:
         response or batch of responses.
         """
         try:
-            data = json.loads(message)
+            data = _loads(message)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"not JSON ({exc})") from None
         replies: list[Reply] = []
