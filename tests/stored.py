@@ -4,11 +4,14 @@ would: with sqlite3, and from the file beside the database for a big one
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 def payload_of(database: Path | str, payload: str, payload_file: str | None) -> str:
-    """The payload of a ``jobs`` row from its ``payload`` and ``payload_file`` columns."""
+    """The payload of a ``jobs`` row from its ``payload`` and ``payload_file`` columns
+    (a file holds the payload as a JSON string)."""
     if payload_file is None:
         return payload
-    return (Path(f"{database}-payloads") / payload_file).read_bytes().decode()
+    text: str = json.loads((Path(f"{database}-payloads") / payload_file).read_bytes())
+    return text

@@ -280,3 +280,33 @@ async def test_request_ids_are_echoed_exactly(service: Service, request_id: Any)
 
     assert json.loads(reply)["id"] == request_id
     assert f'"id":{json.dumps(request_id)}' in reply.replace(" ", "")
+
+
+@pytest.mark.parametrize("request_id", [7, 2**64 + 1])
+async def test_a_big_payload_comes_back_exactly_as_it_was_pushed(
+    service: Service, request_id: int
+) -> None:
+    # Its file holds it as a JSON string, copied into the Reserve's reply as
+    # it is; a request id past 64 bits takes the standard library's encoder.
+    text = 'Grüße 😀 "quoted" back\\slash \r\n\t\u2028 <b>&amp;</b> '
+    payload = json.dumps({"text": text * 20_000}, ensure_ascii=False)
+    pushed = {**job("big"), "payload": payload}
+    async with JobsClient.connect(service.url) as client:
+        await client.call("jobs.Push", {"job": pushed})
+    request = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "jobs.Reserve",
+        "params": {"pipeline": "smtp", "max": 10, "lease": 30},
+    }
+    ws: WebSocketConnection
+    async with open_websocket_url(service.url, max_message_size=16 * 2**20) as ws:
+        await ws.send_message(json.dumps(request))
+        reply = json.loads(await ws.get_message())
+
+    assert reply["id"] == request_id
+    [reserved] = reply["result"]["jobs"]
+    assert reserved["payload"] == payload
+    assert {k: v for k, v in reserved.items() if k not in ("payload", "lease")} == {
+        k: v for k, v in pushed.items() if k != "payload"
+    } | {"options": reserved["options"]}

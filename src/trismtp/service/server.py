@@ -89,6 +89,7 @@ from trismtp.service.store import (
     Policy,
     Settled,
     StorageUnavailable,
+    StoredPayload,
 )
 from trismtp.settings import HostPort, JobsServiceSettings
 
@@ -448,31 +449,43 @@ def _invalid_params(exc: ValidationError) -> RpcFailure:
 
 
 def _encode(reply: Any) -> str:
-    try:
-        return orjson.dumps(reply).decode()
-    except orjson.JSONEncodeError:
-        # orjson refuses integers past 64 bits: a request id can be one.
-        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    return _encode_bytes(reply).decode()
 
 
 def _carries_big_payloads(response: dict[str, Any]) -> bool:
     """True for a Reserve's or Peek's response whose payloads come to
     :data:`THREAD_ENCODE_THRESHOLD` characters or more: encoded in a worker
     thread, as bytes (a 13 MB job's reply cost the event loop ~30 ms to
-    encode to text and back to UTF-8, while it also serves the pushes)."""
+    encode to text and back to UTF-8, while it also serves the pushes).
+    Payloads read from their files are not counted: they are copied in."""
     result = response.get("result")
     jobs = result.get("jobs") if isinstance(result, dict) else None
     if not isinstance(jobs, list):
         return False
-    return sum(len(job.get("payload", "")) for job in jobs) >= THREAD_ENCODE_THRESHOLD
+    texts = (job.get("payload") for job in jobs)
+    return sum(len(text) for text in texts if isinstance(text, str)) >= THREAD_ENCODE_THRESHOLD
 
 
 def _encode_bytes(reply: Any) -> bytes:
-    """:func:`_encode` as UTF-8 bytes, for the parts of a batch reply."""
+    """The reply as UTF-8 JSON, a payload from its file copied in as stored."""
     try:
-        return orjson.dumps(reply)
+        return orjson.dumps(reply, default=_spliced)
     except orjson.JSONEncodeError:
-        return _encode(reply).encode()
+        # orjson refuses integers past 64 bits: a request id can be one.
+        text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"), default=_as_text)
+        return text.encode()
+
+
+def _spliced(value: object) -> orjson.Fragment:
+    if isinstance(value, StoredPayload):
+        return orjson.Fragment(value.json)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, StoredPayload):
+        return value.text()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 # -- shutdown ----------------------------------------------------------------
@@ -723,7 +736,7 @@ class _Service:
                 # stopping (see _serve_message); the encoding takes ms.
                 with trio.CancelScope(shield=True):
                     return await trio.to_thread.run_sync(_encode_bytes, response)
-            return _encode(response)
+            return _encode_bytes(response)
         responses: list[bytes | None] = [None] * len(decoded)
         total = 0
 
