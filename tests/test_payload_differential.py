@@ -629,3 +629,198 @@ def test_tables_shared_between_messages_stay_bounded() -> None:
         check_same(raw)
     assert len(message_module._SHARED_HEADERS) <= message_module._MAX_SHARED_HEADERS
     assert message_module._legacy_pairs.cache_info().currsize <= 1024
+
+
+# MIME mail of two and three levels, as mail clients send it (a "mixed" with
+# an "alternative" and a PDF; "related" inside "alternative"), with the same
+# details as above at every level: the shortcut reads nested multiparts too.
+inner_boundaries = st.sampled_from(["inner", "b", "bb", "=_alt_1", "inner2", "x y"])
+leaf_types = st.sampled_from(
+    [
+        "text/plain; charset=utf-8",
+        "text/html; charset=utf-8",
+        'application/pdf; name="r.pdf"',
+        "image/png",
+        "message/rfc822",
+        "multipart/digest; boundary=d",
+        "",
+    ]
+)
+
+
+def _multipart_lines(draw: st.DrawFn, boundary: str, depth: int, noisy: bool) -> list[str]:
+    """The body of a multipart with *boundary*: its delimiters, parts and close.
+
+    Not *noisy*: the shape of a mail client's, every detail plain; noisy:
+    anything above may turn up at any level.
+    """
+
+    def odd(strategy: st.SearchStrategy[Any], plain: Any) -> Any:
+        return draw(strategy) if noisy else plain
+
+    lines: list[str] = []
+    if odd(st.booleans(), False):
+        lines.append("This is a multi-part message in MIME format.")
+    for _ in range(draw(st.integers(1, 3))):
+        lines.append(f"--{boundary}{odd(delimiter_tails, '')}")
+        if depth < 3 and draw(st.booleans()):
+            inner = draw(inner_boundaries if noisy else st.sampled_from(["inner", "=_alt_1"]))
+            inner = f"{inner}{depth}" if not noisy else inner
+            subtype = draw(st.sampled_from(["alternative", "related", "mixed"]))
+            declared = f'"{inner}"' if " " in inner or draw(st.booleans()) else inner
+            folded = draw(st.sampled_from(["; ", ";\r\n\t", ";\r\n "]))
+            lines.append(f"Content-Type: multipart/{subtype}{folded}boundary={declared}")
+            if odd(st.booleans(), False):
+                lines.append("Content-Transfer-Encoding: base64")
+            lines.append("")
+            lines += _multipart_lines(draw, inner, depth + 1, noisy)
+            epilogue = odd(st.sampled_from([None, "", "inner epilogue", "\r\n"]), None)
+            if epilogue is not None:
+                lines.append(epilogue)
+            continue
+        ctype = draw(leaf_types) if noisy else draw(st.sampled_from(plain_leaf_types))
+        if ctype:
+            lines.append(f"Content-Type: {ctype}")
+        lines += draw(part_extras)
+        if odd(mostly, True):
+            lines.append("")
+        ending = odd(
+            st.sampled_from([""] * 12 + ["\r", "\n", f"\r--{boundary}", f"\n--{boundary}"]), ""
+        )
+        body = draw(part_bodies if noisy else st.sampled_from(plain_bodies))
+        lines.append(body.rstrip("\r\n") + ending)
+    if odd(mostly, True):
+        lines.append(f"--{boundary}--{odd(st.sampled_from([''] * 8 + [' ', 'x']), '')}")
+    return lines
+
+
+plain_leaf_types = ["text/plain; charset=utf-8", "text/html; charset=utf-8", "image/png"]
+plain_bodies = ["", "hello", "line one\r\nline two", "caf\u00e9 \u2603", "SGVsbG8=\r\nSGVsbG8="]
+
+
+@st.composite
+def nested_multipart(draw: st.DrawFn) -> bytes:
+    noisy = draw(st.booleans())
+    lines = [
+        "From: Alice <alice@example.com>",
+        "Subject: nested",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/mixed; boundary="outer"',
+        "",
+        *_multipart_lines(draw, "outer", 1, noisy),
+    ]
+    if draw(st.booleans()):
+        lines.append("epilogue")
+    return ("\r\n".join(lines) + draw(st.sampled_from(["\r\n", ""]))).encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def tree(msg: Any) -> Any:
+    """What a parsed message holds, part by part: headers, preamble, epilogue,
+    defects, and the payload of each leaf."""
+    payload = msg.get_payload()
+    return (
+        msg.items(),
+        msg.get_content_type(),
+        msg.preamble,
+        msg.epilogue,
+        [type(defect).__name__ for defect in msg.defects],
+        [tree(part) for part in payload] if isinstance(payload, list) else payload,
+    )
+
+
+def quick_tree_check(raw: bytes) -> bool:
+    """The shortcut's tree equals the parser's where it gives one; whether it did."""
+    policy = email.policy.default.clone(header_factory=message_module._MemoHeaderFactory())
+    quick = message_module._parse_flat_multipart(raw, policy)
+    if quick is None:
+        return False
+    full = message_module._parse_bytes(raw, policy, headersonly=False)
+    assert tree(quick) == tree(full)
+    return True
+
+
+@settings(_FUZZ, max_examples=1000)
+@given(raw=nested_multipart())
+def test_nested_multipart_messages(raw: bytes) -> None:
+    quick_tree_check(raw)
+    check_same(raw)
+
+
+def test_nested_multipart_strategy_mostly_takes_the_shortcut() -> None:
+    taken = total = nested = 0
+
+    @settings(_FUZZ, max_examples=300, derandomize=True, database=None)
+    @given(raw=nested_multipart())
+    def count(raw: bytes) -> None:
+        nonlocal taken, total, nested
+        total += 1
+        if quick_tree_check(raw):
+            taken += 1
+            nested += b"multipart/alternative" in raw or b"multipart/related" in raw
+
+    count()
+    # Half the shapes are plain (a mail client's): those take it.
+    assert taken >= total // 3, (taken, total)
+    assert nested >= total // 6, (nested, total)
+
+
+def _nested(body: str) -> bytes:
+    head = "From: a@b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    return (head + body).encode("utf-8", "surrogateescape")
+
+
+_ALT = "Content-Type: multipart/alternative; boundary=a\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A mail client's shape: mixed > alternative (text, html) + attachment.
+        f"--b\r\n{_ALT}--a\r\nContent-Type: text/plain\r\n\r\nhi\r\n--a\r\n"
+        "Content-Type: text/html\r\n\r\n<p>hi</p>\r\n--a--\r\n--b\r\n"
+        "Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        "JVBERi0=\r\n--b--\r\n",
+        # The inner epilogue: none, an empty line, text; a preamble.
+        f"--b\r\n{_ALT}--a\r\n\r\none\r\n--a--\r\n--b--\r\n",
+        f"--b\r\n{_ALT}--a\r\n\r\none\r\n--a--\r\n\r\n--b--\r\n",
+        f"--b\r\n{_ALT}pre\r\n--a\r\n\r\none\r\n--a--\r\nepi\r\n\r\n--b--\r\n",
+        # Not closed, closed with trailing space, closed before it opened.
+        f"--b\r\n{_ALT}--a\r\n\r\none\r\n--b--\r\n",
+        f"--b\r\n{_ALT}--a\r\n\r\none\r\n--a-- \r\n--b--\r\n",
+        f"--b\r\n{_ALT}--a--\r\n--a\r\n\r\none\r\n--a--\r\n--b--\r\n",
+        # Boundaries that are prefixes of each other, both ways.
+        "--b\r\nContent-Type: multipart/alternative; boundary=bb\r\n\r\n"
+        "--bb\r\n\r\none\r\n--bb--\r\n--b--\r\n",
+        "--bb\r\nContent-Type: text/plain\r\n\r\nx\r\n--bb--\r\n",
+        # An empty inner body, an inner digest, a bare line break at the inner end.
+        f"--b\r\n{_ALT}--b--\r\n",
+        "--b\r\nContent-Type: multipart/digest; boundary=a\r\n\r\n--a\r\n\r\nx\r\n--a--\r\n--b--",
+        "--b\r\nContent-Type: multipart/digest; boundary=a\r\n\r\n"
+        "--a\r\nX-Y: 1\r\n\r\nSubject: in a digest\r\n\r\nx\r\n--a--\r\n--b--",
+        f"--b\r\n{_ALT}--a\r\n\r\none\n--a--\r\n--b--\r\n",
+        f"--b\r\n{_ALT}--a\r\n\r\none\r\n--a--\n--b--\r\n",
+    ],
+)
+def test_nested_multipart_edges(body: str) -> None:
+    quick_tree_check(_nested(body))
+    check_same(_nested(body))
+
+
+def _nested_to(depth: int) -> bytes:
+    """Multiparts nested *depth* deep below the message, one leaf at the bottom."""
+    body = "".join(
+        f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n" for i in range(depth)
+    )
+    body += f"--b{depth}\r\nContent-Type: text/plain\r\n\r\nleaf\r\n--b{depth}--\r\n"
+    body += "".join(f"--b{i}--\r\n" for i in reversed(range(depth)))
+    return f"From: a@b\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n{body}".encode()
+
+
+def test_deep_nesting_is_left_to_the_parser() -> None:
+    deepest = message_module._QUICK_NESTING - 1
+    assert quick_tree_check(_nested_to(deepest))
+    assert not quick_tree_check(_nested_to(deepest + 1))
+    check_same(_nested_to(deepest))
+    check_same(_nested_to(deepest + 1))

@@ -31,7 +31,8 @@ as it was before these shortcuts, byte for byte):
 - The feed parser handles a message line by line, about a microsecond a
   line. A message with no MIME headers and a plain header block (most
   machine-sent mail) is read straight off its bytes; a single-part message
-  or a one-level multipart has its header blocks made into Messages
+  or a multipart of plain parts (nested multiparts too, as mail clients
+  send text + html + attachments) has its header blocks made into Messages
   directly and its bodies cut out of the bytes at the delimiters
   (``_parse_single_part``, ``_parse_flat_multipart``). Anything less plain
   goes through the whole parser.
@@ -70,7 +71,7 @@ from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import Message
 from email.parser import BytesParser
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["Envelope", "build_payload", "canonical_header_key"]
 
@@ -460,6 +461,8 @@ def _parse_bytes(raw: bytes, policy: email.policy.Policy[Any], *, headersonly: b
 # through the whole parser. Case-insensitive, and anywhere in the block, so
 # that it errs towards the full parse.
 _MAY_NEST = re.compile(rb"(?i)multipart|message/")
+# A part's header block that may declare a message/* body (never read quickly).
+_MAY_EMBED = re.compile(rb"(?i)message/")
 
 
 def _parse_quickly(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
@@ -479,61 +482,81 @@ _PLAIN_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=?-]{1,70}")
 
 
 def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Message | None:
-    """The parser's tree for a multipart whose parts are all single parts, or None.
+    """The parser's tree for a multipart of single parts and such multiparts, or None.
 
     The same saving as :func:`_parse_single_part` for the most common MIME
-    shape (text + html, text + attachments): the feed parser reads every
-    line of every part to find the boundaries; here the boundary lines are
-    found with one search over the bytes, each part's header block is
-    parsed alone and its body set as the parser would set it. Only where
-    the parser could not read the bytes any other way: the message's and
-    each part's header block is plain (see :func:`_simple_message`) and
-    ends at its first CRLF CRLF; the boundary is plain; every line that
-    starts with it is exactly a delimiter ("--b") or the close delimiter
-    ("--b--") between CRLFs, and none follows a bare CR (the parser breaks
-    lines there too); there is a first delimiter, a close delimiter, and no
-    two delimiters follow each other; no part is multipart or message/*,
-    and the message is not multipart/digest (whose parts default to
-    message/rfc822). Anything else: None.
+    shapes (text + html, text + attachments, and those nested: a mail
+    client's ``mixed`` holding an ``alternative`` and a PDF): the feed
+    parser reads every line of every part to find the boundaries; here the
+    boundary lines are found with one search over the bytes, each part's
+    header block is parsed alone and its body set as the parser would set
+    it. Only where the parser could not read the bytes any other way: the
+    message's and each part's header block is plain (see
+    :func:`_simple_message`) and ends at its first CRLF CRLF; each boundary
+    is plain; every line that starts with it is exactly a delimiter ("--b")
+    or the close delimiter ("--b--") between CRLFs, and none follows a bare
+    CR (the parser breaks lines there too); each multipart has a first
+    delimiter, a close delimiter, and no two delimiters follow each other;
+    no part is message/*, no multipart is multipart/digest (whose parts
+    default to message/rfc822), and they nest at most
+    :data:`_QUICK_NESTING` deep. Anything else: None.
     """
     cut = raw.find(b"\r\n\r\n")
     if cut < 0:
         return None
-    start = cut + 4
     if _SIMPLE_BLOCK.fullmatch(raw[: cut + 2].decode("ascii", "surrogateescape")) is None:
         return None
     root = _plain_message(raw[: cut + 2].decode("ascii", "surrogateescape"), policy)
-    if root.get_content_maintype() != "multipart" or root.get_content_type() == "multipart/digest":
+    if not _fill_multipart(root, raw, cut + 4, len(raw), policy, 0):
         return None
-    boundary = root.get_boundary()
+    return root
+
+
+_QUICK_NESTING: Final = 8
+"""Multiparts nested deeper than this go through the whole parser."""
+
+
+def _fill_multipart(
+    msg: Message, raw: bytes, start: int, end: int, policy: email.policy.Policy[Any], depth: int
+) -> bool:
+    """Give multipart ``msg``, whose body is ``raw[start:end]``, the parts,
+    preamble and epilogue the parser gives it; False where that is not sure.
+
+    At ``depth`` 0 ``msg`` is the message; deeper, it is a part, and
+    ``end`` is where the line break before its parent's next delimiter
+    starts (that line break belongs to the delimiter, RFC 2046 §5.1.1).
+    """
+    if msg.get_content_maintype() != "multipart" or msg.get_content_type() == "multipart/digest":
+        return False
+    boundary = msg.get_boundary()
     if not isinstance(boundary, str) or _PLAIN_BOUNDARY.fullmatch(boundary) is None:
-        return None
+        return False
     # The parser reads this header here too (and notes a defect), so a value
     # the header parser chokes on fails here as it fails there.
-    if str(root.get("content-transfer-encoding", "8bit")).lower() not in ("7bit", "8bit", "binary"):
-        root.defects.append(email.errors.InvalidMultipartContentTransferEncodingDefect())
+    if str(msg.get("content-transfer-encoding", "8bit")).lower() not in ("7bit", "8bit", "binary"):
+        msg.defects.append(email.errors.InvalidMultipartContentTransferEncodingDefect())
     dash_boundary = b"--" + boundary.encode("ascii")
-    if raw.find(b"\r" + dash_boundary, start) >= 0:
-        return None  # a line after a bare CR that may be a delimiter
+    if raw.find(b"\r" + dash_boundary, start, end) >= 0:
+        return False  # a line after a bare CR that may be a delimiter
     parts: list[Message | str] = []
     preamble_end = -1
     part_start = -1  # where the part after the last delimiter starts
     close = -1  # where the close delimiter line ends
-    for line_start, line_end in _lines_starting_with(raw, start, dash_boundary):
+    for line_start, line_end in _lines_starting_with(raw, start, end, dash_boundary):
         rest = raw[line_start + len(dash_boundary) : line_end]
         if rest not in (b"", b"--"):
-            return None  # a line the parser may or may not take for a delimiter
+            return False  # a line the parser may or may not take for a delimiter
         if line_start > start and raw[line_start - 2 : line_start] != b"\r\n":
-            return None  # the line break before it is bare
-        if line_end < len(raw) and raw[line_end : line_end + 2] != b"\r\n":
-            return None  # so is the one after it
+            return False  # the line break before it is bare
+        if line_end < end and raw[line_end : line_end + 2] != b"\r\n":
+            return False  # so is the one after it
         if part_start >= 0:
-            part = _parse_part(raw, part_start, line_start, policy)
+            part = _parse_part(raw, part_start, line_start, policy, depth)
             if part is None:
-                return None
+                return False
             parts.append(part)
         elif rest:
-            return None  # closed before it opened
+            return False  # closed before it opened
         else:
             preamble_end = line_start
         if rest:
@@ -541,44 +564,63 @@ def _parse_flat_multipart(raw: bytes, policy: email.policy.Policy[Any]) -> Messa
             break
         part_start = line_end + 2
     if close < 0 or not parts:
-        return None
+        return False
     # What the parser leaves on the multipart besides its parts; nothing in
     # the payload reads these, they are kept true for the tree's sake.
-    root.set_payload(parts)  # what attaching them one by one makes
+    msg.set_payload(parts)  # what attaching them one by one makes
     if preamble_end > start:
-        root.preamble = raw[start : preamble_end - 2].decode("ascii", "surrogateescape")
-    root.epilogue = raw[close + 2 :].decode("ascii", "surrogateescape") if close < len(raw) else ""
-    return root
+        msg.preamble = raw[start : preamble_end - 2].decode("ascii", "surrogateescape")
+    epilogue = raw[close + 2 : end].decode("ascii", "surrogateescape") if close < end else ""
+    if depth == 0:
+        msg.epilogue = epilogue
+    else:
+        # A part's epilogue loses the line break before the parent's
+        # delimiter, as its last part's body does; with no line after its
+        # close delimiter at all, the parser leaves it None.
+        msg.epilogue = None if close == end else epilogue
+    return True
 
 
-def _lines_starting_with(raw: bytes, start: int, prefix: bytes) -> Iterator[tuple[int, int]]:
-    """(start, end before CRLF) of each line of ``raw[start:]`` that starts with ``prefix``."""
-    found = start if raw.startswith(prefix, start) else raw.find(b"\n" + prefix, start) + 1
+def _lines_starting_with(
+    raw: bytes, start: int, end: int, prefix: bytes
+) -> Iterator[tuple[int, int]]:
+    """(start, end before CR) of each line of ``raw[start:end]`` that starts with ``prefix``."""
+    if raw.startswith(prefix, start, end):
+        found = start
+    else:
+        found = raw.find(b"\n" + prefix, start, end) + 1
     while found > 0:
-        end = raw.find(b"\r", found + len(prefix))
-        end = len(raw) if end < 0 else end
-        yield found, end
-        found = raw.find(b"\n" + prefix, end) + 1
+        line_end = raw.find(b"\r", found + len(prefix), end)
+        line_end = end if line_end < 0 else line_end
+        yield found, line_end
+        found = raw.find(b"\n" + prefix, line_end, end) + 1
 
 
 def _parse_part(
-    raw: bytes, start: int, end: int, policy: email.policy.Policy[Any]
+    raw: bytes, start: int, end: int, policy: email.policy.Policy[Any], depth: int
 ) -> Message | None:
     """The part ``raw[start:end]`` (last line break included) as the parser reads it, or None."""
     cut = raw.find(b"\r\n\r\n", start, end)
     if cut < 0:
         return None  # headers up to the delimiter (none at all fails below)
-    if _MAY_NEST.search(raw, start, cut):
+    if _MAY_EMBED.search(raw, start, cut):
         return None
     block = raw[start : cut + 2].decode("ascii", "surrogateescape")
     if _SIMPLE_BLOCK.fullmatch(block) is None:
         return None
     part = _plain_message(block, policy)
-    if part.get_content_maintype() in ("multipart", "message"):
+    body = cut + 4
+    maintype = part.get_content_maintype()
+    if maintype == "multipart":
+        if depth + 1 >= _QUICK_NESTING or not _fill_multipart(
+            part, raw, body, end - 2, policy, depth + 1
+        ):
+            return None
+        return part
+    if maintype == "message":
         return None
     # The parser's payload: the lines up to the delimiter, without the line
     # break before it, which belongs to the delimiter (RFC 2046 §5.1.1).
-    body = cut + 4
     part.set_payload(raw[body : end - 2].decode("ascii", "surrogateescape") if end > body else "")
     return part
 
