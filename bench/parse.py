@@ -18,7 +18,9 @@ the repository root (it imports ``tests.reference``).
 The sets are the messages the benchmark sends: ``smtp-2k`` and ``smtp-10m``
 are what ``smtp-source -l 2048`` / ``-l 10485760`` sends, ``mix-small``
 (2–10 KB text + html) and ``mix-large`` (2–5 MB with a base64 attachment)
-are bench/mix.py's bodies.
+are bench/mix.py's bodies; ``client-3m`` is what a mail client sends with
+a 2.5 MB attachment (text + html in a multipart/alternative, nested in a
+multipart/mixed with the file).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import argparse
 import cProfile
 import datetime
 import email.feedparser
+import email.policy
 import pstats
+import random
 import time
 from collections.abc import Callable
+from email.message import EmailMessage
 
 import orjson
 
@@ -87,11 +92,29 @@ def _mix(kind: str, count: int) -> list[bytes]:
     return out
 
 
+def client_message(attachment: int) -> bytes:
+    """What a mail client sends with an attachment: multipart/mixed holding a
+    multipart/alternative (text and html) and the file, written by ``email``
+    with CRLF line ends, as it arrives over SMTP."""
+    msg = EmailMessage()
+    msg["From"] = "J\u00f6rg Client <joerg@example.org>"
+    msg["To"] = "orders@example.com"
+    msg["Subject"] = "Gr\u00fc\u00dfe, the report"
+    msg["Message-ID"] = "<client.1@example.org>"
+    text = "Hello, the report is attached. Gr\u00fc\u00dfe\n" * 40
+    msg.set_content(text)
+    msg.add_alternative(f"<html><body><p>{text}</p></body></html>", subtype="html")
+    data = random.Random(16).randbytes(attachment)
+    msg.add_attachment(data, maintype="application", subtype="pdf", filename="report.pdf")
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
 SETS: dict[str, Callable[[], list[bytes]]] = {
     "smtp-2k": lambda: [smtp_source_message(2048, i) for i in range(4)],
     "mix-small": lambda: _mix("small", 6),
     "smtp-10m": lambda: [smtp_source_message(10 * 1024 * 1024)],
     "mix-large": lambda: _mix("large", 3),
+    "client-3m": lambda: [client_message(2_500_000)],
 }
 
 
