@@ -134,6 +134,7 @@ import math
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -491,6 +492,7 @@ class JobStore:
         self._payloads_lock: int | None = None  # the directory, flocked while open
         self._freed_unlinked = False  # freed_files rows whose files are unlinked
         self._full = False  # the disk filled up: new jobs are refused, see _DiskReserve
+        self._full_lock = threading.Lock()  # the writer and payload writes may both find it
         self._room_checked_at = -math.inf
         self._dead_letter_warned_at = -float("inf")
         self._dead_lettered_unlogged = 0
@@ -779,8 +781,14 @@ class JobStore:
             _fsync_directory(self._payloads)  # the new names are durable too
         except OSError as exc:
             self._remove_payloads([name for name, _ in written])
-            what = "is full" if exc.errno == errno.ENOSPC else f"failed: {exc.strerror}"
-            raise StorageUnavailable(f"storing a job's payload in {self._payloads} {what}") from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # As when SQLite finds the disk full: refuse new jobs (and
+                # say so on /readyz) until consumers have made room.
+                self._fill_up()
+                raise StorageUnavailable(self._full_reason()) from exc
+            raise StorageUnavailable(
+                f"storing a job's payload in {self._payloads} failed: {exc.strerror}"
+            ) from exc
         except BaseException:
             self._remove_payloads([name for name, _ in written])
             raise
@@ -1043,7 +1051,10 @@ class JobStore:
     # -- a full disk (worker threads only) ----------------------------------
 
     def _fill_up(self) -> None:
-        self._full = True
+        with self._full_lock:
+            if self._full:
+                return
+            self._full = True
         released = self._reserve.release()
         logger.warning(
             "the disk holding %s is full: %s; new jobs are refused (-32003, so SMTP answers"
