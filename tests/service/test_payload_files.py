@@ -208,14 +208,20 @@ async def test_a_second_store_on_the_database_leaves_files_alone(
     assert any("another process holds" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("header", ["payload_missing", "payload_damaged"])
 async def test_a_lost_payload_file_sends_its_job_to_dead_letter_saying_so(
-    store: JobStore, db_path: Path, caplog: pytest.LogCaptureFixture
+    store: JobStore, db_path: Path, caplog: pytest.LogCaptureFixture, header: str
 ) -> None:
     await store.push_batch(
         [make_job("lost", payload=big_payload("lost")), make_job("next", payload="{}")]
     )
     [name] = files(db_path)
-    (store.payloads / name).unlink()  # by hand, or a backup restored without it
+    path = store.payloads / name
+    if header == "payload_missing":
+        path.unlink()  # by hand, or a backup restored without it
+    else:
+        os.truncate(path, path.stat().st_size // 2)  # a copy cut short
+    assert [job.id for job in await store.peek("smtp", 10)] == ["next"]
 
     with caplog.at_level(logging.ERROR, logger="trismtp.service.store"):
         reserved = await store.reserve("smtp", 10, lease=30)
@@ -228,7 +234,7 @@ async def test_a_lost_payload_file_sends_its_job_to_dead_letter_saying_so(
     [dead] = await store.reserve("dead-letter", 1, lease=30)
     assert dead.job.id == "lost"
     assert dead.job.payload == ""
-    assert dead.job.headers["payload_missing"] == [str(store.payloads / name)]
+    assert dead.job.headers[header] == [str(store.payloads / name)]
     assert dead.job.headers["dead_letter_from"] == ["smtp"]
     assert await store.ack(refs([dead])) == Settled(1)
 

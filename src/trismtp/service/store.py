@@ -1680,7 +1680,15 @@ def _lease(
                     try:
                         opened = open(payloads / file, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
                     except FileNotFoundError:
-                        _payload_missing(db, now, seq, job, attempts, policy, payloads / file)
+                        _payload_lost(db, now, seq, job, attempts, policy, payloads / file, None)
+                        continue
+                    found = os.fstat(opened.fileno()).st_size
+                    if found != payload_size:
+                        # Cut short or overwritten: copied into the reply, it
+                        # would make the whole reply unreadable.
+                        opened.close()
+                        lost = f"{found} bytes where {payload_size} were written"
+                        _payload_lost(db, now, seq, job, attempts, policy, payloads / file, lost)
                         continue
                 granted = Lease(
                     token=secrets.token_urlsafe(18),
@@ -1708,7 +1716,7 @@ def _lease(
             break
 
 
-def _payload_missing(
+def _payload_lost(
     db: sqlite3.Connection,
     now: float,
     seq: int,
@@ -1716,20 +1724,26 @@ def _payload_missing(
     attempts: int,
     policy: Policy,
     path: Path,
+    damage: str | None,
 ) -> None:
     """Job *seq*'s payload file is gone (deleted by hand, or a backup restored
-    without it): the job goes to the dead-letter pipeline, its payload empty
-    and a ``payload_missing`` header naming the file, rather than block its
-    pipeline."""
+    without it) or, with *damage*, not the size it was written (a copy cut
+    short): the job goes to the dead-letter pipeline, its payload empty and a
+    ``payload_missing`` or ``payload_damaged`` header naming the file, rather
+    than block its pipeline. A damaged file stays until the next start's
+    sweep, for whoever wants to look at it."""
+    header = "payload_missing" if damage is None else "payload_damaged"
     logger.error(
-        "job %s of pipeline %r has lost its payload: %s is missing; the job goes to %r"
-        " with an empty payload and the header payload_missing",
+        "job %s of pipeline %r has lost its payload: %s is %s; the job goes to %r"
+        " with an empty payload and the header %s",
         job.id,
         job.options.pipeline,
         path,
+        "missing" if damage is None else f"damaged ({damage})",
         policy.dead_letter,
+        header,
     )
-    headers = {**job.headers, "payload_missing": [str(path)]}
+    headers = {**job.headers, header: [str(path)]}
     job = job.model_copy(update={"headers": headers})
     _dead_letter(db, now, seq, job, attempts, policy.dead_letter)
     db.execute("UPDATE jobs SET payload_file = NULL, payload_size = NULL WHERE seq = ?", (seq,))
@@ -1783,9 +1797,10 @@ def _peek(
             if file is not None:
                 try:
                     stored = _read_payload(open(payloads / file, "rb", buffering=0))  # noqa: SIM115
-                except FileNotFoundError:
+                    payload = stored.text()
+                except (FileNotFoundError, orjson.JSONDecodeError):
                     continue  # acked since this read's snapshot (or lost: Reserve says so)
-                job = job.model_copy(update={"payload": stored.text()})
+                job = job.model_copy(update={"payload": payload})
             used += size
             out.append(job)
             if max_bytes is not None and used >= max_bytes:
