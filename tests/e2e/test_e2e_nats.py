@@ -355,6 +355,9 @@ def test_example_consumer_waits_for_jobs_and_stops_on_sigint(
     comes, and on SIGINT (Ctrl-C) stops at once with status 0, all acked."""
     nats = nats_servers.new().start()
     daemon = nats_daemon(launch, nats)
+    # The example needs the stream, which the pusher creates once connected
+    # (shortly after SMTP listens, when the launcher returns).
+    daemon.wait_for_log("connected to the NATS server")
     out, err = tmp_path / "consumer.out", tmp_path / "consumer.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         consumer = subprocess.Popen(
