@@ -13,7 +13,8 @@ This worker:
    (:class:`trismtp.nats.NatsClient`, the one ``trismtp serve`` uses);
 2. creates the durable pull consumer ``--durable`` on ``--stream`` if it does
    not exist yet, with explicit acknowledgements: a message that is not
-   acknowledged within ``--ack-wait`` seconds is delivered again;
+   acknowledged within ``--ack-wait`` seconds is delivered again (started
+   before trismtp has created the stream, it says so and waits for it);
 3. fetches up to ``--batch`` messages at a time, decodes each job, processes
    it (here: prints one line: job id, envelope sender and recipients,
    subject) and acknowledges it with ``+ACK``; a job whose processing raises
@@ -64,7 +65,7 @@ import trio
 
 from trismtp.jobs.rpc import JobsUnavailable
 from trismtp.nats import JetStreamError, Msg, NatsClient
-from trismtp.nats.jetstream import ERR_NO_MESSAGE
+from trismtp.nats.jetstream import ERR_NO_MESSAGE, ERR_STREAM_NOT_FOUND
 
 API_TIMEOUT = 5.0
 """Seconds to wait for each JetStream API reply (and for each acknowledgement)."""
@@ -75,6 +76,8 @@ MAX_DELIVER = 5
 NAK_DELAY = 2.0
 """Seconds before a message given back with -NAK is delivered again."""
 ERR_CONSUMER_NOT_FOUND = 10014
+STREAM_WAIT = 1.0
+"""Seconds between looks for a stream that does not exist yet."""
 """JetStream's err_code for "consumer not found"."""
 NANOSECONDS = 1_000_000_000
 
@@ -126,15 +129,33 @@ def process(job: Job) -> None:
 
 
 async def ensure_consumer(client: NatsClient, options: argparse.Namespace) -> None:
-    """Create the durable pull consumer unless it exists (an existing one is left alone)."""
+    """Create the durable pull consumer unless it exists (an existing one is left alone).
+
+    Until the stream exists (trismtp creates it when it first connects to the
+    server, so a worker may well start first), look again every STREAM_WAIT
+    seconds.
+    """
     stream, durable = options.stream, options.durable
-    try:
-        await client.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", API_TIMEOUT)
-    except JetStreamError as exc:
-        if exc.err_code != ERR_CONSUMER_NOT_FOUND:
-            raise
-    else:
-        return
+    said = False
+    while True:
+        try:
+            await client.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", API_TIMEOUT)
+        except JetStreamError as exc:
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                if not said:
+                    print(
+                        f"waiting for the stream {stream!r}: trismtp creates it when it"
+                        " first connects to this NATS server",
+                        file=sys.stderr,
+                    )
+                    said = True
+                await trio.sleep(STREAM_WAIT)
+                continue
+            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                raise
+            break
+        else:
+            return
     config: dict[str, Any] = {
         "durable_name": durable,
         "ack_policy": "explicit",
@@ -233,25 +254,30 @@ class Worker:
         self.handler = handler
         self.done = 0
         self.stopping = False
-        self._fetching: trio.CancelScope | None = None
+        self._waiting: trio.CancelScope | None = None
 
     def stop(self) -> None:
-        """Fetch no more: end a fetch under way; give back what is not processed yet."""
+        """Fetch no more: end a fetch (or the wait for the stream) under way;
+        give back what is not processed yet."""
         self.stopping = True
-        if self._fetching is not None:
-            self._fetching.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def run(self) -> int:
-        """Work until ``--max`` messages are done or :meth:`stop`; return how many."""
+        """Make sure the consumer exists, then work until ``--max`` messages
+        are done or :meth:`stop`; return how many."""
+        with trio.CancelScope() as self._waiting:
+            await ensure_consumer(self.client, self.options)
+        self._waiting = None
         limit = self.options.max
         while not self.stopping and (limit is None or self.done < limit):
             batch = (
                 self.options.batch if limit is None else min(self.options.batch, limit - self.done)
             )
             messages: list[Msg] = []
-            with trio.CancelScope() as self._fetching:
+            with trio.CancelScope() as self._waiting:
                 messages = await fetch(self.client, self.options, batch)
-            self._fetching = None
+            self._waiting = None
             for message in messages:
                 await self.handle(message)
         return self.done
@@ -284,7 +310,6 @@ async def consume(options: argparse.Namespace, handler: Handler = process) -> in
     async with NatsClient.connect(
         options.url, user=options.user, password=options.password, timeout=API_TIMEOUT
     ) as client:
-        await ensure_consumer(client, options)
         worker = Worker(client, options, handler)
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, worker)

@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
@@ -348,20 +349,16 @@ def test_example_consumer_consumes_and_acks_everything(
     assert consumer["ack_floor"]["stream_seq"] == count, consumer
 
 
-def test_example_consumer_waits_for_jobs_and_stops_on_sigint(
-    nats_servers: NatsServers, launch: Launcher, tmp_path: Path
-) -> None:
-    """(c) The example without --max: it waits for jobs, processes each as it
-    comes, and on SIGINT (Ctrl-C) stops at once with status 0, all acked."""
-    nats = nats_servers.new().start()
-    daemon = nats_daemon(launch, nats)
-    # The example needs the stream, which the pusher creates once connected
-    # (shortly after SMTP listens, when the launcher returns).
-    daemon.wait_for_log("connected to the NATS server")
-    out, err = tmp_path / "consumer.out", tmp_path / "consumer.err"
+@contextmanager
+def example_consumer(
+    tmp_path: Path, nats: NatsServer, durable: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """examples/nats_consumer.py running against *nats*: its process, stdout and
+    stderr files; killed on the way out if the test did not stop it."""
+    out, err = tmp_path / f"{durable}.out", tmp_path / f"{durable}.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         consumer = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), "--url", nats.url, "--durable", "e2e-waiter"],
+            [sys.executable, str(EXAMPLE), "--url", nats.url, "--durable", durable],
             cwd=tmp_path,
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -369,6 +366,24 @@ def test_example_consumer_waits_for_jobs_and_stops_on_sigint(
             stderr=stderr,
         )
     try:
+        yield consumer, out, err
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait(10)
+
+
+def test_example_consumer_waits_for_jobs_and_stops_on_sigint(
+    nats_servers: NatsServers, launch: Launcher, tmp_path: Path
+) -> None:
+    """(c) The example without --max: it waits for jobs, processes each as it
+    comes, and on SIGINT (Ctrl-C) stops at once with status 0, all acked."""
+    nats = nats_servers.new().start()
+    daemon = nats_daemon(launch, nats)
+    # The stream exists (the pusher creates it once connected, shortly after
+    # SMTP listens); the next test starts the example before it does.
+    daemon.wait_for_log("connected to the NATS server")
+    with example_consumer(tmp_path, nats, "e2e-waiter") as (consumer, out, err):
 
         def output() -> str:
             return f"stdout:\n{out.read_text()}\nstderr:\n{err.read_text()}"
@@ -383,14 +398,40 @@ def test_example_consumer_waits_for_jobs_and_stops_on_sigint(
         )
         consumer.send_signal(signal.SIGINT)
         assert consumer.wait(10) == 0, output()
-    finally:
-        if consumer.poll() is None:
-            consumer.kill()
-            consumer.wait(10)
     assert {line.split()[0] for line in out.read_text().splitlines()} == ids, output()
     assert "got SIGINT: stopping" in err.read_text(), output()
     assert "processed 3 jobs" in err.read_text(), output()
     assert stream_state(nats)["state"]["messages"] == 0
+
+
+def test_example_consumer_started_before_the_stream_waits_for_it(
+    nats_servers: NatsServers, launch: Launcher, tmp_path: Path
+) -> None:
+    """A worker started before trismtp (a compose file starts both at once)
+    waits for the stream trismtp creates, then takes the jobs."""
+    nats = nats_servers.new().start()
+    with example_consumer(tmp_path, nats, "early") as (consumer, out, err):
+        wait_until(lambda: "waiting for the stream" in err.read_text(), 10, "the worker to wait")
+        daemon = nats_daemon(launch, nats)
+        wait_until(lambda: "created durable consumer" in err.read_text(), 10, "the consumer")
+        ids = {queued_id(send(daemon.smtp_port, f"early {n}")[1]) for n in range(2)}
+        wait_until(lambda: len(out.read_text().splitlines()) == len(ids), 10, "2 jobs done")
+        consumer.send_signal(signal.SIGINT)
+        assert consumer.wait(10) == 0, err.read_text()
+    assert {line.split()[0] for line in out.read_text().splitlines()} == ids
+    assert err.read_text().count("waiting for the stream") == 1, err.read_text()
+
+
+def test_example_consumer_waiting_for_the_stream_stops_on_sigint(
+    nats_servers: NatsServers, tmp_path: Path
+) -> None:
+    nats = nats_servers.new().start()
+    with example_consumer(tmp_path, nats, "never") as (consumer, _, err):
+        wait_until(lambda: "waiting for the stream" in err.read_text(), 10, "the worker to wait")
+        consumer.send_signal(signal.SIGINT)
+        assert consumer.wait(10) == 0, err.read_text()
+    assert "got SIGINT: stopping" in err.read_text()
+    assert "processed 0 jobs" in err.read_text()
 
 
 def test_two_daemons_push_into_one_stream_concurrently(
