@@ -448,10 +448,6 @@ def _invalid_params(exc: ValidationError) -> RpcFailure:
     return RpcFailure(INVALID_PARAMS, f"invalid params: {where}: {first['problem']}", details)
 
 
-def _encode(reply: Any) -> str:
-    return _encode_bytes(reply).decode()
-
-
 def _carries_big_payloads(response: dict[str, Any]) -> bool:
     """True for a Reserve's or Peek's response whose payloads come to
     :data:`THREAD_ENCODE_THRESHOLD` characters or more: encoded in a worker
@@ -714,7 +710,7 @@ class _Service:
 
     async def answer(
         self, decoded: Request | list[Request] | RpcFailure, connection: _Connection | None = None
-    ) -> str | bytes | None:
+    ) -> bytes | None:
         """The reply to one decoded message, or None when it holds only notifications.
 
         On a *connection*, its Reserve and Peek calls run a few at a time, and
@@ -726,7 +722,7 @@ class _Service:
         ``Reserve`` so answered are delivered again when their lease ends).
         """
         if isinstance(decoded, RpcFailure):
-            return _encode({"jsonrpc": "2.0", "id": None, "error": decoded.to_dict()})
+            return _encode_bytes({"jsonrpc": "2.0", "id": None, "error": decoded.to_dict()})
         if isinstance(decoded, Request):
             response = await self._execute_bounded(decoded, connection)
             if response is None:
