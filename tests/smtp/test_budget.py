@@ -6,6 +6,7 @@ import contextlib
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -13,12 +14,14 @@ import trio.testing
 
 from trismtp.settings import ConfigError, SmtpSettings, load_settings
 from trismtp.smtp.budget import (
+    FIRST_STEP,
     SMALL_OCTETS,
     Claim,
     MemoryBudget,
     cost,
     default_budget,
     minimum_budget,
+    next_step,
 )
 
 from .test_server import Client, start
@@ -60,6 +63,35 @@ def test_large_claims_leave_the_reserve_to_small_ones() -> None:
     assert not small.large
     assert budget.try_claim(Claim(), 50)
     assert budget.used == 990
+
+
+def test_a_claim_shrinks_to_what_the_message_turned_out_to_cost() -> None:
+    budget = MemoryBudget(1000, reserve=100)
+    budget.small_limit = 50
+    big, other = Claim(), Claim()
+    assert budget.try_claim(big, 800)
+    assert not budget.try_claim(other, 200)
+
+    budget.shrink(big, 600)  # still large
+    assert (big.held, big.large, budget.used, budget.large_used) == (600, True, 600, 600)
+    budget.shrink(big, 700)  # never grows
+    assert big.held == 600
+    assert budget.try_claim(other, 200)
+    budget.shrink(big, 30)  # small now: out of the large pool
+    assert (big.held, big.large, budget.used, budget.large_used) == (30, False, 230, 200)
+    budget.release(big)
+    assert (budget.used, budget.large_used) == (200, 200)
+
+
+def test_an_upload_without_size_claims_at_most_twice_what_it_has() -> None:
+    largest = 25 * MIB + 65536
+    assert next_step(SMALL_OCTETS + 1, largest) == FIRST_STEP == 256 * 1024
+    assert next_step(FIRST_STEP + 1, largest) == 512 * 1024
+    assert next_step(4_500_000, largest) == 8 * MIB
+    assert next_step(17 * MIB, largest) == largest
+    assert next_step(30 * MIB, largest) == largest
+    for octets in range(FIRST_STEP, largest, 99_991):
+        assert octets <= next_step(octets, largest) <= min(2 * octets, largest)
 
 
 async def test_a_waiting_claim_holds_nothing_and_gets_in_once_memory_is_released() -> None:
@@ -197,6 +229,51 @@ async def test_an_upload_that_outgrows_the_budget_waits_then_completes(
     subjects = sorted(str(p["message"]["subject"]) for p in harness.stored())  # type: ignore[index]
     assert subjects == ["first", "grows"]
     assert harness.smtp.budget.used == 0
+
+
+async def test_an_upload_waiting_for_memory_gets_in_at_the_final_dot_of_an_oversized_claim(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A message that declared more than it sent holds only its cost while it is pushed."""
+    size = MIB
+    harness = await start(
+        nursery, tmp_path, max_message_size=size, memory_budget=minimum_budget(size)
+    )
+    # The first message's push is held until the test lets it go: its final
+    # dot has come, its reply has not.
+    pushed = harness.smtp._push
+    first_push_held, let_go = trio.Event(), trio.Event()
+
+    async def push(*args: Any, **kwargs: Any) -> Any:
+        if not first_push_held.is_set():
+            first_push_held.set()
+            await let_go.wait()
+        return await pushed(*args, **kwargs)
+
+    harness.smtp._push = push
+    holder = await harness.connect()
+    await _transaction(holder, size=size)  # claims all of the large pool
+    assert (await holder.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
+    assert (await holder.command("DATA")).startswith("354 ")
+
+    uploader = await harness.connect()
+    await _transaction(uploader)
+    assert (await uploader.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
+    assert (await uploader.command("DATA")).startswith("354 ")
+    line = b"x" * 78 + b"\r\n"
+    body = b"Subject: grows\r\n\r\n" + line * (4 * SMALL_OCTETS // len(line)) + b".\r\n"
+    nursery.start_soon(uploader.send, body)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert harness.smtp.budget.waiting == 1
+
+    # The holder sends 20 bytes, not the megabyte it declared.
+    await holder.send(b"Subject: first\r\n\r\n.\r\n")
+    await first_push_held.wait()
+    assert (await uploader.reply()).startswith("250 2.0.0 OK: queued as ")
+    let_go.set()
+    assert (await holder.reply()).startswith("250 2.0.0 OK: queued as ")
+    subjects = sorted(str(p["message"]["subject"]) for p in harness.stored())  # type: ignore[index]
+    assert subjects == ["first", "grows"]
 
 
 async def test_an_upload_that_waits_for_memory_past_data_timeout_gets_421_saying_why(

@@ -18,10 +18,14 @@ Claims are all or nothing, which is what keeps sessions from deadlocking:
   one, ``cost(SMALL_OCTETS)``. If that does not fit now, the command gets
   ``452 4.3.1`` and the client retries later, before it uploaded anything.
 * a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
-  claim back and waits for ``cost`` of the next of :data:`STEPS` (256 KiB,
-  2 MiB, 4 MiB), then of the largest message it may still become
-  (``max_message_size``). Meanwhile the session does not read: TCP pushes
+  claim back and waits for ``cost`` of its next step: :data:`FIRST_STEP`
+  (256 KiB), then twice the last, up to the largest message it may still
+  become (``max_message_size``). So a claim is never more than twice what
+  the message has reached. Meanwhile the session does not read: TCP pushes
   back on the client.
+* at the final dot the message's size is known: a claim larger than its
+  ``cost`` (a step not filled, a ``SIZE=`` larger than what came) shrinks to
+  it, and waiting sessions may take the rest while the message is pushed.
 
 So a session that waits holds no claim, and every session that holds one
 can finish its step without waiting: nothing is claimed after the final dot.
@@ -49,9 +53,9 @@ import trio
 
 __all__ = [
     "COST_FACTOR",
+    "FIRST_STEP",
     "MESSAGE_OVERHEAD",
     "SMALL_OCTETS",
-    "STEPS",
     "Claim",
     "MemoryBudget",
     "cost",
@@ -75,10 +79,12 @@ MESSAGE_OVERHEAD: Final = 16 * 1024
 # max_connections (1000) sessions to be in DATA at once within the default
 # budget (1000 x 272 KiB), and most plain mail fits.
 SMALL_OCTETS: Final = 32 * 1024
-# What a message without SIZE= claims as it grows past SMALL_OCTETS, a step at
-# a time, before max_message_size: HTML mail, then a 1 MB attachment (base64
-# makes it 1.4 MB), then a few of them.
-STEPS: Final = (256 * 1024, 2 * 1024 * 1024, 4 * 1024 * 1024)
+# What a message without SIZE= claims first as it grows past SMALL_OCTETS
+# (HTML mail); each next step doubles it, up to max_message_size. Coarser
+# steps (this, 2 MiB, 4 MiB, then max_message_size) made a 4.5 MB message
+# claim the cost of 25 MiB: under a mix of 2-5 MB mail the claims, not the
+# memory, filled the budget.
+FIRST_STEP: Final = 256 * 1024
 # The share of the budget that waiting sessions may hold as octets read.
 PARK_SHARE: Final = 4
 # The share of the budget kept for small messages.
@@ -95,8 +101,15 @@ def cost(octets: int) -> int:
 
 
 def next_step(octets: int, largest: int) -> int:
-    """The octets to claim for a message without SIZE= that holds ``octets``."""
-    return next((step for step in STEPS if step >= octets), largest)
+    """The octets to claim for a message without SIZE= that holds ``octets``.
+
+    The smallest of :data:`FIRST_STEP`, twice that, four times… that holds
+    them, but never more than ``largest``.
+    """
+    step = FIRST_STEP
+    while step < octets:
+        step *= 2
+    return min(step, largest)
 
 
 def minimum_budget(max_message_size: int) -> int:
@@ -191,12 +204,24 @@ class MemoryBudget:
 
     def release(self, claim: Claim) -> None:
         """Give back all of ``claim``."""
-        if not claim.held:
+        self.shrink(claim, 0)
+
+    def shrink(self, claim: Claim, target: int) -> None:
+        """Lower ``claim`` to ``target`` bytes (nothing if it holds no more).
+
+        A large claim that shrinks to a small one's size leaves the large
+        pool. What is given back wakes the sessions waiting for memory.
+        """
+        if claim.held <= target:
             return
-        self.used -= claim.held
+        self.used -= claim.held - target
         if claim.large:
-            self.large_used -= claim.held
-        claim.held = 0
-        claim.large = False
-        self._released.set()
-        self._released = trio.Event()
+            if target > self.small_limit:
+                self.large_used -= claim.held - target
+            else:
+                self.large_used -= claim.held
+                claim.large = False
+        claim.held = target
+        if self.waiting:
+            self._released.set()
+            self._released = trio.Event()

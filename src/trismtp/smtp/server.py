@@ -764,6 +764,9 @@ class SmtpServer:
                     out += self._count_error(session)
                 continue
             assert isinstance(event, MessageReceived)
+            # Its size is known now: what its claim holds beyond its cost (a
+            # step not filled, a SIZE= larger than what came) is for others.
+            self._budget.shrink(session.claim, cost(len(event.data)))
             if out:
                 await self._send(session, out)
                 out.clear()
