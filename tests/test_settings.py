@@ -148,6 +148,24 @@ def test_pipeline_need_not_be_declared_for_a_remote_service(tmp_path: Path) -> N
     assert load_settings(config).jobs.pipeline == "x"
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("in\\u0001bound", "control characters"),
+        (" smtp", "surrounding spaces"),
+        ("x" * 257, "at most 256 characters"),
+    ],
+)
+def test_a_pipeline_no_job_could_name_is_refused_at_start_for_any_url(
+    tmp_path: Path, name: str, why: str
+) -> None:
+    # Not only for the embedded service: every message's job would be refused.
+    for url in ("ws://127.0.0.1:1/rpc", "nats+ws://127.0.0.1:1"):
+        config = write(tmp_path / "s.toml", f'[jobs]\nurl = "{url}"\npipeline = "{name}"\n')
+        with pytest.raises(ConfigError, match=f"jobs.pipeline: .*{why}"):
+            load_settings(config)
+
+
 def test_missing_named_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")

@@ -451,9 +451,9 @@ class JobsSettings(_Section):
     @field_validator("pipeline")
     @classmethod
     def _check_pipeline(cls, value: str) -> str:
-        if value.strip() != value:
-            raise ValueError("must not start or end with white space")
-        return value
+        # The rule every job's options.pipeline is held to: a name that breaks
+        # it would be refused with every message, so it is refused at start.
+        return check_pipeline_name(value)
 
     @model_validator(mode="after")
     def _nats_options(self) -> JobsSettings:
