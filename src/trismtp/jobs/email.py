@@ -82,12 +82,24 @@ class EmailJob:
         """
         global _checked
         checked = _checked
-        if checked is None or checked[0] is not settings or not 0 < len(self.id) <= 256:
-            job = self.to_job(settings, include_raw=include_raw)
-            _checked = (settings, job.to_dict()["options"])
-            return _encode(job.to_dict())
         headers = {"uuid": [self.id], "payload_class": [PAYLOAD_CLASS]}
         headers.update(settings.headers)
+        if checked is None or checked[0] is not settings or not 0 < len(self.id) <= 256:
+            # The model checks all but the payload (any text): built without
+            # it, the first message of a big size is not copied into a model.
+            job = Job(
+                job=settings.job_name,
+                id=self.id,
+                payload="",
+                headers=headers,
+                options=JobOptions(
+                    priority=settings.priority,
+                    pipeline=settings.pipeline,
+                    delay=settings.delay,
+                    auto_ack=settings.auto_ack,
+                ),
+            )
+            checked = _checked = (settings, job.to_dict()["options"])
         return _encode(
             {
                 "job": settings.job_name,
