@@ -20,9 +20,9 @@ Claims are all or nothing, which is what keeps sessions from deadlocking:
 * a message that outgrows its claim (no ``SIZE=``, or a wrong one) gives the
   claim back and waits for ``cost`` of its next step: :data:`FIRST_STEP`
   (256 KiB), then twice the last, up to the largest message it may still
-  become (``max_message_size``). So a claim is never more than twice what
-  the message has reached. Meanwhile the session does not read: TCP pushes
-  back on the client.
+  become (``max_message_size``). So past its first step a claim is never
+  more than twice what the message has reached. Meanwhile the session does
+  not read: TCP pushes back on the client.
 * at the final dot the message's size is known: a claim larger than its
   ``cost`` (a step not filled, a ``SIZE=`` larger than what came) shrinks to
   it, and waiting sessions may take the rest while the message is pushed.
