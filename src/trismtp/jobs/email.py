@@ -58,13 +58,19 @@ class EmailJob:
 
     def to_job(self, settings: JobsSettings, *, include_raw: bool) -> Job:
         """The Job to push: name, id, headers and options from ``[jobs]``."""
+        return self._job(settings, self.payload(include_raw=include_raw))
+
+    def _headers(self, settings: JobsSettings) -> dict[str, list[str]]:
         headers = {"uuid": [self.id], "payload_class": [PAYLOAD_CLASS]}
         headers.update(settings.headers)
+        return headers
+
+    def _job(self, settings: JobsSettings, payload: str) -> Job:
         return Job(
             job=settings.job_name,
             id=self.id,
-            payload=self.payload(include_raw=include_raw),
-            headers=headers,
+            payload=payload,
+            headers=self._headers(settings),
             options=JobOptions(
                 priority=settings.priority,
                 pipeline=settings.pipeline,
@@ -82,30 +88,17 @@ class EmailJob:
         """
         global _checked
         checked = _checked
-        headers = {"uuid": [self.id], "payload_class": [PAYLOAD_CLASS]}
-        headers.update(settings.headers)
         if checked is None or checked[0] is not settings or not 0 < len(self.id) <= 256:
             # The model checks all but the payload (any text): built without
             # it, the first message of a big size is not copied into a model.
-            job = Job(
-                job=settings.job_name,
-                id=self.id,
-                payload="",
-                headers=headers,
-                options=JobOptions(
-                    priority=settings.priority,
-                    pipeline=settings.pipeline,
-                    delay=settings.delay,
-                    auto_ack=settings.auto_ack,
-                ),
-            )
-            checked = _checked = (settings, job.to_dict()["options"])
+            options = self._job(settings, "").to_dict()["options"]
+            checked = _checked = (settings, options)
         return _encode(
             {
                 "job": settings.job_name,
                 "id": self.id,
                 "payload": self.payload(include_raw=include_raw),
-                "headers": headers,
+                "headers": self._headers(settings),
                 "options": checked[1],
             }
         )
