@@ -24,7 +24,7 @@ from trismtp.smtp.budget import (
     next_step,
 )
 
-from .test_server import Client, start
+from .test_server import Client, Harness, start
 
 MIB = 1024 * 1024
 
@@ -169,6 +169,28 @@ async def _transaction(client: Client, *, size: int | None = None) -> list[str]:
     ]
 
 
+async def _holder_and_waiting_uploader(
+    nursery: trio.Nursery, harness: Harness, *, size: int
+) -> tuple[Client, Client]:
+    """A session in DATA holding ``SIZE=size``, and one whose upload waits for memory."""
+    holder = await harness.connect()
+    await _transaction(holder, size=size)
+    assert (await holder.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
+    assert (await holder.command("DATA")).startswith("354 ")
+
+    uploader = await harness.connect()
+    await _transaction(uploader)
+    assert (await uploader.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
+    assert (await uploader.command("DATA")).startswith("354 ")
+    line = b"x" * 78 + b"\r\n"
+    body = b"Subject: grows\r\n\r\n" + line * (4 * SMALL_OCTETS // len(line)) + b".\r\n"
+    nursery.start_soon(uploader.send, body)
+    # Past its small claim, the session waits for memory and stops reading.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert harness.smtp.budget.waiting == 1
+    return holder, uploader
+
+
 async def test_mail_with_a_size_that_does_not_fit_gets_452_and_small_mail_still_goes(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -202,25 +224,7 @@ async def test_an_upload_that_outgrows_the_budget_waits_then_completes(
     harness = await start(
         nursery, tmp_path, max_message_size=size, memory_budget=minimum_budget(size)
     )
-    holder = await harness.connect()
-    await _transaction(holder, size=size)
-    assert (await holder.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
-    assert (await holder.command("DATA")).startswith("354 ")
-
-    uploader = await harness.connect()
-    await _transaction(uploader)
-    assert (await uploader.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
-    assert (await uploader.command("DATA")).startswith("354 ")
-    line = b"x" * 78 + b"\r\n"
-    body = b"Subject: grows\r\n\r\n" + line * (4 * SMALL_OCTETS // len(line)) + b".\r\n"
-
-    async def upload() -> None:
-        await uploader.send(body)
-
-    nursery.start_soon(upload)
-    # Past its small claim, the session waits for memory and stops reading.
-    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-    assert harness.smtp.budget.waiting == 1
+    holder, uploader = await _holder_and_waiting_uploader(nursery, harness, size=size)
     assert harness.smtp.budget.used == cost(size)
 
     await holder.send(b"Subject: first\r\n\r\nhello\r\n.\r\n")
@@ -251,20 +255,8 @@ async def test_an_upload_waiting_for_memory_gets_in_at_the_final_dot_of_an_overs
         return await pushed(*args, **kwargs)
 
     harness.smtp._push = push
-    holder = await harness.connect()
-    await _transaction(holder, size=size)  # claims all of the large pool
-    assert (await holder.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
-    assert (await holder.command("DATA")).startswith("354 ")
-
-    uploader = await harness.connect()
-    await _transaction(uploader)
-    assert (await uploader.command("RCPT TO:<b@example.com>")) == "250 2.1.5 OK"
-    assert (await uploader.command("DATA")).startswith("354 ")
-    line = b"x" * 78 + b"\r\n"
-    body = b"Subject: grows\r\n\r\n" + line * (4 * SMALL_OCTETS // len(line)) + b".\r\n"
-    nursery.start_soon(uploader.send, body)
-    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-    assert harness.smtp.budget.waiting == 1
+    # The holder's SIZE= claims all of the large pool.
+    holder, uploader = await _holder_and_waiting_uploader(nursery, harness, size=size)
 
     # The holder sends 20 bytes, not the megabyte it declared.
     await holder.send(b"Subject: first\r\n\r\n.\r\n")
