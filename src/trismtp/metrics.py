@@ -47,7 +47,7 @@ _KNOWN_CODES = (250, 451, 552, 554)
 # Jobs per batch: powers of two up to well past jobs.batch_max_jobs' default.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-# Seconds from push to durable ack: from a lone job's linger (2 ms) up to
+# Seconds from push to durable ack: from a lone job's round trip (~1 ms) up to
 # jobs.push_timeout's default (15 s), after which a session has given up.
 _LATENCY_BUCKETS = (
     0.001,

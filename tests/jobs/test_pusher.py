@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from trismtp.jobs.model import Job, JobOptions
 from trismtp.jobs.pusher import Pusher, PushFailed
+from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, embedded_url
 
@@ -84,6 +85,36 @@ async def test_concurrent_pushes_are_batched_and_each_stored_once(
     # Acked means committed: a separate connection sees every job, once.
     assert stored_ids(service_settings.database) == sorted(f"job-{n}" for n in range(50))
     pusher.close()
+
+
+async def test_a_job_marked_last_ends_the_linger_of_the_batch_it_joins(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    address, _ = await start_service(nursery, service_settings)
+    metrics = Metrics()
+    # No test waits out this linger: the batch below goes because of `last`.
+    pusher = Pusher(
+        JobsSettings(batch_linger=60, push_timeout=30), embedded_url(address), metrics=metrics
+    )
+    await nursery.start(pusher.run)
+    acked: list[str] = []
+
+    async def push(n: int, *, last: bool = False) -> None:
+        job = make_job(n)
+        await pusher.push(job.id, job.to_json(), "smtp", last=last)
+        acked.append(job.id)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            for n in range(3):
+                clients.start_soon(push, n)
+            # All three in the lingering batch, which would wait 60 s for more.
+            await trio.testing.wait_all_tasks_blocked()
+            assert acked == []
+            clients.start_soon(partial(push, 3, last=True))
+    assert sorted(acked) == [f"job-{n}" for n in range(4)]
+    assert stored_ids(service_settings.database) == sorted(acked)
+    assert metrics.registry.get_sample_value("trismtp_push_batch_size_count") == 1
 
 
 async def test_close_delivers_everything_queued_then_run_returns(

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from trismtp.jobs.pusher import Pusher
+from trismtp.metrics import Metrics
 from trismtp.service.server import serve_jobs
 from trismtp.settings import HostPort, JobsServiceSettings, JobsSettings, SmtpSettings, embedded_url
 from trismtp.smtp.server import SmtpServer
@@ -74,17 +75,23 @@ class Harness:
 
 
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, *, jobs_url: str | None = None, **smtp: object
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    *,
+    jobs_url: str | None = None,
+    jobs: JobsSettings | None = None,
+    metrics: Metrics | None = None,
+    **smtp: object,
 ) -> Harness:
     database = tmp_path / "jobs.sqlite3"
     service = JobsServiceSettings(listen="127.0.0.1:0", database=database)
     if jobs_url is None:
         jobs_url = embedded_url(await nursery.start(serve_jobs, service))
-    jobs = JobsSettings(push_timeout=1)
-    pusher = Pusher(jobs, jobs_url)
+    jobs = jobs or JobsSettings(push_timeout=1)
+    pusher = Pusher(jobs, jobs_url, metrics=metrics)
     await nursery.start(pusher.run)
     settings = SmtpSettings.model_validate({"listen": ["127.0.0.1:0"], **smtp})
-    server = SmtpServer(settings, jobs, pusher.push)
+    server = SmtpServer(settings, jobs, pusher.push, metrics=metrics)
     bound = await nursery.start(server.serve)
     return Harness(server, bound[0], database)
 
@@ -132,6 +139,66 @@ async def test_jobs_service_unreachable_gives_451(nursery: trio.Nursery, tmp_pat
         assert await client.command("hello\r\n.") == "451 4.3.0 Temporary failure, try again later"
         # The session goes on: the client may retry at once.
         assert await client.command("NOOP") == "250 2.0.0 OK"
+
+
+async def send_message(client: Client, body: str = "hello") -> None:
+    """One transaction up to its final dot; the reply to the dot is left unread."""
+    for line in ("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>", "DATA"):
+        await client.command(line)
+    await client.send(body.encode() + b"\r\n.\r\n")
+
+
+# A linger no test waits out: a 250 within fail_after(10) was sent without it.
+LONG_LINGER = JobsSettings(batch_linger=60, push_timeout=30)
+
+
+async def test_a_lone_session_is_answered_without_the_batch_linger(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    harness = await start(nursery, tmp_path, jobs=LONG_LINGER)
+    client = await harness.connect()
+    await client.command("EHLO client.example")
+    with trio.fail_after(10):
+        for _ in range(3):  # each message of a kept connection, not only the first
+            await send_message(client)
+            assert (await client.reply()).startswith("250 2.0.0 OK: queued as ")
+    assert len(harness.stored()) == 3
+
+
+async def test_the_batch_waits_for_a_session_in_a_transaction_then_goes_at_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Whichever of the two messages comes second finds the other session
+    # waiting for its ack: both jobs go in one batch, without the linger.
+    metrics = Metrics()
+    harness = await start(nursery, tmp_path, jobs=LONG_LINGER, metrics=metrics)
+    first, second = await harness.connect(), await harness.connect()
+    for client in (first, second):
+        await client.command("EHLO client.example")
+    with trio.fail_after(10):
+        await send_message(first, "one")
+        await send_message(second, "two")
+        replies = [await first.reply(), await second.reply()]
+    assert all(reply.startswith("250 2.0.0 OK: queued as ") for reply in replies)
+    assert metrics.registry.get_sample_value("trismtp_push_batch_size_count") == 1
+    assert metrics.registry.get_sample_value("trismtp_push_batch_size_sum") == 2
+
+
+async def test_an_idle_session_keeps_the_batch_linger(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # A connected session may send a message any moment: the batch lingers.
+    linger = 0.3
+    jobs = JobsSettings(batch_linger=linger, push_timeout=30)
+    harness = await start(nursery, tmp_path, jobs=jobs)
+    sender, idle = await harness.connect(), await harness.connect()
+    await idle.command("EHLO idle.example")
+    await sender.command("EHLO client.example")
+    await send_message(sender)
+    sent = trio.current_time()
+    assert (await sender.reply()).startswith("250 2.0.0 OK: queued as ")
+    assert trio.current_time() - sent >= linger
+    assert await idle.command("NOOP") == "250 2.0.0 OK"
 
 
 async def test_max_connections(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -66,10 +66,12 @@ class Lanes:
         self.large = lane(lane="large jobs")
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
 
-    async def push(self, job_id: str, encoded: str, pipeline: str = "") -> None:
+    async def push(
+        self, job_id: str, encoded: str, pipeline: str = "", *, last: bool = False
+    ) -> None:
         """Queue one job on its lane and wait for its durable ack (see :meth:`Pusher.push`)."""
         lane = self.large if len(encoded) >= LARGE_JOB else self.small
-        await lane.push(job_id, encoded, pipeline)
+        await lane.push(job_id, encoded, pipeline, last=last)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run both lanes until :meth:`close` and both are drained."""

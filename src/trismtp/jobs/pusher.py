@@ -15,7 +15,14 @@ into a ``jobs.PushBatch`` call: it flushes when the batch holds
 ``batch_max_jobs`` jobs, before it would grow past ``batch_max_bytes``, or
 ``batch_linger`` seconds after the first job arrived. One batch is in flight
 at a time; while it is, the next one fills up in the channel, so batches grow
-with load and a lone message waits only the linger.
+with load.
+
+A job pushed with ``last=True`` ends the linger: the SMTP server says so when
+every other session is already waiting for its ack, so nothing more can join
+the batch before it is sent (a lone sender's message never waits). Twenty
+sessions on kept connections move in step with the batches (all wait for one,
+get ``250``, send their next message); the linger was then a pause of every
+session at every turn, for no job.
 
 Where a batch goes is a *sink* (:mod:`trismtp.jobs.sinks`): ``jobs.PushBatch``
 to a jobs service, or pipelined publishes to a NATS JetStream stream for a
@@ -129,6 +136,7 @@ class _Pending:
     pipeline: str
     deadline: float
     queued_at: float  # for the push latency metric
+    last: bool = False  # no other job can join its batch (module docstring)
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
     permanent: bool = False
@@ -198,17 +206,21 @@ class Pusher:
 
     # -- the sessions' side -------------------------------------------------
 
-    async def push(self, job_id: str, encoded: str, pipeline: str = "") -> None:
+    async def push(
+        self, job_id: str, encoded: str, pipeline: str = "", *, last: bool = False
+    ) -> None:
         """Queue one job and wait for its durable ack; raise PushFailed if none.
 
         ``encoded`` is the job as JSON text. The whole wait, including the
         wait for room in the channel, is bounded by ``jobs.push_timeout``.
+        ``last``: no other job will come before this one's batch is sent,
+        so the batch goes without waiting ``batch_linger``.
         """
         timeout = self._settings.push_timeout
         # batch_max_bytes counts bytes on the wire, not characters.
         size = len(encoded) if encoded.isascii() else len(encoded.encode())
         now = trio.current_time()
-        pending = _Pending(job_id, encoded, size, pipeline, now + timeout, now)
+        pending = _Pending(job_id, encoded, size, pipeline, now + timeout, now, last)
         queued = False
         try:
             with trio.move_on_after(timeout):
@@ -323,11 +335,15 @@ class Pusher:
             batch = [first]
             size = first.size
             ended = False
+            # After a job marked last, only what is queued already joins.
+            linger = not first.last
             with trio.move_on_after(settings.batch_linger):
                 while len(batch) < settings.batch_max_jobs:
                     try:
                         item = self._receive.receive_nowait()
                     except trio.WouldBlock:
+                        if not linger:
+                            break
                         try:
                             item = await self._receive.receive()
                         except trio.EndOfChannel:
@@ -341,6 +357,7 @@ class Pusher:
                         break
                     batch.append(item)
                     size += item.size
+                    linger = linger and not item.last
             yield batch
             if ended and self._carry is None:
                 return

@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import count
+from typing import Protocol
 
 import trio
 
@@ -118,8 +119,16 @@ NO_DESTINATION = Reply(
 NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 NO_MEMORY_CLOSING = Reply(421, "4.3.1", "Insufficient system storage, closing connection")
 
-PushJob = Callable[[str, str, str], Awaitable[None]]
-"""``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
+
+class PushJob(Protocol):
+    """``push(job_id, job_json, pipeline)``: returns once durable, else PushFailed."""
+
+    def __call__(
+        self, job_id: str, job_json: str, pipeline: str, /, *, last: bool = False
+    ) -> Awaitable[None]:
+        """``last``: every other session already waits for its own ack, so no
+        job can join this one's batch; the pusher sends it without lingering."""
+
 
 DestinationDown = Callable[[], str | None]
 """Why jobs are known to have nowhere to go right now, else None."""
@@ -363,6 +372,7 @@ class SmtpServer:
         # read past it (beyond the limit the protocol keeps only a tail).
         self._claim_cap = settings.max_message_size + READ_SIZE
         self._sessions: set[_Session] = set()
+        self._waiting_for_ack = 0  # sessions inside _push_job
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
         self._handler_scope: trio.CancelScope | None = None
@@ -1052,11 +1062,18 @@ class SmtpServer:
         self, session: _Session, job_id: str, job_json: str, size: int, recipients: int
     ) -> Reply:
         """Wait for the job's durable ack: 250 with its id, or 451."""
+        # When every other session already waits for its ack (in a batch in
+        # flight, or queued), no job can join this one's batch before it is
+        # sent: lingering for one would only delay all of them.
+        last = self._waiting_for_ack + 1 >= len(self._sessions)
+        self._waiting_for_ack += 1
         try:
-            await self._push(job_id, job_json, self._jobs.pipeline)
+            await self._push(job_id, job_json, self._jobs.pipeline, last=last)
         except PushFailed as exc:
             log.error("from %s: message %s not queued: %s", session.remote, job_id, exc)
             return TOO_LARGE_FOR_STORE if exc.permanent else TEMPORARY_FAILURE
+        finally:
+            self._waiting_for_ack -= 1
         self._metrics.message_accepted(size)
         log.info(
             "from %s: queued as %s (%d bytes, %d %s)",
