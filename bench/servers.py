@@ -75,6 +75,8 @@ PROBES_PER_WORKER = 8
 """Connections per worker that must all be greeted before a run starts (see
 :func:`_wait_for_workers`): a worker gets none of them with odds of about e^-8."""
 PROBE_TIMEOUT = 1.0
+START_ATTEMPTS = 3
+"""Starts of a server whose port was taken before it could listen (see :func:`start_server`)."""
 
 Workers = int | Literal["auto"]
 """``smtp.workers`` as the harness passes it to trismtp: a number, or ``"auto"``."""
@@ -344,7 +346,43 @@ def start_server(
     started once every worker greets; its CPU time is counted from then on
     (the workers' start-up is not part of a run).
     On failure (RuntimeError) every process started for it has been stopped.
+
+    A port from :func:`free_port` can be taken before the server binds it
+    (the kernel hands the same range out as the local ports of outgoing
+    connections): a server that cannot listen for that reason is started
+    again on other ports, up to :data:`START_ATTEMPTS` times.
     """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_server(
+                name,
+                children,
+                workdir,
+                smtp_sink=smtp_sink,
+                nats_server=nats_server,
+                max_connections=max_connections,
+                trismtp_workers=trismtp_workers,
+            )
+        except RuntimeError as exc:
+            if attempt == START_ATTEMPTS or "address already in use" not in str(exc).lower():
+                raise
+            print(
+                f"  note: {name}: a port was taken before it could listen; starting it again",
+                file=sys.stderr,
+            )
+    raise AssertionError("unreachable")
+
+
+def _start_server(
+    name: str,
+    children: Children,
+    workdir: Path,
+    *,
+    smtp_sink: str,
+    nats_server: str | None,
+    max_connections: int,
+    trismtp_workers: Workers,
+) -> RunningServer:
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "trismtp":
         server = _start_trismtp(children, workdir, max_connections, trismtp_workers)
