@@ -39,6 +39,13 @@ def make_job(n: int, pipeline: str = "smtp", size: int = 10) -> Job:
     )
 
 
+async def push_and_note(pusher: Pusher, n: int, acked: list[str], *, last: bool = False) -> None:
+    """Push job *n*; note its id in *acked* once the service has it durably."""
+    job = make_job(n)
+    await pusher.push(job.id, job.to_json(), "smtp", last=last)
+    acked.append(job.id)
+
+
 def stored_ids(database: Path) -> list[str]:
     with sqlite3.connect(database) as db:
         return sorted(row[0] for row in db.execute("SELECT id FROM jobs"))
@@ -71,16 +78,10 @@ async def test_concurrent_pushes_are_batched_and_each_stored_once(
     pusher = Pusher(JobsSettings(batch_max_jobs=7, batch_linger=0.01), embedded_url(address))
     nursery.start_soon(pusher.run)
     acked: list[str] = []
-
-    async def push(n: int) -> None:
-        job = make_job(n)
-        await pusher.push(job.id, job.to_json(), "smtp")
-        acked.append(job.id)
-
     with trio.fail_after(20):
         async with trio.open_nursery() as clients:
             for n in range(50):
-                clients.start_soon(push, n)
+                clients.start_soon(push_and_note, pusher, n, acked)
     assert len(acked) == 50
     # Acked means committed: a separate connection sees every job, once.
     assert stored_ids(service_settings.database) == sorted(f"job-{n}" for n in range(50))
@@ -98,20 +99,14 @@ async def test_a_job_marked_last_ends_the_linger_of_the_batch_it_joins(
     )
     await nursery.start(pusher.run)
     acked: list[str] = []
-
-    async def push(n: int, *, last: bool = False) -> None:
-        job = make_job(n)
-        await pusher.push(job.id, job.to_json(), "smtp", last=last)
-        acked.append(job.id)
-
     with trio.fail_after(10):
         async with trio.open_nursery() as clients:
             for n in range(3):
-                clients.start_soon(push, n)
+                clients.start_soon(push_and_note, pusher, n, acked)
             # All three in the lingering batch, which would wait 60 s for more.
             await trio.testing.wait_all_tasks_blocked()
             assert acked == []
-            clients.start_soon(partial(push, 3, last=True))
+            clients.start_soon(partial(push_and_note, pusher, 3, acked, last=True))
     assert sorted(acked) == [f"job-{n}" for n in range(4)]
     assert stored_ids(service_settings.database) == sorted(acked)
     assert metrics.registry.get_sample_value("trismtp_push_batch_size_count") == 1
@@ -124,16 +119,10 @@ async def test_close_delivers_everything_queued_then_run_returns(
     async with trio.open_nursery() as nursery:
         address, service = await start_service(nursery, service_settings)
         pusher = Pusher(JobsSettings(batch_max_jobs=4), embedded_url(address))
-
-        async def push(n: int) -> None:
-            job = make_job(n)
-            await pusher.push(job.id, job.to_json(), "smtp")
-            results.append(job.id)
-
         with trio.fail_after(20):
             async with trio.open_nursery() as sessions:
                 for n in range(20):
-                    sessions.start_soon(push, n)
+                    sessions.start_soon(push_and_note, pusher, n, results)
                 # The jobs are queued before the pusher task even starts.
                 await trio.testing.wait_all_tasks_blocked()
                 assert pusher.queued == 20
