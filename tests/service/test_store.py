@@ -566,6 +566,56 @@ async def test_peek_of_an_unknown_pipeline(store: JobStore) -> None:
         await store.peek("nope", 10)
 
 
+async def test_a_big_batch_keeps_its_order_in_each_pipeline(store: JobStore, db_path: Path) -> None:
+    # More jobs than one insert statement takes (store._PUSH_ROWS_MAX), for two
+    # pipelines in turn, with an id already stored and one twice in the batch.
+    await store.declare("other")
+    await store.push_batch([make_job("j7", pipeline="other", payload="first")])
+    batch = [make_job(f"j{i}", pipeline="smtp" if i % 2 else "other") for i in range(150)]
+    batch.insert(40, make_job("j3", payload="again"))
+
+    await store.push_batch(batch)
+
+    assert len(stored(db_path)) == 150
+    assert stored(db_path)["j7"] == "first"
+    assert stored(db_path)["j3"] == "{}"
+    smtp = ids(await store.reserve("smtp", 200, lease=60))
+    other = ids(await store.reserve("other", 200, lease=60))
+    assert smtp == [f"j{i}" for i in range(1, 150, 2) if i != 7]  # j7 was in "other"
+    assert other == ["j7", *(f"j{i}" for i in range(0, 150, 2))]
+
+
+async def test_a_batch_is_split_to_fit_sqlites_parameter_limit(
+    db_path: Path, clock: FakeClock
+) -> None:
+    def few_parameters(db: sqlite3.Connection) -> None:
+        # Two rows of eleven values a statement, as an old SQLite built with
+        # a small SQLITE_MAX_VARIABLE_NUMBER would allow.
+        db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 23)
+
+    async with JobStore.open(db_path, clock=clock, on_connect=few_parameters) as store:
+        await store.declare("smtp")
+        await store.push_batch([make_job(f"j{i}", payload=str(i)) for i in range(5)])
+        with pytest.raises(NoSuchPipeline):
+            await store.push_batch([make_job("k0"), make_job("k1"), make_job("k2", pipeline="x")])
+
+        assert ids(await store.reserve("smtp", 10, lease=60)) == [f"j{i}" for i in range(5)]
+    assert stored(db_path) == {f"j{i}": str(i) for i in range(5)}
+
+
+async def test_a_refused_batch_alone_leaves_nothing_and_the_store_goes_on(
+    store: JobStore, db_path: Path
+) -> None:
+    # Alone in its transaction, the batch is rolled back whole after its
+    # first job was inserted, and the transaction does not linger.
+    with pytest.raises(NoSuchPipeline):
+        await store.push_batch([make_job("a"), make_job("b", pipeline="nope")])
+    await store.push_batch([make_job("a", payload="later")])
+
+    assert stored(db_path) == {"a": "later"}
+    assert [s.active for s in await store.stat()] == [1]
+
+
 async def test_an_expired_batch_stores_nothing(
     store: JobStore, clock: FakeClock, db_path: Path
 ) -> None:

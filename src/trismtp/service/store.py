@@ -20,12 +20,19 @@ therefore funnels every write through one **writer task**::
   fsync; when idle a group is a single operation and costs nothing extra.
 * **One op, one savepoint.** An op that fails for its own reasons (an unknown
   pipeline, a bug) is rolled back to its savepoint; the others in its group
-  still commit. A storage failure inside an op (disk full) may have rolled
+  still commit. An op alone in its group needs none: its transaction is
+  rolled back instead. A storage failure inside an op (disk full) may have rolled
   back the whole transaction (SQLite does that for SQLITE_FULL, IOERR, BUSY),
   so that op fails and the rest of the group is tried again without it.
 * **Off the Trio thread.** SQLite blocks, so each group runs in a worker thread
   (``trio.to_thread.run_sync``). The writer's connection is used by one thread
   at a time because only the writer task uses it, one group at a time.
+* **Few statements a group.** The thread releases the GIL for each statement
+  and must take it back from the event loop after it, which waits while the
+  loop is busy with SMTP sessions. A push is therefore one INSERT for the
+  whole batch, the pipelines are looked up only when a job was left out, an
+  op alone needs no savepoint, and only groups that may delete jobs look for
+  payload files to remove: a lone PushBatch is BEGIN, INSERT, COMMIT.
 * **Cancellation.** Handing an op over is the only step a caller can be
   cancelled out of; nothing has happened then. Once the writer holds an op, it
   commits or rolls back and the caller is told which, even if the caller was
@@ -446,12 +453,15 @@ LeaseRef = tuple[str, str]
 class _Op(Generic[T]):
     """One operation on its way through the writer, and its outcome."""
 
-    __slots__ = ("done", "fn", "grows", "heavy", "outcome")
+    __slots__ = ("done", "fn", "frees", "grows", "heavy", "outcome")
 
-    def __init__(self, fn: Operation[T], *, grows: bool = False, heavy: bool = False) -> None:
+    def __init__(
+        self, fn: Operation[T], *, grows: bool = False, heavy: bool = False, frees: bool = True
+    ) -> None:
         self.fn = fn
         self.grows = grows  # stores new data: refused while the disk is full
         self.heavy = heavy  # committed after the light ops queued with it
+        self.frees = frees  # may delete jobs, and so free their payload files
         self.done = trio.Event()
         self.outcome: outcome.Outcome[T] | None = None
 
@@ -607,6 +617,7 @@ class JobStore:
                 grows=True,
                 heavy=sum(len(job.payload) for i, job in enumerate(jobs) if i not in files)
                 >= HEAVY_PUSH,
+                frees=False,
             )
         except BaseException:
             self._remove_payloads([name for name, _ in files.values()])
@@ -920,8 +931,10 @@ class JobStore:
 
     # -- the writer ---------------------------------------------------------
 
-    async def _run(self, fn: Operation[T], *, grows: bool = False, heavy: bool = False) -> T:
-        op = _Op(fn, grows=grows, heavy=heavy)
+    async def _run(
+        self, fn: Operation[T], *, grows: bool = False, heavy: bool = False, frees: bool = True
+    ) -> T:
+        op = _Op(fn, grows=grows, heavy=heavy, frees=frees)
         await self._submit.send(op)  # the only cancellable step: nothing done yet
         # The writer holds the op now and resolves it whatever happens; wait
         # for that even if cancelled, so the caller can report the outcome.
@@ -996,11 +1009,16 @@ class JobStore:
                 db.execute("BEGIN IMMEDIATE")
                 if self._freed_unlinked:
                     db.execute("DELETE FROM freed_files")
+                # Alone in its transaction, an op needs no savepoint: the
+                # transaction is one. Each statement hands the GIL over twice,
+                # and that waits for the event loop when it is busy.
+                run = _run_alone if len(todo) == 1 else _run_in_savepoint
                 for index in todo:
                     running = index
-                    staged[index] = _run_in_savepoint(db, group[index].fn, now)
+                    staged[index] = run(db, group[index].fn, now)
                 running = None
-                db.execute("COMMIT")
+                committed = len(todo) > 1 or isinstance(staged[todo[0]], outcome.Value)
+                db.execute("COMMIT" if committed else "ROLLBACK")
             except Exception as exc:
                 failure = _storage_failure(exc)
                 if failure is None:
@@ -1024,13 +1042,16 @@ class JobStore:
                 results[running] = outcome.Error(_copy(failure))
                 todo.remove(running)
             else:
-                self._freed_unlinked = False
                 results.update(staged)
+                if not committed:
+                    break  # the op failed on its own; nothing was written
+                self._freed_unlinked = False
                 self._report(None)
-                try:
-                    self._unlink_freed(db)
-                except sqlite3.Error as exc:  # the rows stay: the next commit tries again
-                    logger.debug("cannot list the payload files to remove: %s", exc)
+                if any(group[index].frees for index in todo):
+                    try:
+                        self._unlink_freed(db)
+                    except sqlite3.Error as exc:  # the rows stay: the next commit tries again
+                        logger.debug("cannot list the payload files to remove: %s", exc)
                 break
         return [results[index] for index in range(len(group))]
 
@@ -1265,6 +1286,16 @@ class JobStore:
                 db.close()
 
 
+def _run_alone(db: sqlite3.Connection, fn: Operation[Any], now: float) -> outcome.Outcome[Any]:
+    """Run the only op of a transaction; the caller rolls back if it failed."""
+    try:
+        return outcome.Value(fn(db, now))
+    except Exception as exc:
+        if _storage_failure(exc) is not None:
+            raise  # as in _run_in_savepoint
+        return outcome.Error(exc)
+
+
 def _run_in_savepoint(
     db: sqlite3.Connection, fn: Operation[Any], now: float
 ) -> outcome.Outcome[Any]:
@@ -1432,34 +1463,44 @@ def _push_batch(
     acked already): the caller removes them."""
     if expires_at is not None and now > expires_at:
         raise BatchExpired(now - expires_at)
-    _require_pipelines(db, {job.options.pipeline for job in jobs})
-    # One statement for the batch, run by SQLite's own loop: an id still
-    # stored is ignored, an id acked within the window is left out, and the
-    # trigger jobs_queued gives each new job its queue row.
     forget_before = now - window if window > 0 else math.inf
-    db.executemany(
-        "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
-        " created_at, payload_file, payload_size, headers, payload)"
-        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-        " WHERE NOT EXISTS (SELECT 1 FROM acked WHERE id = ? AND at >= ?)",
-        [
-            (
-                job.id,
-                job.options.pipeline,
-                job.job,
-                job.options.priority,
-                job.options.delay,
-                int(job.options.auto_ack),
-                now,
-                *files.get(index, (None, None)),
-                json.dumps(job.headers, ensure_ascii=False, separators=(",", ":")),
-                "" if index in files else job.payload,
-                job.id,
-                forget_before,
-            )
-            for index, job in enumerate(jobs)
-        ],
-    )
+    rows = [
+        (
+            job.id,
+            job.options.pipeline,
+            job.job,
+            job.options.priority,
+            job.options.delay,
+            int(job.options.auto_ack),
+            now,
+            *files.get(index, (None, None)),
+            json.dumps(job.headers, ensure_ascii=False, separators=(",", ":")),
+            "" if index in files else job.payload,
+        )
+        for index, job in enumerate(jobs)
+    ]
+    # One statement for the batch, not one per job: SQLite inserts every row
+    # in one step, so the writer's thread hands the GIL over once, not once a
+    # job (see _run_group). A VALUES list keeps the rows in the batch's order.
+    # An id still stored is ignored, an id acked within the window is left
+    # out, a job for a pipeline not declared is left out too, and
+    # the trigger jobs_queued gives each new job its queue row.
+    per_statement = _rows_per_statement(db)
+    inserted = 0
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        inserted += db.execute(
+            "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
+            " created_at, payload_file, payload_size, headers, payload)"
+            f" SELECT * FROM (VALUES {','.join([_PUSH_ROW] * len(chunk))}) AS pushed"
+            " WHERE pushed.column2 IN (SELECT name FROM pipelines)"
+            " AND NOT EXISTS (SELECT 1 FROM acked WHERE id = pushed.column1 AND at >= ?)",
+            [*(value for row in chunk for value in row), forget_before],
+        ).rowcount
+    if inserted < len(rows):
+        # Some were left out: if for want of a pipeline, the batch fails
+        # whole (the caller rolls back what was inserted).
+        _require_pipelines(db, {job.options.pipeline for job in jobs})
     return [
         name
         for index, (name, _) in files.items()
@@ -1468,6 +1509,19 @@ def _push_batch(
         ).fetchone()
         is None
     ]
+
+
+_PUSH_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Rows of one push statement at most: bounds its text, and so the number of
+# different statements in the connection's cache.
+_PUSH_ROWS_MAX: Final = 64
+
+
+def _rows_per_statement(db: sqlite3.Connection) -> int:
+    """Rows of a push statement: at most _PUSH_ROWS_MAX, and within the number of
+    parameters this SQLite takes (999 before 3.32, 32766 since)."""
+    variables = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(_PUSH_ROWS_MAX, (variables - 1) // _PUSH_ROW.count("?")))
 
 
 def _probe(db: sqlite3.Connection, now: float) -> None:
