@@ -474,6 +474,31 @@ async def test_full_disk_is_storage_unavailable_then_recovers(
     assert set(stored(db_path)) == {"other"} | {job.id for job in big}
 
 
+async def test_unwritable_store_finds_out_by_itself_that_it_can_write_again(
+    db_path: Path, clock: FakeClock
+) -> None:
+    # /readyz reports the store; a balancer that sees "not ready" sends no
+    # mail, so no push would come to find out. The failed push here is the
+    # only op, written by its own caller rather than the writer task.
+    async with JobStore.open(db_path, clock=clock, busy_timeout=0.05) as store:
+        await store.declare("smtp")
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await store.push_batch([make_job("a")])
+            assert store.unwritable is not None
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+
+        with trio.fail_after(10):  # the store checks once a second
+            while store.unwritable is not None:
+                await trio.sleep(0.05)
+        await store.push_batch([make_job("a")])
+    assert set(stored(db_path)) == {"a"}
+
+
 async def test_full_disk_fails_only_the_op_that_needs_space(
     db_path: Path, clock: FakeClock
 ) -> None:
