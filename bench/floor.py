@@ -25,7 +25,7 @@ from trismtp.smtp.protocol import MessageReceived
 __all__ = ["main"]
 
 
-async def _discard(job_id: str, job_json: str, pipeline: str) -> None:
+async def _discard(job_id: str, job_json: str, pipeline: str, /, *, last: bool = False) -> None:
     """A push that is "durable" at once."""
 
 
