@@ -21,9 +21,9 @@ therefore funnels every write through one **writer task**::
 * **One op, one savepoint.** An op that fails for its own reasons (an unknown
   pipeline, a bug) is rolled back to its savepoint; the others in its group
   still commit. An op alone in its group needs none: its transaction is
-  rolled back instead. A storage failure inside an op (disk full) may have rolled
-  back the whole transaction (SQLite does that for SQLITE_FULL, IOERR, BUSY),
-  so that op fails and the rest of the group is tried again without it.
+  rolled back instead. A storage failure inside an op (disk full) may have
+  rolled back the whole transaction (SQLite does that for SQLITE_FULL, IOERR,
+  BUSY), so that op fails and the rest of the group is tried again without it.
 * **Off the Trio thread.** SQLite blocks, so each group runs in a worker thread
   (``trio.to_thread.run_sync``). The writer's connection is used by one thread
   at a time because only the writer task uses it, one group at a time.
@@ -1481,10 +1481,10 @@ def _push_batch(
     ]
     # One statement for the batch, not one per job: SQLite inserts every row
     # in one step, so the writer's thread hands the GIL over once, not once a
-    # job (see _run_group). A VALUES list keeps the rows in the batch's order.
-    # An id still stored is ignored, an id acked within the window is left
-    # out, a job for a pipeline not declared is left out too, and
-    # the trigger jobs_queued gives each new job its queue row.
+    # job (see _run_group). SQLite reads a VALUES list in order, so the rows
+    # keep the batch's order (tested). An id still stored is ignored, an id
+    # acked within the window is left out, so is a job for a pipeline not
+    # declared, and the trigger jobs_queued gives each new job its queue row.
     per_statement = _rows_per_statement(db)
     inserted = 0
     for start in range(0, len(rows), per_statement):
