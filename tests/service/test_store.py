@@ -592,9 +592,10 @@ async def test_a_big_batch_keeps_its_order_in_each_pipeline(store: JobStore, db_
 
     await store.push_batch(batch)
 
-    assert len(stored(db_path)) == 150
-    assert stored(db_path)["j7"] == "first"
-    assert stored(db_path)["j3"] == "{}"
+    on_disk = stored(db_path)
+    assert len(on_disk) == 150
+    assert on_disk["j7"] == "first"
+    assert on_disk["j3"] == "{}"
     smtp = ids(await store.reserve("smtp", 200, lease=60))
     other = ids(await store.reserve("other", 200, lease=60))
     assert smtp == [f"j{i}" for i in range(1, 150, 2) if i != 7]  # j7 was in "other"
