@@ -633,6 +633,39 @@ async def test_a_refused_batch_alone_leaves_nothing_and_the_store_goes_on(
     assert [s.active for s in await store.stat()] == [1]
 
 
+async def test_a_lone_push_is_one_statement_that_commits(db_path: Path, clock: FakeClock) -> None:
+    # The writer's thread hands the GIL over for each statement, and takes it
+    # back only when the busy event loop lets it: a PushBatch alone is its
+    # INSERT, committed by SQLite as it runs (docs/performance.md, "Eighth
+    # stop"). A transaction left open would hold the jobs back from readers.
+    statements: list[str] = []
+
+    def traced(db: sqlite3.Connection) -> None:
+        db.set_trace_callback(statements.append)
+
+    async with JobStore.open(db_path, clock=clock, on_connect=traced) as store:
+        await store.declare("smtp")
+        statements.clear()
+        await store.push_batch([make_job(f"j{i}") for i in range(10)])
+
+        # One statement (sqlite3 reports it again for each trigger it runs).
+        assert len(set(statements)) == 1
+        assert statements[0].startswith("INSERT INTO jobs")
+        assert set(stored(db_path)) == {f"j{i}" for i in range(10)}
+
+
+async def test_the_store_refuses_an_sqlite_without_upsert(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.22.0")
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 22, 0))
+
+    with pytest.raises(StorageUnavailable, match=r"SQLite .* is 3\.22\.0; .* needs 3\.24\.0"):
+        async with JobStore.open(db_path):
+            pass
+    assert not await trio.Path(db_path).exists()
+
+
 async def test_an_expired_batch_stores_nothing(
     store: JobStore, clock: FakeClock, db_path: Path
 ) -> None:

@@ -30,9 +30,11 @@ therefore funnels every write through one **writer task**::
 * **Few statements a group.** The thread releases the GIL for each statement
   and must take it back from the event loop after it, which waits while the
   loop is busy with SMTP sessions. A push is therefore one INSERT for the
-  whole batch, the pipelines are looked up only when a job was left out, an
-  op alone needs no savepoint, and only groups that may delete jobs look for
-  payload files to remove: a lone PushBatch is BEGIN, INSERT, COMMIT.
+  whole batch (a job for a pipeline not declared aborts it), an op alone
+  needs no savepoint, an op that is atomic by itself (a push) needs no
+  BEGIN and COMMIT when alone, and only groups that may delete jobs look for
+  payload files to remove: a lone PushBatch is its INSERT, which SQLite
+  commits (and fsyncs) as it runs.
 * **Cancellation.** Handing an op over is the only step a caller can be
   cancelled out of; nothing has happened then. Once the writer holds an op, it
   commits or rolls back and the caller is told which, even if the caller was
@@ -161,6 +163,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 3
+# A push is an UPSERT (INSERT … ON CONFLICT (id) DO NOTHING): SQLite 3.24.
+MIN_SQLITE: Final = (3, 24, 0)
 DEFAULT_PRIORITY: Final = 10
 DRIVER: Final = "sqlite"
 # Ops committed together at most; bounds one transaction's size and latency.
@@ -453,15 +457,25 @@ LeaseRef = tuple[str, str]
 class _Op(Generic[T]):
     """One operation on its way through the writer, and its outcome."""
 
-    __slots__ = ("done", "fn", "frees", "grows", "heavy", "outcome")
+    __slots__ = ("atomic", "done", "fn", "frees", "grows", "heavy", "outcome")
 
     def __init__(
-        self, fn: Operation[T], *, grows: bool = False, heavy: bool = False, frees: bool = True
+        self,
+        fn: Operation[T],
+        *,
+        grows: bool = False,
+        heavy: bool = False,
+        frees: bool = True,
+        atomic: bool = False,
     ) -> None:
         self.fn = fn
         self.grows = grows  # stores new data: refused while the disk is full
         self.heavy = heavy  # committed after the light ops queued with it
         self.frees = frees  # may delete jobs, and so free their payload files
+        # All or nothing without a transaction around it: its one write is a
+        # single statement (or it begins a transaction itself), and nothing it
+        # does after that write can fail. Alone, it runs without BEGIN/COMMIT.
+        self.atomic = atomic
         self.done = trio.Event()
         self.outcome: outcome.Outcome[T] | None = None
 
@@ -529,6 +543,11 @@ class JobStore:
         opened now: at start-up that is an error for the operator to fix.
         *policy* sets attempts, the dead-letter pipeline and the dedupe window.
         """
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StorageUnavailable(
+                f"the SQLite library Python uses is {sqlite3.sqlite_version}; the jobs store"
+                f" needs {'.'.join(map(str, MIN_SQLITE))} or later"
+            )
         store = cls(
             Path(path),
             clock=clock,
@@ -618,6 +637,9 @@ class JobStore:
                 heavy=sum(len(job.payload) for i, job in enumerate(jobs) if i not in files)
                 >= HEAVY_PUSH,
                 frees=False,
+                # With files, it reads after its insert, and a failure there
+                # would have the caller remove files that committed rows name.
+                atomic=not files,
             )
         except BaseException:
             self._remove_payloads([name for name, _ in files.values()])
@@ -932,9 +954,15 @@ class JobStore:
     # -- the writer ---------------------------------------------------------
 
     async def _run(
-        self, fn: Operation[T], *, grows: bool = False, heavy: bool = False, frees: bool = True
+        self,
+        fn: Operation[T],
+        *,
+        grows: bool = False,
+        heavy: bool = False,
+        frees: bool = True,
+        atomic: bool = False,
     ) -> T:
-        op = _Op(fn, grows=grows, heavy=heavy, frees=frees)
+        op = _Op(fn, grows=grows, heavy=heavy, frees=frees, atomic=atomic)
         await self._submit.send(op)  # the only cancellable step: nothing done yet
         # The writer holds the op now and resolves it whatever happens; wait
         # for that even if cancelled, so the caller can report the outcome.
@@ -1006,19 +1034,24 @@ class JobStore:
             running: int | None = None
             try:
                 db = self._connection()
-                db.execute("BEGIN IMMEDIATE")
-                if self._freed_unlinked:
-                    db.execute("DELETE FROM freed_files")
-                # Alone in its transaction, an op needs no savepoint: the
-                # transaction is one. Each statement hands the GIL over twice,
-                # and that waits for the event loop when it is busy.
+                # Each statement hands the GIL over twice, and that waits for
+                # the event loop when it is busy. Alone in its group, an op
+                # needs no savepoint (its transaction is one), and an atomic
+                # op (a push: one INSERT) needs no BEGIN and COMMIT either:
+                # SQLite commits its statement, fsync included.
+                bare = len(todo) == 1 and group[todo[0]].atomic and not self._freed_unlinked
+                if not bare:
+                    db.execute("BEGIN IMMEDIATE")
+                    if self._freed_unlinked:
+                        db.execute("DELETE FROM freed_files")
                 run = _run_alone if len(todo) == 1 else _run_in_savepoint
                 for index in todo:
                     running = index
                     staged[index] = run(db, group[index].fn, now)
                 running = None
                 committed = len(todo) > 1 or isinstance(staged[todo[0]], outcome.Value)
-                db.execute("COMMIT" if committed else "ROLLBACK")
+                if not bare or db.in_transaction:  # an atomic op may begin its own
+                    db.execute("COMMIT" if committed else "ROLLBACK")
             except Exception as exc:
                 failure = _storage_failure(exc)
                 if failure is None:
@@ -1481,26 +1514,36 @@ def _push_batch(
     ]
     # One statement for the batch, not one per job: SQLite inserts every row
     # in one step, so the writer's thread hands the GIL over once, not once a
-    # job (see _run_group). SQLite reads a VALUES list in order, so the rows
-    # keep the batch's order (tested). An id still stored is ignored, an id
-    # acked within the window is left out, so is a job for a pipeline not
-    # declared, and the trigger jobs_queued gives each new job its queue row.
+    # job (see _run_group), and alone in its group the statement is the
+    # transaction. SQLite reads a VALUES list in order, so the rows keep the
+    # batch's order (tested). An id still stored is skipped (ON CONFLICT),
+    # an id acked within the window is left out (WHERE), and the trigger
+    # jobs_queued gives each new job its queue row. A job for a pipeline not
+    # declared gets a NULL pipeline: the NOT NULL constraint aborts the
+    # statement, which stores none of the batch.
     per_statement = _rows_per_statement(db)
-    inserted = 0
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        inserted += db.execute(
-            "INSERT OR IGNORE INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
-            " created_at, payload_file, payload_size, headers, payload)"
-            f" SELECT * FROM (VALUES {','.join([_PUSH_ROW] * len(chunk))}) AS pushed"
-            " WHERE pushed.column2 IN (SELECT name FROM pipelines)"
-            " AND NOT EXISTS (SELECT 1 FROM acked WHERE id = pushed.column1 AND at >= ?)",
-            [*(value for row in chunk for value in row), forget_before],
-        ).rowcount
-    if inserted < len(rows):
-        # Some were left out: if for want of a pipeline, the batch fails
-        # whole (the caller rolls back what was inserted).
+    if len(rows) > per_statement and not db.in_transaction:
+        db.execute("BEGIN IMMEDIATE")  # all statements or none; the caller commits
+    try:
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            db.execute(
+                "INSERT INTO jobs (id, pipeline, name, priority, delay, auto_ack,"
+                " created_at, payload_file, payload_size, headers, payload)"
+                " SELECT column1,"
+                " CASE WHEN column2 IN (SELECT name FROM pipelines) THEN column2 END,"
+                " column3, column4, column5, column6, column7, column8, column9, column10,"
+                " column11"
+                f" FROM (VALUES {','.join([_PUSH_ROW] * len(chunk))}) AS pushed"
+                " WHERE NOT EXISTS (SELECT 1 FROM acked WHERE id = pushed.column1 AND at >= ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                [*(value for row in chunk for value in row), forget_before],
+            )
+    except sqlite3.IntegrityError:
+        # The batch fails whole (the caller rolls back what an earlier
+        # statement inserted).
         _require_pipelines(db, {job.options.pipeline for job in jobs})
+        raise  # not for want of a pipeline: a bug
     return [
         name
         for index, (name, _) in files.items()
