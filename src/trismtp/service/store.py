@@ -632,14 +632,18 @@ class JobStore:
             files = dict(zip(big, written, strict=True))
         try:
             unused = await self._run(
-                partial(_push_batch, jobs=jobs, files=files, expires_at=expires_at, window=window),
-                grows=True,
-                heavy=sum(len(job.payload) for i, job in enumerate(jobs) if i not in files)
-                >= HEAVY_PUSH,
-                frees=False,
-                # With files, it reads after its insert, and a failure there
-                # would have the caller remove files that committed rows name.
-                atomic=not files,
+                _Op(
+                    partial(
+                        _push_batch, jobs=jobs, files=files, expires_at=expires_at, window=window
+                    ),
+                    grows=True,
+                    heavy=sum(len(job.payload) for i, job in enumerate(jobs) if i not in files)
+                    >= HEAVY_PUSH,
+                    frees=False,
+                    # With files, it reads after its insert, and a failure there
+                    # would have the caller remove files that committed rows name.
+                    atomic=not files,
+                )
             )
         except BaseException:
             self._remove_payloads([name for name, _ in files.values()])
@@ -953,16 +957,10 @@ class JobStore:
 
     # -- the writer ---------------------------------------------------------
 
-    async def _run(
-        self,
-        fn: Operation[T],
-        *,
-        grows: bool = False,
-        heavy: bool = False,
-        frees: bool = True,
-        atomic: bool = False,
-    ) -> T:
-        op = _Op(fn, grows=grows, heavy=heavy, frees=frees, atomic=atomic)
+    async def _run(self, op: Operation[T] | _Op[T]) -> T:
+        """Have the writer run *op* (an operation, or one with its flags set)."""
+        if not isinstance(op, _Op):
+            op = _Op(op)
         await self._submit.send(op)  # the only cancellable step: nothing done yet
         # The writer holds the op now and resolves it whatever happens; wait
         # for that even if cancelled, so the caller can report the outcome.
@@ -1320,7 +1318,7 @@ class JobStore:
 
 
 def _run_alone(db: sqlite3.Connection, fn: Operation[Any], now: float) -> outcome.Outcome[Any]:
-    """Run the only op of a transaction; the caller rolls back if it failed."""
+    """Run the only op of its group; the caller rolls back what it began if it failed."""
     try:
         return outcome.Value(fn(db, now))
     except Exception as exc:
