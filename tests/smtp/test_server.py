@@ -224,6 +224,77 @@ async def test_command_timeout(nursery: trio.Nursery, tmp_path: Path) -> None:
     assert await client.closed()
 
 
+async def test_a_session_that_keeps_talking_outlives_command_timeout(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Every reply moves the deadline on; only a quiet client is closed, and
+    # not before command_timeout after its last reply.
+    timeout = 0.4
+    harness = await start(nursery, tmp_path, command_timeout=timeout)
+    client = await harness.connect()
+    began = trio.current_time()
+    while True:
+        assert await client.command("NOOP") == "250 2.0.0 OK"
+        quiet_since = trio.current_time()
+        if quiet_since - began > 3 * timeout:
+            break
+        await trio.sleep(timeout / 4)
+    assert (await client.reply()).startswith("421 4.4.2 Timeout waiting for command")
+    assert trio.current_time() - quiet_since >= timeout
+    assert await client.closed()
+
+
+async def test_data_timeout_shorter_than_command_timeout_closes_a_stalled_upload(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The upload's deadline comes long before the command deadline it
+    # replaced: the session is closed at the earlier one.
+    harness = await start(nursery, tmp_path, command_timeout=60, data_timeout=0.3)
+    client = await harness.connect()
+    for line in ("EHLO x", "MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"):
+        await client.command(line)
+    await client.send(b"Subject: stalled\r\n\r\nhalf a body\r\n")
+    with trio.fail_after(5):
+        assert (await client.reply()).startswith("421 4.4.2 Timeout waiting for DATA")
+    assert await client.closed()
+    assert harness.stored() == []
+
+
+async def test_a_session_behind_a_proxy_header_times_out(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # What followed the PROXY header is read from a wrapped stream, not the
+    # socket: the read's deadline holds there too.
+    harness = await start(
+        nursery,
+        tmp_path,
+        command_timeout=0.3,
+        proxy_protocol={"trusted_networks": ["127.0.0.1/32"]},
+    )
+    client = Client(await trio.open_tcp_stream(harness.address.host, harness.address.port))
+    await client.send(b"PROXY TCP4 203.0.113.8 127.0.0.1 4242 25\r\nEHLO x\r\n")
+    assert (await client.reply()).startswith("220 localhost")
+    assert (await client.reply()).startswith("250 ")
+    with trio.fail_after(5):
+        assert (await client.reply()).startswith("421 4.4.2 Timeout waiting for command")
+    assert await client.closed()
+
+
+async def test_read_deadlines_of_ended_sessions_are_not_kept(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Each session notes when its read is due; a thousand that came and went
+    # leave no more behind than the sessions still open would.
+    harness = await start(nursery, tmp_path)
+    kept = [await harness.connect() for _ in range(5)]
+    for _ in range(1000):
+        client = await harness.connect()
+        assert (await client.command("QUIT")).startswith("221")
+        await client.stream.aclose()
+    assert len(harness.smtp._alarms) <= 2 * len(kept) + 64 + 1
+    assert await kept[0].command("NOOP") == "250 2.0.0 OK"
+
+
 async def test_shutdown_tells_idle_sessions_and_lets_a_transaction_finish(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -16,7 +16,14 @@ which at four round trips a message was a large part of the CPU it costs.
 
 Every read sits under a timeout: ``command_timeout`` between commands, and a
 deadline of ``data_timeout`` for a whole DATA upload. When it expires the
-client gets ``421 4.4.2`` and the connection closes.
+client gets ``421 4.4.2`` and the connection closes. The deadlines are not
+a cancel scope per read (entering and leaving one, and trio keeping its
+deadline, cost more than the rest of the read): a session notes its read's
+deadline, and one task per server (:meth:`SmtpServer._watch_reads`) keeps
+a heap of when each session's next deadline may fall, wakes at the earliest,
+and cancels the conversation of a session still waiting for that read. A
+session moves its deadline later at every reply without touching the heap;
+the task finds the later deadline when it wakes, and sleeps again.
 
 At the end of DATA the session turns the message into a job and awaits the
 pusher (:class:`~trismtp.jobs.pusher.Pusher`): ``250 … queued as <id>`` once
@@ -49,6 +56,7 @@ it was given: a few increments of pre-bound children per message.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import math
 import os
@@ -57,7 +65,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import count
-from typing import Protocol
+from typing import Literal, Protocol
 
 import trio
 
@@ -160,8 +168,15 @@ class _Session:
     # The socket's descriptor while ``stream`` is the plain socket (no TLS,
     # no PROXY prefix), else -1: see _read and _send.
     fd: int = -1
-    read_scope: trio.CancelScope | None = None
     scope: trio.CancelScope | None = None  # the whole conversation
+    # While a read waits, its deadline (else inf); see _watch_reads.
+    read_deadline: float = math.inf
+    # While in DATA: when the upload is too slow (smtp.limits.min_data_rate).
+    slow_after: float = math.inf
+    # When the session's earliest entry in the server's read alarms falls.
+    alarm: float = math.inf
+    # Why the conversation's scope was cancelled.
+    ending: Literal["timeout", "shutdown", "stalled"] | None = None
     sending_since: float = math.inf  # when the write in progress began
     tls: dict[str, str] | None = None
     errors: int = 0
@@ -372,6 +387,10 @@ class SmtpServer:
         # read past it (beyond the limit the protocol keeps only a tail).
         self._claim_cap = settings.max_message_size + READ_SIZE
         self._sessions: set[_Session] = set()
+        # (time, session id, session): see _watch_reads.
+        self._alarms: list[tuple[float, int, _Session]] = []
+        self._alarm_wait: trio.CancelScope | None = None
+        self._reads_watch = trio.CancelScope()
         self._waiting_for_ack = 0  # sessions inside _push_job
         self._session_ids = count(1)
         self._accept_scope = trio.CancelScope()
@@ -425,6 +444,9 @@ class SmtpServer:
         bound = listeners.bound()
         async with trio.open_nursery() as handlers:
             self._handler_scope = handlers.cancel_scope
+            # Beside the sessions, not the acceptors: deadlines still hold for
+            # the sessions that finish their transaction after shutdown.
+            handlers.start_soon(self._watch_reads)
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(self._watch_writes)
@@ -462,8 +484,10 @@ class SmtpServer:
                 self._handler_scope.deadline, trio.current_time() + grace
             )
         for session in self._sessions:
-            if session.idle and session.read_scope is not None:
-                session.read_scope.cancel()
+            if session.idle and session.read_deadline < math.inf:
+                self._interrupt(session, "shutdown")
+        if not self._sessions:
+            self._reads_watch.cancel()
         log.info(
             "SMTP stopped accepting; %d open sessions have %g s to finish",
             len(self._sessions),
@@ -533,17 +557,20 @@ class SmtpServer:
             with trio.CancelScope() as session.scope:
                 await self._converse(session)
             if session.scope.cancelled_caught:
-                log.info("from %s: the client stopped reading its replies; closing", session.remote)
+                await self._interrupted(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             where = f"from {session.remote}" if session else "before the session began"
             log.debug("%s: connection lost: %s", where, exc)
         finally:
             if session is not None:
+                session.alarm = -1.0  # its entries in the read alarms are void
                 self._release(session)
                 if session in self._sessions:
                     self._sessions.discard(session)
                     if session.limited:
                         self._limits.close(session.address)
+                    if self._shutting_down and not self._sessions:
+                        self._reads_watch.cancel()  # the last one: serve() may end
                 closing = session.stream
             else:
                 closing = stream
@@ -678,7 +705,7 @@ class SmtpServer:
         # A command line must be complete within command_timeout of the last
         # reply: trickling it in a byte at a time does not extend that.
         command_deadline = trio.current_time() + settings.command_timeout
-        data_deadline = rate_deadline = math.inf
+        data_deadline = math.inf
         data_started = 0.0
         data_received = 0
         while True:
@@ -697,10 +724,10 @@ class SmtpServer:
                     # The client's time for its next command starts now.
                     command_deadline = trio.current_time() + settings.command_timeout
                 if conn.state is State.DATA:
-                    rate_deadline = self._rate_deadline(data_started, data_received)
+                    session.slow_after = self._rate_deadline(data_started, data_received)
                     deadline = min(
                         data_deadline,
-                        rate_deadline,
+                        session.slow_after,
                         trio.current_time() + settings.command_timeout,
                     )
                 else:
@@ -709,14 +736,7 @@ class SmtpServer:
                 if data is None:
                     if self._shutting_down and session.idle:
                         continue  # interrupted by shutdown: say 421 4.3.2 above
-                    reply = _timeout_reply(conn)
-                    if conn.state is State.DATA and trio.current_time() >= rate_deadline:
-                        reply = TOO_SLOW
-                    self._metrics.session_closed_for_abuse(
-                        "slow_data" if reply is TOO_SLOW else "timeout"
-                    )
-                    log.info("from %s: %s", session.remote, reply.lines()[0])
-                    await self._send(session, conn.send(reply))
+                    await self._send(session, conn.send(self._timed_out(session)))
                     return
                 if conn.state is State.DATA:
                     data_received += len(data)
@@ -795,6 +815,25 @@ class SmtpServer:
                 out += conn.send(reply)
             # The job's JSON goes now, not when the next message replaces it.
             del encoded
+
+    async def _interrupted(self, session: _Session) -> None:
+        """The last words of a conversation cancelled for ``session.ending``."""
+        if session.ending == "stalled":
+            log.info("from %s: the client stopped reading its replies; closing", session.remote)
+            return
+        reply = SHUTTING_DOWN if session.ending == "shutdown" else self._timed_out(session)
+        with trio.move_on_after(LAST_WORDS_TIMEOUT):
+            await self._send(session, session.conn.send(reply))
+
+    def _timed_out(self, session: _Session) -> Reply:
+        """Count and log a session's read timeout; the reply that closes it."""
+        conn = session.conn
+        reply = _timeout_reply(conn)
+        if conn.state is State.DATA and trio.current_time() >= session.slow_after:
+            reply = TOO_SLOW
+        self._metrics.session_closed_for_abuse("slow_data" if reply is TOO_SLOW else "timeout")
+        log.info("from %s: %s", session.remote, reply.lines()[0])
+        return reply
 
     def _release(self, session: _Session) -> None:
         """Give the session's claim back; after the last large one, have the heaps trimmed."""
@@ -920,8 +959,57 @@ class SmtpServer:
             await trio.sleep(min(1.0, timeout / 2))
             stalled_since = trio.current_time() - timeout
             for session in self._sessions:
-                if session.sending_since < stalled_since and session.scope is not None:
-                    session.scope.cancel()
+                if session.sending_since < stalled_since:
+                    self._interrupt(session, "stalled")
+
+    def _interrupt(self, session: _Session, why: Literal["timeout", "shutdown", "stalled"]) -> None:
+        """Cancel the session's conversation; :meth:`_interrupted` has the last word."""
+        if session.scope is not None and session.ending is None:
+            session.ending = why
+            session.scope.cancel()
+
+    async def _watch_reads(self) -> None:
+        """Interrupt the sessions whose read passed its deadline (module docstring).
+
+        ``_alarms`` holds (time, session id, session): a session's read may
+        be due no earlier than its entry's time, and ``session.alarm`` is the
+        time of its one live entry. Entries are added only for a deadline
+        earlier than that (the first read, or a shorter one in DATA), so the
+        heap holds about one entry a session, whatever the number of reads.
+        """
+        alarms = self._alarms
+        with self._reads_watch:  # until shutdown, once no session is left
+            while True:
+                with trio.CancelScope(deadline=alarms[0][0] if alarms else math.inf) as wait:
+                    self._alarm_wait = wait
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._alarm_wait = None
+                now = trio.current_time()
+                while alarms and alarms[0][0] <= now:
+                    when, _, session = heapq.heappop(alarms)
+                    if when != session.alarm:
+                        continue  # replaced by an earlier entry, or the session is over
+                    session.alarm = math.inf
+                    if session.read_deadline <= now:
+                        self._interrupt(session, "timeout")
+                    elif session.read_deadline < math.inf:
+                        self._set_alarm(session, session.read_deadline)
+
+    def _set_alarm(self, session: _Session, when: float) -> None:
+        """Have :meth:`_watch_reads` look at ``session`` at ``when``."""
+        session.alarm = when
+        alarms = self._alarms
+        if len(alarms) > 2 * len(self._sessions) + 64:
+            # Void entries (sessions over, alarms replaced) wait in the heap
+            # until their time; this bounds them by the live sessions.
+            alarms[:] = [(s.alarm, s.id, s) for s in self._sessions if s.alarm < math.inf]
+            heapq.heapify(alarms)
+        heapq.heappush(alarms, (when, session.id, session))
+        wait = self._alarm_wait
+        if wait is not None and when < wait.deadline:
+            wait.deadline = when
 
     def _check_destination(self, session: _Session, verb: str, reply: Reply) -> Reply:
         """``reply``, or 451 while jobs are known to have nowhere to go (module docstring)."""
@@ -979,47 +1067,49 @@ class SmtpServer:
         return AUTH_FAILED
 
     async def _read(self, session: _Session, deadline: float) -> bytes | bytearray | None:
-        """Read what is there; None on timeout or shutdown interrupting an idle wait."""
-        fd = session.fd
-        if fd < 0:
-            with trio.CancelScope(deadline=deadline) as scope:
-                session.read_scope = scope
-                if self._shutting_down and session.idle:
-                    scope.cancel()
-                try:
-                    return await session.stream.receive_some(READ_SIZE)
-                finally:
-                    session.read_scope = None
-            return None
-        # The plain socket: read(2) first, and a cancel scope (its deadline)
-        # only when there is nothing to read yet. This is what trio's
-        # receive_some does, less its wrappers and the scope per read.
+        """Read what is there; None if ``deadline`` passed, or shutdown began while idle.
+
+        A read that is still waiting at ``deadline`` is interrupted by
+        :meth:`_watch_reads`, which cancels the whole conversation.
+        """
         if self._shutting_down and session.idle:
             return None
         if trio.current_time() >= deadline:
             return None
-        try:
-            data = os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            pass
-        else:
-            # Data was waiting: yield once, so that a client that always has
-            # more to send cannot keep the other sessions from running.
-            await trio.lowlevel.checkpoint()
-            return data
-        while True:
-            with trio.CancelScope(deadline=deadline) as scope:
-                session.read_scope = scope
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    session.read_scope = None
-            if scope.cancelled_caught:
-                return None
+        fd = session.fd
+        if fd >= 0:
+            # The plain socket: read(2) first, and the deadline only when
+            # there is nothing to read yet. This is what trio's receive_some
+            # does, less its wrappers.
             try:
-                return os.read(fd, READ_SIZE)
+                data = os.read(fd, READ_SIZE)
             except BlockingIOError:
-                continue
+                pass
+            else:
+                # Data was waiting: yield once, so that a client that always
+                # has more to send cannot keep the other sessions from running.
+                await trio.lowlevel.checkpoint()
+                return data
+        session.read_deadline = deadline
+        if deadline < session.alarm:
+            self._set_alarm(session, deadline)
+        try:
+            while True:
+                if fd < 0:
+                    received = await session.stream.receive_some(READ_SIZE)
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+                if session.ending is not None:
+                    # Interrupted as the wait ended: what came is not read.
+                    await trio.lowlevel.checkpoint()  # raises Cancelled
+                if fd < 0:
+                    return received
+                try:
+                    return os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    continue
+        finally:
+            session.read_deadline = math.inf
 
     async def _encode_message(
         self, session: _Session, event: MessageReceived
