@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 from pydantic import SecretStr
+from trio_websocket import WebSocketRequest, serve_websocket
 
 from trismtp.jobs.model import Job, JobOptions
 from trismtp.jobs.pusher import Pusher, PushFailed
@@ -259,18 +260,87 @@ async def test_expiring_batches_are_stored_when_in_time(
 
 
 async def test_a_full_queue_is_reported_as_overload() -> None:
-    # No run() task: nothing drains the channel, so its one place stays taken.
-    pusher = Pusher(JobsSettings(push_timeout=0.3, queue_size=1), "ws://127.0.0.1:1/rpc")
+    # A destination that takes TCP connections and never answers the
+    # WebSocket handshake: while run() waits to reconnect to it (up to the
+    # client's connect timeout, far past push_timeout), nothing drains the
+    # queue, and its one place stays taken.
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+    reconnecting = trio.Event()
+
+    async def accept() -> None:
+        while True:
+            accepted.append(await listener.accept())
+            if len(accepted) == 2:  # the connect at start gave up; this is _next_job's
+                reconnecting.set()
 
     async def first() -> None:
         with pytest.raises(PushFailed, match="no ack"):  # it got in, and waited for an ack
             await pusher.push("job-1", make_job(1).to_json(), "smtp")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(first)
-        await trio.testing.wait_all_tasks_blocked()
-        with trio.fail_after(5), pytest.raises(PushFailed, match=r"stayed full .* overloaded"):
-            await pusher.push("job-2", make_job(2).to_json(), "smtp")
+    pusher = Pusher(JobsSettings(push_timeout=0.3, queue_size=1), f"ws://127.0.0.1:{port}/rpc")
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        nursery.start_soon(pusher.run)
+        await reconnecting.wait()
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pusher.queued == 1
+            with trio.fail_after(5), pytest.raises(PushFailed, match=r"stayed full .* overloaded"):
+                await pusher.push("job-2", make_job(2).to_json(), "smtp")
+        nursery.cancel_scope.cancel()
+    for stream in accepted:
+        await stream.aclose()
+
+
+async def test_each_push_times_out_at_its_own_deadline(nursery: trio.Nursery) -> None:
+    # A jobs service that takes the connection and the batches and never
+    # answers (stalled): every push ends at push_timeout after its own start.
+    async def stalled(request: WebSocketRequest) -> None:
+        await request.accept()
+        await trio.sleep_forever()
+
+    server = await nursery.start(serve_websocket, stalled, "127.0.0.1", 0, None)
+    timeout = 0.5
+    pusher = Pusher(JobsSettings(push_timeout=timeout), f"ws://127.0.0.1:{server.port}/rpc")
+    nursery.start_soon(pusher.run)
+    ended: dict[str, float] = {}
+
+    async def push(n: int) -> None:
+        began = trio.current_time()
+        with pytest.raises(PushFailed, match=r"no ack .* within jobs\.push_timeout \(0\.5 s\)"):
+            await pusher.push(f"job-{n}", make_job(n).to_json(), "smtp")
+        ended[f"job-{n}"] = trio.current_time() - began
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(push, 1)
+            await trio.sleep(timeout / 2)
+            sessions.start_soon(push, 2)
+            sessions.start_soon(push, 3)
+    # Not before its own deadline, and not held until a later one's.
+    assert all(timeout <= waited < 2 * timeout for waited in ended.values()), ended
+    pusher.close()
+
+
+async def test_answered_pushes_are_not_kept(
+    nursery: trio.Nursery, service_settings: JobsServiceSettings
+) -> None:
+    # The pusher notes every push until it is answered, to time it out;
+    # thousands answered leave no trace behind them.
+    address, _ = await start_service(nursery, service_settings)
+    pusher = Pusher(JobsSettings(), embedded_url(address))
+    nursery.start_soon(pusher.run)
+    for wave in range(20):
+        async with trio.open_nursery() as sessions:
+            for n in range(50):
+                job = make_job(wave * 50 + n)
+                sessions.start_soon(pusher.push, job.id, job.to_json(), "smtp")
+    assert len(stored_ids(service_settings.database)) == 1000
+    assert len(pusher._unanswered) <= 50
+    pusher.close()
 
 
 async def test_outage_is_known_while_nothing_listens_and_ends_on_reconnect(

@@ -10,6 +10,13 @@ the whole wait bounded by ``jobs.push_timeout``. A full channel therefore
 makes sessions wait (backpressure), never grows a queue without bound, and a
 session that waited too long gives up and answers ``451``.
 
+The bound is kept by :meth:`Pusher.run`, not by a cancel scope per push
+(which cost as much as the rest of the hand-over): every slot's deadline is
+``push_timeout`` after it was pushed, so the slots in push order are in
+deadline order too, and one task sleeps until the oldest unanswered slot's
+deadline and answers it (and any others then due) as timed out. ``push``
+therefore needs :meth:`run` running, as it does to be delivered at all.
+
 One task, :meth:`Pusher.run`, takes slots out of the channel and groups them
 into a ``jobs.PushBatch`` call: it flushes when the batch holds
 ``batch_max_jobs`` jobs, before it would grow past ``batch_max_bytes``, or
@@ -77,6 +84,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -140,7 +148,8 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
     permanent: bool = False
-    abandoned: bool = False
+    abandoned: bool = False  # its session gave up (push_timeout, or cancelled)
+    queued: bool = False  # it got into the channel
 
     def resolve(self, error: str | None, *, permanent: bool = False) -> None:
         if not self.done.is_set():
@@ -186,6 +195,10 @@ class Pusher:
         # back before the first session gives up.
         self._margin = min(EXPIRY_MARGIN, settings.push_timeout / 20) if expire_batches else 0.0
         self._send, self._receive = trio.open_memory_channel[_Pending](settings.queue_size)
+        # Every slot pushed and maybe not answered yet, in push (= deadline)
+        # order; see _expire_overdue.
+        self._unanswered: deque[_Pending] = deque()
+        self._overdue_wait: trio.CancelScope | None = None
         self._carry: _Pending | None = None
         self._client: Sink | None = None
         self._release: trio.Event | None = None
@@ -221,29 +234,37 @@ class Pusher:
         size = len(encoded) if encoded.isascii() else len(encoded.encode())
         now = trio.current_time()
         pending = _Pending(job_id, encoded, size, pipeline, now + timeout, now, last)
-        queued = False
+        unanswered = self._unanswered
+        while unanswered and unanswered[0].done.is_set():
+            unanswered.popleft()
+        unanswered.append(pending)
+        if len(unanswered) == 1 and self._overdue_wait is not None:
+            self._overdue_wait.deadline = pending.deadline
         try:
-            with trio.move_on_after(timeout):
-                try:
-                    # Without the checkpoint of send() while there is room
-                    # (nearly always): the wait for the ack parks us anyway.
-                    self._send.send_nowait(pending)
-                except trio.WouldBlock:
+            try:
+                # Without the checkpoint of send() while there is room
+                # (nearly always): the wait for the ack parks us anyway.
+                self._send.send_nowait(pending)
+                pending.queued = True
+            except trio.WouldBlock:
+                with trio.move_on_at(pending.deadline):
                     await self._send.send(pending)
-                queued = True
+                    pending.queued = True
+            if pending.queued:
+                # Answered by run(): acked, failed, or timed out (_expire_overdue).
                 await pending.done.wait()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PushFailed("the pusher is stopped") from None
         finally:
             if not pending.done.is_set():
                 pending.abandoned = True
-        if not queued:
+        if not pending.queued:
             raise PushFailed(
                 f"the pusher's queue (jobs.queue_size = {self._settings.queue_size}) stayed "
                 f"full for jobs.push_timeout ({timeout:g} s): overloaded, more mail than the "
                 f"{self._what} takes"
             )
-        if not pending.done.is_set():
+        if pending.abandoned:
             cause = self.outage or self._cause
             raise PushFailed(
                 f"no ack from the {self._what} within jobs.push_timeout ({timeout:g} s)"
@@ -313,6 +334,8 @@ class Pusher:
         # outlive that scope, which structured concurrency forbids.
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            expiry = trio.CancelScope()
+            nursery.start_soon(self._expire_overdue, expiry)
             task_status.started()
             with trio.move_on_after(self._settings.push_timeout):
                 # Connect early so the first message does not pay for it, and
@@ -321,6 +344,26 @@ class Pusher:
             async for batch in self._batches():
                 await self._deliver(batch)
             self._drop_client()
+            expiry.cancel()  # drained: no session waits any more
+
+    async def _expire_overdue(self, scope: trio.CancelScope) -> None:
+        """Give up on each job not answered within push_timeout (module docstring)."""
+        unanswered = self._unanswered
+        with scope:
+            while True:
+                deadline = unanswered[0].deadline if unanswered else math.inf
+                with trio.CancelScope(deadline=deadline) as self._overdue_wait:
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._overdue_wait = None
+                now = trio.current_time()
+                while unanswered and (unanswered[0].done.is_set() or unanswered[0].deadline <= now):
+                    pending = unanswered.popleft()
+                    if not pending.done.is_set():
+                        # push() raises "no ack ... within push_timeout".
+                        pending.abandoned = True
+                        pending.resolve(None)
 
     async def _batches(self) -> AsyncIterator[list[_Pending]]:
         settings = self._settings
