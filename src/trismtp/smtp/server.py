@@ -999,13 +999,13 @@ class SmtpServer:
 
     def _set_alarm(self, session: _Session, when: float) -> None:
         """Have :meth:`_watch_reads` look at ``session`` at ``when``."""
-        session.alarm = when
         alarms = self._alarms
         if len(alarms) > 2 * len(self._sessions) + 64:
             # Void entries (sessions over, alarms replaced) wait in the heap
             # until their time; this bounds them by the live sessions.
             alarms[:] = [(s.alarm, s.id, s) for s in self._sessions if s.alarm < math.inf]
             heapq.heapify(alarms)
+        session.alarm = when
         heapq.heappush(alarms, (when, session.id, session))
         wait = self._alarm_wait
         if wait is not None and when < wait.deadline:
