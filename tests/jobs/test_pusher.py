@@ -325,6 +325,47 @@ async def test_each_push_times_out_at_its_own_deadline(nursery: trio.Nursery) ->
     pusher.close()
 
 
+async def test_a_stall_is_named_to_every_session_and_logged_once_per_batch(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two jobs pushed 0.2 s apart go in one batch (the linger holds the
+    # first), which the service never answers: the first job's deadline
+    # comes while the batch still waits for the second's. Each session is
+    # told why at its own deadline, and the log has one line for the batch.
+    async def stalled(request: WebSocketRequest) -> None:
+        await request.accept()
+        await trio.sleep_forever()
+
+    server = await nursery.start(serve_websocket, stalled, "127.0.0.1", 0, None)
+    settings = JobsSettings(push_timeout=1.0, batch_linger=0.4)
+    pusher = Pusher(settings, f"ws://127.0.0.1:{server.port}/rpc")
+    nursery.start_soon(pusher.run)
+    errors: dict[str, str] = {}
+
+    async def push(n: int) -> None:
+        with pytest.raises(PushFailed) as failed:
+            await pusher.push(f"job-{n}", make_job(n).to_json(), "smtp")
+        errors[f"job-{n}"] = str(failed.value)
+
+    with trio.fail_after(10):
+        await until(lambda: pusher.connected, "the connection", within=5)
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(push, 1)
+            await trio.sleep(0.2)
+            sessions.start_soon(push, 2)
+    stall = (
+        "no ack from the jobs service within jobs.push_timeout (1 s): "
+        "no reply from the jobs service in time (stalled or overloaded)"
+    )
+    assert errors == {"job-1": stall, "job-2": stall}
+    failures = [r.getMessage() for r in caplog.records if "could not push" in r.getMessage()]
+    assert failures == [
+        "could not push 2 jobs (job-1, job-2) within jobs.push_timeout: "
+        "no reply from the jobs service in time (stalled or overloaded)"
+    ]
+    pusher.close()
+
+
 async def test_answered_pushes_are_not_kept(
     nursery: trio.Nursery, service_settings: JobsServiceSettings
 ) -> None:

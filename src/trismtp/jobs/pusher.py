@@ -210,9 +210,14 @@ class Pusher:
         # Why the destination is known to be unreachable; None when it is
         # connected or not known to be down (see outage).
         self._down: str | None = None
-        # Why the last delivery failed, for the sessions' log lines.
-        self._cause = ""
         self._what = "NATS server" if is_nats_url(url) else "jobs service"
+        # The causes of a job not acked in time (_timed_out).
+        self._overloaded = f"overloaded, more mail than the {self._what} takes"
+        self._queued = f"they waited in the queue past jobs.push_timeout: {self._overloaded}"
+        self._no_reply = f"no reply from the {self._what} in time (stalled or overloaded)"
+        # Why jobs are not acked in time, for the sessions' log lines: what
+        # the batch being delivered ran into, or the last one that failed.
+        self._cause = ""
         # Without the daemon's metrics, count into a registry nobody reads.
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch_pusher(lambda: self.queued, lambda: self.connected)
@@ -261,14 +266,7 @@ class Pusher:
         if not pending.queued:
             raise PushFailed(
                 f"the pusher's queue (jobs.queue_size = {self._settings.queue_size}) stayed "
-                f"full for jobs.push_timeout ({timeout:g} s): overloaded, more mail than the "
-                f"{self._what} takes"
-            )
-        if pending.abandoned:
-            cause = self.outage or self._cause
-            raise PushFailed(
-                f"no ack from the {self._what} within jobs.push_timeout ({timeout:g} s)"
-                + (f": {cause}" if cause else "")
+                f"full for jobs.push_timeout ({timeout:g} s): {self._overloaded}"
             )
         if pending.error is not None:
             raise PushFailed(pending.error, permanent=pending.permanent)
@@ -361,9 +359,14 @@ class Pusher:
                 while unanswered and (unanswered[0].done.is_set() or unanswered[0].deadline <= now):
                     pending = unanswered.popleft()
                     if not pending.done.is_set():
-                        # push() raises "no ack ... within push_timeout".
+                        # Left for _deliver to log with the rest of its batch.
                         pending.abandoned = True
-                        pending.resolve(None)
+                        pending.resolve(self._timed_out(self.outage or self._cause or self._queued))
+
+    def _timed_out(self, cause: str) -> str:
+        """What a session whose job was not acked within push_timeout is told, and why."""
+        timeout = self._settings.push_timeout
+        return f"no ack from the {self._what} within jobs.push_timeout ({timeout:g} s): {cause}"
 
     async def _batches(self) -> AsyncIterator[list[_Pending]]:
         settings = self._settings
@@ -424,13 +427,12 @@ class Pusher:
     async def _deliver(self, batch: list[_Pending]) -> None:
         live = _still_waiting(batch, self._margin)
         # Why the jobs left unanswered are: what the last attempt ran into.
-        cause = (
-            f"they waited in the queue past jobs.push_timeout: overloaded, more mail "
-            f"than the {self._what} takes"
-        )
+        # Kept in self._cause too as it changes, for the jobs that
+        # _expire_overdue answers meanwhile.
+        cause = self._queued
         while live:
             deadline = max(p.deadline for p in live)
-            cause = f"no reply from the {self._what} in time (stalled or overloaded)"
+            cause = self._cause = self._no_reply
             with trio.move_on_after(deadline - trio.current_time()):
                 error = await self._attempt(live)
                 if error is None:
@@ -447,7 +449,7 @@ class Pusher:
                             "deadline: are its clock and this host's in step?",
                             left,
                         )
-                    cause = f"the {self._what} refused the batch as expired"
+                    cause = self._cause = f"the {self._what} refused the batch as expired"
                     live = _still_waiting(live, self._margin)
                     continue
                 if isinstance(error, RpcError):
@@ -462,20 +464,17 @@ class Pusher:
                         error.message,
                     )
                     return
-                cause = self.outage or f"{self._what} unavailable: {error}"
+                cause = self._cause = self.outage or f"{self._what} unavailable: {error}"
                 await trio.sleep(self._backoff())
             live = _still_waiting(live, self._margin)
         # Jobs left out for want of time are not answered early: their
-        # sessions give up at their own deadline, push_timeout after the DATA.
-        failed = [p for p in batch if not p.done.is_set()]
+        # sessions give up at their own deadline, push_timeout after the DATA
+        # (_expire_overdue, which may have answered some of these already).
+        failed = [p for p in batch if p.abandoned or not p.done.is_set()]
         now = trio.current_time()
-        timeout = self._settings.push_timeout
         for p in failed:
             if p.deadline <= now:
-                p.resolve(
-                    f"no ack from the {self._what} within jobs.push_timeout "
-                    f"({timeout:g} s): {cause}"
-                )
+                p.resolve(self._timed_out(cause))
         if failed:
             self._cause = cause
             log.error(
