@@ -36,6 +36,10 @@ as it was before these shortcuts, byte for byte):
   directly and its bodies cut out of the bytes at the delimiters
   (``_parse_single_part``, ``_parse_flat_multipart``). Anything less plain
   goes through the whole parser.
+- An attachment's ``content`` is base64 of its decoded octets, and most
+  attachments arrive as just that, in lines of 76: where the text is
+  canonical base64 once its line breaks are gone, it is the content as it
+  is, without decoding and encoding megabytes again (``_base64_as_sent``).
 
 Header values in ``message.headers`` are decoded as unstructured text (RFC
 2047 encoded words decoded, folding and surrounding whitespace removed, raw
@@ -192,6 +196,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # surrogateescape maps each undecodable byte 0x80-0xFF to U+DC80-U+DCFF.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What base64 text may hold besides "=" (_base64_as_sent).
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,8 +884,10 @@ class _Fragment:
 
     def attachment(self) -> dict[str, Any]:
         """The fragment as an entry of ``attachments``."""
-        data = self.text.encode("utf-8") if self.part is None else _leaf_bytes(self.part)
-        return _attachment(data, self.ctype, None, None, self.shown)
+        content = (
+            _base64(self.text.encode("utf-8")) if self.part is None else _leaf_base64(self.part)
+        )
+        return _attachment(content, self.ctype, None, None, self.shown)
 
 
 # One entry of the walk's stack: (part, depth, parent is multipart/related,
@@ -995,12 +1003,12 @@ class _Walk:
             shown = "inline"
         else:
             shown = None
-        if data is None:
-            data = _leaf_bytes(part)
         # A multipart whose boundary never showed up is a leaf holding the
         # whole body as text; a reader would want to see that text.
         as_text = "text/plain" if ctype.startswith("multipart/") else ctype
         if filename is None and not attached and as_text in ("text/plain", "text/html"):
+            if data is None:
+                data = _leaf_bytes(part)
             text = _text(part, data)
             found: list[tuple[str, bytes]] = []
             source: Message | None = part
@@ -1011,12 +1019,15 @@ class _Walk:
             if text:
                 self._items.append(_Fragment(as_text, level, text, source, ctype, shown))
             for name, file in found:
-                self._items.append(_attachment(file, _type_of(name), name, None, "attachment"))
+                self._items.append(
+                    _attachment(_base64(file), _type_of(name), name, None, "attachment")
+                )
             # An empty unnamed text part carries nothing a consumer could use.
             return
-        if not data and filename is None and content_id is None and not attached:
+        content = _leaf_base64(part) if data is None else _base64(data)
+        if not content[1] and filename is None and content_id is None and not attached:
             return  # likewise for any other empty unnamed part
-        self._items.append(_attachment(data, ctype, filename, content_id, shown))
+        self._items.append(_attachment(content, ctype, filename, content_id, shown))
 
     @staticmethod
     def _descend(
@@ -1040,17 +1051,26 @@ class _Walk:
 
 
 def _attachment(
-    data: bytes, ctype: str, filename: str | None, content_id: str | None, shown: str | None
+    content: tuple[str, int],
+    ctype: str,
+    filename: str | None,
+    content_id: str | None,
+    shown: str | None,
 ) -> dict[str, Any]:
-    """One entry of ``attachments``."""
+    """One entry of ``attachments``; *content* is the file in base64, and its size."""
     return {
         "filename": filename or _fallback_filename(ctype, content_id),
         "content_type": ctype,
-        "size": len(data),
+        "size": content[1],
         "content_id": content_id,
         "disposition": shown,
-        "content": base64.b64encode(data).decode("ascii"),
+        "content": content[0],
     }
+
+
+def _base64(data: bytes) -> tuple[str, int]:
+    """``data`` as an attachment's content: base64, and its size."""
+    return base64.b64encode(data).decode("ascii"), len(data)
 
 
 def _with_semicolon(part: Message, budget: int) -> tuple[Message, int] | None:
@@ -1206,6 +1226,44 @@ def _content_id(part: Message) -> str | None:
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
     return text or None
+
+
+def _leaf_base64(part: Message) -> tuple[str, int]:
+    """A leaf's decoded content as an attachment's base64, and its size.
+
+    Most attachments come in base64 already, wrapped in lines of 76: where
+    encoding what they decode to would give their text back without the
+    line breaks, that text is the content, and decoding and encoding again
+    (two passes over megabytes, most of what a big message costs here) is
+    not needed. tests/test_payload_differential.py holds both to the same job.
+    """
+    return _base64_as_sent(part) or _base64(_leaf_bytes(part))
+
+
+def _base64_as_sent(part: Message) -> tuple[str, int] | None:
+    """The content and size of a base64 leaf whose text is canonical base64
+    once its line breaks are gone; else None.
+
+    Canonical: only the alphabet, a length a multiple of four, at most two
+    ``=`` and only at the end, and no bits set after the last octet. For
+    such text ``a2b_base64`` (which skips line breaks wherever they are)
+    and ``b64encode`` give the text back; any other (a space, a stray
+    ``=``, missing padding) goes the way of :func:`_leaf_bytes`.
+    """
+    payload = getattr(part, "_payload", None)
+    if not isinstance(payload, str) or not payload.isascii():
+        return None  # as _base64_in_one_pass
+    if str(part.get("content-transfer-encoding", "")).lower() != "base64":
+        return None
+    text = payload.encode("ascii").translate(None, b"\r\n")
+    pads = text.translate(None, _BASE64_ALPHABET)
+    if len(text) % 4 or pads not in (b"", b"=", b"==") or not text.endswith(pads):
+        return None
+    if pads:
+        last = text[-4:]
+        if binascii.b2a_base64(binascii.a2b_base64(last), newline=False) != last:
+            return None  # bits set after the last octet: not what b64encode gives
+    return text.decode("ascii"), len(text) // 4 * 3 - len(pads)
 
 
 def _leaf_bytes(part: Message) -> bytes:
