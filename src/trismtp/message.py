@@ -1250,10 +1250,8 @@ def _base64_as_sent(part: Message) -> tuple[str, int] | None:
     and ``b64encode`` give the text back; any other (a space, a stray
     ``=``, missing padding) goes the way of :func:`_leaf_bytes`.
     """
-    payload = getattr(part, "_payload", None)
-    if not isinstance(payload, str) or not payload.isascii():
-        return None  # as _base64_in_one_pass
-    if str(part.get("content-transfer-encoding", "")).lower() != "base64":
+    payload = _base64_text(part)
+    if payload is None:
         return None
     text = payload.encode("ascii").translate(None, b"\r\n")
     pads = text.translate(None, _BASE64_ALPHABET)
@@ -1293,16 +1291,25 @@ def _base64_in_one_pass(part: Message) -> bytes | None:
     (missing padding, say) goes the standard library's way, which mends it.
     tests/test_payload_differential.py holds both paths to the same job.
     """
+    payload = _base64_text(part)
+    if payload is None:
+        return None
+    try:
+        return binascii.a2b_base64(payload.encode("ascii"))
+    except binascii.Error:
+        return None
+
+
+def _base64_text(part: Message) -> str | None:
+    """The text of a base64 leaf if it is all ASCII, else None (the standard
+    library's way)."""
     # What get_payload() reads: a str for a parsed leaf, a list for a multipart.
     payload = getattr(part, "_payload", None)
     if not isinstance(payload, str) or not payload.isascii():
         return None  # 8-bit bytes: get_payload() has its own rules for them
     if str(part.get("content-transfer-encoding", "")).lower() != "base64":
         return None
-    try:
-        return binascii.a2b_base64(payload.encode("ascii"))
-    except binascii.Error:
-        return None
+    return payload
 
 
 def _flatten_body(part: Message) -> bytes:

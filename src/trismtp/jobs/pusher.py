@@ -476,7 +476,6 @@ class Pusher:
             if p.deadline <= now:
                 p.resolve(self._timed_out(cause))
         if failed:
-            self._cause = cause
             log.error(
                 "could not push %d %s (%s) within jobs.push_timeout: %s",
                 len(failed),
