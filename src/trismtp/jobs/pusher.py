@@ -359,7 +359,7 @@ class Pusher:
                 while unanswered and (unanswered[0].done.is_set() or unanswered[0].deadline <= now):
                     pending = unanswered.popleft()
                     if not pending.done.is_set():
-                        # Left for _deliver to log with the rest of its batch.
+                        # _deliver logs it with the rest of its batch.
                         pending.abandoned = True
                         pending.resolve(self._timed_out(self.outage or self._cause or self._queued))
 
@@ -467,14 +467,10 @@ class Pusher:
                 cause = self._cause = self.outage or f"{self._what} unavailable: {error}"
                 await trio.sleep(self._backoff())
             live = _still_waiting(live, self._margin)
-        # Jobs left out for want of time are not answered early: their
-        # sessions give up at their own deadline, push_timeout after the DATA
-        # (_expire_overdue, which may have answered some of these already).
+        # Jobs left out for want of time are not answered here: each is
+        # answered at its own deadline, push_timeout after its DATA, by
+        # _expire_overdue (with self._cause), which may have done so already.
         failed = [p for p in batch if p.abandoned or not p.done.is_set()]
-        now = trio.current_time()
-        for p in failed:
-            if p.deadline <= now:
-                p.resolve(self._timed_out(cause))
         if failed:
             log.error(
                 "could not push %d %s (%s) within jobs.push_timeout: %s",
