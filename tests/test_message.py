@@ -616,6 +616,32 @@ def test_unknown_charset_falls_back_to_utf8_then_latin1() -> None:
     assert payload(bytes_codec)["message"]["body"] == "aGk=\r\n"
 
 
+@pytest.mark.parametrize(
+    "charset", ["punycode", "idna", "undefined", "unicode_escape", "Raw-Unicode-Escape"]
+)
+def test_python_codecs_that_are_no_charsets_count_as_unknown(charset: str) -> None:
+    # Python would decode these (backslashes read as escapes, punycode's
+    # digits after the last "-" as code points); a mail client never labels
+    # text with them, so the text is read as with a charset nobody knows.
+    text = "\u2713 caf\\xe9 na\\u00efve -abc9"
+    raw = f"Subject: x\r\nContent-Type: text/plain; charset={charset}\r\n\r\n{text}\r\n"
+
+    assert payload(raw.encode("utf-8"))["message"]["body"] == text + "\r\n"
+
+
+def test_a_big_part_labelled_punycode_is_read_as_sent() -> None:
+    # Python's punycode decoder is quadratic: this 1 MB part would take it
+    # minutes (256 KB: 8 s). In base64, so no line limit bounds it.
+    text = "a" * 500_000 + "-" + "99" * 250_000
+    raw = (
+        b"Subject: x\r\nContent-Type: text/plain; charset=punycode\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(text.encode("ascii")).replace(b"\n", b"\r\n")
+    )
+
+    assert payload(raw, include_raw=False)["message"]["body"] == text
+
+
 def test_declared_charset_with_bad_bytes_replaces_them() -> None:
     raw = b"Content-Type: text/plain; charset=utf-8\r\n\r\nok \xff\xfe ok\r\n"
 

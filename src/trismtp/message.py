@@ -60,6 +60,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import codecs
 import datetime
 import email.errors
 import email.feedparser
@@ -1323,6 +1324,18 @@ def _flatten_body(part: Message) -> bytes:
     return data[end + 4 :] if end >= 0 else b""
 
 
+# Codecs of Python's own that are not character sets: no mail client labels
+# text with them, and a sender who does so is up to no good. Python's
+# punycode decoder takes time quadratic in its input (256 KB: 8 s of CPU, a
+# 2 MB part: hours), and unicode_escape and raw_unicode_escape read
+# backslashes as escapes. A part labelled with one is read as one whose
+# charset Python does not know. (Codecs from bytes to bytes, such as base64
+# or zlib, are no text encodings: decode() refuses them already.)
+_NOT_CHARSETS: Final = frozenset(
+    {"punycode", "idna", "undefined", "unicode-escape", "raw-unicode-escape"}
+)
+
+
 def _text(part: Message, data: bytes) -> str:
     """A text part's bytes as str, in its declared charset where that works."""
     try:
@@ -1331,14 +1344,16 @@ def _text(part: Message, data: bytes) -> str:
         charset = None
     if charset and charset not in ("us-ascii", "ascii"):
         try:
-            # The declared charset is authority enough to replace bad bytes
-            # rather than guess another one.
-            return _clean(data.decode(charset, "replace"))
+            if codecs.lookup(charset).name not in _NOT_CHARSETS:
+                # The declared charset is authority enough to replace bad
+                # bytes rather than guess another one.
+                return _clean(data.decode(charset, "replace"))
         except Exception:  # unknown or unusable charset: guess below
             pass
     # No charset, plain ASCII (often a lie: 8-bit mail without a label is
-    # mostly UTF-8) or one Python does not know: UTF-8 when the bytes are
-    # UTF-8, else Latin-1, which maps every byte and loses nothing.
+    # mostly UTF-8) or one Python does not know as a character set: UTF-8
+    # when the bytes are UTF-8, else Latin-1, which maps every byte and
+    # loses nothing.
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

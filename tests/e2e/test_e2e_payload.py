@@ -24,6 +24,7 @@ from ..payload_cases import CASES, PNG
 from ..spec5 import check_payload
 from .trismtp_e2e import (
     CLI_TIMEOUT,
+    REPLY_TIMEOUT,
     Daemon,
     Launcher,
     StoredJob,
@@ -187,6 +188,29 @@ def test_a_4097_character_header_line_needs_max_line_length(launch: Launcher) ->
     (job,) = send_all(roomy, {"long": LONG_HEADER}).values()
     check_payload(job.payload, LONG_HEADER)
     assert job.payload["message"]["headers"]["X-Trace"] == ["t" * 4088]
+
+
+def test_a_part_labelled_with_a_python_codec_is_taken_at_once(daemon: Daemon) -> None:
+    # charset=punycode names a Python codec, not a character set, and
+    # Python's punycode decoder is quadratic: this 2 MB part would have
+    # held a worker thread for minutes while the client waited. The text
+    # is read as with any charset nobody knows.
+    text = "a" * 1_000_000 + "-" + "99" * 500_000
+    raw = (
+        b"From: app@example.org\r\nSubject: punycode\r\n"
+        b"Content-Type: text/plain; charset=punycode\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(text.encode("ascii")).replace(b"\n", b"\r\n")
+    )
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=REPLY_TIMEOUT) as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.org")
+        smtp.rcpt("rcpt@example.com")
+        code, reply = smtp.data(raw)
+    job_id = queued_id(f"{code} {reply.decode()}")
+    (job,) = daemon.jobs()
+    assert job.id == job_id
+    assert job.payload["message"]["body"] == text
 
 
 # --- a PHP consumer -------------------------------------------------------------
