@@ -631,7 +631,7 @@ def test_python_codecs_that_are_no_charsets_count_as_unknown(charset: str) -> No
 
 def test_a_big_part_labelled_punycode_is_read_as_sent() -> None:
     # Python's punycode decoder is quadratic: this 1 MB part would take it
-    # minutes (256 KB: 8 s). In base64, so no line limit bounds it.
+    # half a minute (256 KB: 8 s). In base64, so no line limit bounds it.
     text = "a" * 500_000 + "-" + "99" * 250_000
     raw = (
         b"Subject: x\r\nContent-Type: text/plain; charset=punycode\r\n"
