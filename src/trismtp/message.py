@@ -321,12 +321,7 @@ def _simple_message(raw: bytes) -> tuple[list[tuple[str, str]], str] | None:
     # header_source_parse: the name up to the colon; the value without the
     # blanks after the colon and without the final line break.
     items = [(match[1], match[2].lstrip(" \t").rstrip("\r\n")) for match in _FIELD.finditer(block)]
-    data = raw[cut + 4 :]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    return items, text
+    return items, _unlabelled(raw[cut + 4 :])
 
 
 class _MemoHeaderFactory:
@@ -1351,16 +1346,20 @@ def _text(part: Message, data: bytes) -> str:
         except Exception:  # unknown or unusable charset: guess below
             pass
     # No charset, plain ASCII (often a lie: 8-bit mail without a label is
-    # mostly UTF-8) or one Python does not know as a character set: UTF-8
-    # when the bytes are UTF-8, else Latin-1, which maps every byte and
-    # loses nothing.
+    # mostly UTF-8) or one Python does not know as a character set.
+    return _unlabelled(data)
+
+
+# --- small helpers ---------------------------------------------------------------
+
+
+def _unlabelled(data: bytes) -> str:
+    """Bytes of no known charset as text: UTF-8 when they are UTF-8, else
+    Latin-1, which maps every byte and loses nothing."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
-
-
-# --- small helpers ---------------------------------------------------------------
 
 
 def _clean(text: str) -> str:
@@ -1381,11 +1380,7 @@ def _clean(text: str) -> str:
 def _unescape(run: re.Match[str]) -> str:
     # A run of raw 8-bit bytes in a header or parameter: read it the way
     # _text reads an unlabelled body.
-    data = run.group().encode("utf-8", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    return _unlabelled(run.group().encode("utf-8", "surrogateescape"))
 
 
 def _rfc3339(moment: datetime.datetime) -> str:
